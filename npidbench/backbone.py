@@ -1,0 +1,117 @@
+"""The backbone: a torchvision ResNet, and one forward pass that yields Feature1..5 + AvgPool.
+
+Layers and pooling follow PROTOCOLS.md ("Multi-layer features"): Feature1 is the stem after
+BN+ReLU (before max-pool), Feature2..5 the outputs of layer1..layer4, each average-pooled with a
+fixed (kernel, stride, padding) chosen for 224x224 input; AvgPool is the global average of layer4.
+At other input sizes the same output grid is reached with adaptive average pooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+LAYERS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
+FEATURE_LAYERS = LAYERS[:5]
+# torchvision node each layer is read from.
+_NODES = {
+    "Feature1": "relu",
+    "Feature2": "layer1",
+    "Feature3": "layer2",
+    "Feature4": "layer3",
+    "Feature5": "layer4",
+    "AvgPool": "layer4",
+}
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """AvgPool2d(kernel, stride, padding) of the protocol at 224 input, and its output grid."""
+
+    kernel: int
+    stride: int
+    padding: int
+    grid: int
+    map_at_224: int  # spatial size of the map at 224x224 input (standard stem)
+
+
+# PROTOCOLS.md table (FAIR benchmark / VISSL / mmselfsup agree).
+POOLING = {
+    "Feature1": Pooling(10, 10, 4, 12, 112),
+    "Feature2": Pooling(16, 8, 0, 6, 56),
+    "Feature3": Pooling(13, 5, 0, 4, 28),
+    "Feature4": Pooling(8, 3, 0, 3, 14),
+    "Feature5": Pooling(6, 1, 0, 2, 7),
+}
+
+
+def build_resnet(arch: str, cifar_stem: bool = False) -> nn.Module:
+    """A randomly initialised torchvision ResNet without its classifier (fc = Identity)."""
+    model = torchvision.models.get_model(arch, weights=None)
+    if cifar_stem:
+        # solo-learn's CIFAR variant: 3x3 stride-1 conv1 and no max-pool.
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    model.fc = nn.Identity()
+    return model
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Channels of each layer's map, read from the modules (works for every ResNet depth)."""
+
+    def out_channels(stage: nn.Sequential) -> int:
+        last = stage[-1]
+        conv = getattr(last, "conv3", None) or last.conv2
+        return conv.out_channels
+
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    channels = {"Feature1": model.conv1.out_channels}
+    for i, stage in enumerate(stages, start=2):
+        channels[f"Feature{i}"] = out_channels(stage)
+    channels["AvgPool"] = channels["Feature5"]
+    return channels
+
+
+def layer_dims(model: nn.Module, layers: tuple[str, ...] = LAYERS) -> dict[str, int]:
+    """Flattened feature size per layer (e.g. 9216 for ResNet-50 Feature1)."""
+    channels = layer_channels(model)
+    return {name: channels[name] * (1 if name == "AvgPool" else POOLING[name].grid ** 2) for name in layers}
+
+
+class MultiLayerFeatures(nn.Module):
+    """Runs the backbone once and returns the requested pooled, flattened layers."""
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...] = LAYERS) -> None:
+        super().__init__()
+        unknown = [name for name in layers if name not in LAYERS]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown}; choose from {LAYERS}")
+        self.layers = tuple(layers)
+        nodes = {_NODES[name]: _NODES[name] for name in self.layers}
+        # torchvision's FX feature extraction stops the graph after the deepest requested node.
+        self.body = create_feature_extractor(model, return_nodes=nodes)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        maps = self.body(images)
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            feature_map = maps[_NODES[name]]
+            if name == "AvgPool":
+                pooled = feature_map.mean(dim=(2, 3))
+            else:
+                pooled = pool_layer(name, feature_map)
+            out[name] = pooled.flatten(1)
+        return out
+
+
+def pool_layer(name: str, feature_map: torch.Tensor) -> torch.Tensor:
+    """The protocol's fixed AvgPool2d at the 224 map size, adaptive pooling to its grid otherwise."""
+    spec = POOLING[name]
+    if feature_map.shape[-1] == spec.map_at_224 and feature_map.shape[-2] == spec.map_at_224:
+        # count_include_pad=True, as nn.AvgPool2d in the anchors.
+        return nn.functional.avg_pool2d(feature_map, spec.kernel, spec.stride, spec.padding)
+    return nn.functional.adaptive_avg_pool2d(feature_map, spec.grid)

@@ -1,0 +1,281 @@
+"""The on-disk feature cache: crash-safe, resumable, shared by every task.
+
+Layout under the cache root::
+
+    entries/<digest>/features.npy, labels.npy, meta.json   one layer of one split, complete
+    jobs/<digest>/<layer>.npy, labels.npy, job.json,       an extraction in progress
+                  progress-rank<r>.json
+
+An entry only ever appears by renaming a finished folder into ``entries/`` (meta.json written
+first), so a reader never sees a partial entry. A job writes rows into memory-mapped .npy files
+and records how many rows are on disk in progress-rank<r>.json (atomically replaced, after the
+rows are flushed); a killed extraction resumes from there. A lock serialises two processes that
+want the same job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npidbench.atomic import atomic_write_text
+from npidbench.errors import BadInput
+
+EXTRACTOR_VERSION = 1  # bump when pooling, layers or preprocessing change
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything that determines one cached feature matrix."""
+
+    checkpoint_sha256: str
+    branch: str
+    arch: str
+    dataset: str
+    dataset_fingerprint: str
+    split: str
+    transform: str
+    layer: str
+    extractor_version: int = EXTRACTOR_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class CachedFeatures:
+    """A complete cache entry, memory-mapped read-only."""
+
+    key: FeatureKey
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    path: Path
+
+
+@dataclass
+class EntryInfo:
+    """What ``cache ls`` shows about an entry."""
+
+    digest: str
+    path: Path
+    meta: dict[str, Any]
+    bytes: int
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class FeatureCache:
+    """Feature entries and extraction jobs under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.entries_dir = self.root / "entries"
+        self.jobs_dir = self.root / "jobs"
+
+    def lookup(self, key: FeatureKey) -> CachedFeatures | None:
+        """The complete entry for ``key``, or None."""
+        path = self.entries_dir / key.digest()
+        if not (path / "meta.json").exists():
+            return None
+        features = np.load(path / "features.npy", mmap_mode="r")
+        labels = np.load(path / "labels.npy", mmap_mode="r")
+        return CachedFeatures(key, features, labels, path)
+
+    def entries(self) -> list[EntryInfo]:
+        """Every complete entry, newest first."""
+        found = []
+        if self.entries_dir.is_dir():
+            for path in self.entries_dir.iterdir():
+                meta_path = path / "meta.json"
+                if meta_path.exists():
+                    meta = json.loads(meta_path.read_text())
+                    found.append(EntryInfo(path.name, path, meta, _dir_bytes(path)))
+        return sorted(found, key=lambda e: e.meta.get("created_at", 0), reverse=True)
+
+    def partial_jobs(self) -> list[Path]:
+        """Interrupted extractions (resumable) still on disk."""
+        return sorted(p for p in self.jobs_dir.iterdir() if p.is_dir()) if self.jobs_dir.is_dir() else []
+
+    def clear(self, checkpoint_prefix: str | None = None) -> tuple[int, int]:
+        """Delete entries (all, or those of checkpoints whose sha256 starts with a prefix) and
+        interrupted jobs. Returns (entries removed, bytes freed)."""
+        removed, freed = 0, 0
+        for entry in self.entries():
+            sha = entry.meta.get("key", {}).get("checkpoint_sha256", "")
+            if checkpoint_prefix and not sha.startswith(checkpoint_prefix):
+                continue
+            freed += entry.bytes
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        if checkpoint_prefix is None:
+            for job in self.partial_jobs():
+                freed += _dir_bytes(job)
+                shutil.rmtree(job, ignore_errors=True)
+        return removed, freed
+
+    def check_space(self, needed: int, what: str) -> None:
+        """Refuse before extracting when the cache's disk cannot hold the result."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        margin = 256 * 1024**2
+        if needed + margin > free:
+            raise BadInput(
+                f"extracting {what} needs {_human(needed)} in the feature cache but {self.root} "
+                f"has {_human(free)} free; extract fewer layers (e.g. --set layers=AvgPool,Feature5) "
+                "or point NPIDBENCH_CACHE / --cache at a larger disk"
+            )
+
+    @contextlib.contextmanager
+    def job(
+        self, keys: list[FeatureKey], rows: int, dims: dict[str, int], world_size: int = 1, rank: int = 0
+    ) -> Iterator[ExtractionJob]:
+        """Open (or resume) the extraction of ``keys`` under an exclusive lock (rank 0 locks)."""
+        digest = hashlib.sha256("".join(k.digest() for k in keys).encode()).hexdigest()[:32]
+        path = self.jobs_dir / digest
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.jobs_dir / f"{digest}.lock"
+        with open(lock_path, "a") as lock:
+            if rank == 0:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield ExtractionJob(self, path, keys, rows, dims, world_size, rank)
+            finally:
+                if rank == 0:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TB"
+
+
+class ExtractionJob:
+    """Memory-mapped output files of one extraction and its per-rank progress."""
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        path: Path,
+        keys: list[FeatureKey],
+        rows: int,
+        dims: dict[str, int],
+        world_size: int,
+        rank: int,
+    ) -> None:
+        self.cache, self.path, self.keys = cache, path, keys
+        self.rows, self.dims, self.world_size, self.rank = rows, dims, world_size, rank
+        self.layers = [k.layer for k in keys]
+        self._arrays: dict[str, np.memmap] = {}
+        self._last_commit = time.monotonic()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def description(self) -> dict[str, Any]:
+        return {
+            "keys": [asdict(k) for k in self.keys],
+            "rows": self.rows,
+            "dims": self.dims,
+            "world_size": self.world_size,
+        }
+
+    def create_or_resume(self) -> None:
+        """Rank 0: keep a matching job on disk, else start fresh. Other ranks call ``attach``."""
+        job_file = self.path / "job.json"
+        if job_file.exists():
+            try:
+                matches = json.loads(job_file.read_text()) == self.description()
+            except json.JSONDecodeError:
+                matches = False
+            if matches and all((self.path / f"{layer}.npy").exists() for layer in self.layers):
+                self.attach()
+                return
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        for layer in self.layers:
+            np.lib.format.open_memmap(
+                self.path / f"{layer}.npy", mode="w+", dtype=np.float32, shape=(self.rows, self.dims[layer])
+            )
+        np.lib.format.open_memmap(self.path / "labels.npy", mode="w+", dtype=np.int64, shape=(self.rows,))
+        atomic_write_text(job_file, json.dumps(self.description()))
+        self.attach()
+
+    def attach(self) -> None:
+        for layer in self.layers:
+            self._arrays[layer] = np.load(self.path / f"{layer}.npy", mmap_mode="r+")
+        self._arrays["labels"] = np.load(self.path / "labels.npy", mmap_mode="r+")
+
+    def shard(self) -> tuple[int, int]:
+        """This rank's contiguous rows [start, end)."""
+        start = self.rows * self.rank // self.world_size
+        end = self.rows * (self.rank + 1) // self.world_size
+        return start, end
+
+    def resume_row(self) -> int:
+        """The first row of this rank's shard not yet safely on disk."""
+        start, end = self.shard()
+        progress = self.path / f"progress-rank{self.rank}.json"
+        if progress.exists():
+            done = json.loads(progress.read_text()).get("done", start)
+            return min(max(done, start), end)
+        return start
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, rows: np.ndarray, features: dict[str, np.ndarray], labels: np.ndarray) -> None:
+        """Write a batch (rows are contiguous and ascending within this rank's shard)."""
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        for layer in self.layers:
+            self._arrays[layer][lo:hi] = features[layer]
+        self._arrays["labels"][lo:hi] = labels
+
+    def commit(self, done: int, force: bool = False, every_s: float = 2.0) -> None:
+        """Flush rows to disk, then record ``done`` (rows before it are complete)."""
+        now = time.monotonic()
+        if not force and now - self._last_commit < every_s:
+            return
+        for array in self._arrays.values():
+            array.flush()
+        atomic_write_text(self.path / f"progress-rank{self.rank}.json", json.dumps({"done": done}))
+        self._last_commit = now
+
+    def finalize(self, extra_meta: dict[str, Any]) -> None:
+        """Rank 0, after every rank committed: move each layer into its own complete entry."""
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays.clear()
+        entries = self.cache.entries_dir
+        entries.mkdir(parents=True, exist_ok=True)
+        for key in self.keys:
+            final = entries / key.digest()
+            if (final / "meta.json").exists():
+                continue
+            staging = entries / f".{key.digest()}.tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            os.replace(self.path / f"{key.layer}.npy", staging / "features.npy")
+            shutil.copyfile(self.path / "labels.npy", staging / "labels.npy")
+            meta = {
+                "key": asdict(key),
+                "rows": self.rows,
+                "dim": self.dims[key.layer],
+                "created_at": time.time(),
+                **extra_meta,
+            }
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete folder only
+            os.rename(staging, final)
+        shutil.rmtree(self.path, ignore_errors=True)

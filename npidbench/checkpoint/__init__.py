@@ -1,0 +1,267 @@
+"""Any checkpoint in, a torchvision ResNet out: detect, load strictly, report what was used.
+
+    >>> loaded = load_backbone("moco_v2_800ep.pth.tar")      # doctest: +SKIP
+    >>> loaded.format, loaded.arch, loaded.branch
+    ('moco-v2', 'resnet50', 'encoder_q')
+
+Strict means every backbone parameter and buffer is filled from the file (MoCo main_lincls's
+habit); anything else (heads, projectors, momentum encoders, memory banks, queues, optimiser
+state) is listed as ignored and never loaded. Never falls back to random weights (USERS.md 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from npidbench.backbone import build_resnet
+from npidbench.checkpoint.arch import infer_arch, parse_arch
+from npidbench.checkpoint.formats import (
+    Branch,
+    deep_stem_prefix,
+    default_branch,
+    detect_format,
+    find_branches,
+    flatten,
+    looks_like_vit,
+    to_torchvision_name,
+)
+from npidbench.checkpoint.reading import RawCheckpoint, read_checkpoint
+from npidbench.errors import BadInput
+
+# Absent from files written before torch 0.4.1 (lemniscate) and from detectron2's FrozenBN; it
+# only matters for BatchNorm with momentum=None, so it may be defaulted to 0 (and is reported).
+_OPTIONAL_BUFFER = "num_batches_tracked"
+
+
+@dataclass
+class Inspection:
+    """Everything known about a checkpoint, whether or not its backbone loads completely."""
+
+    path: str
+    sha256: str
+    container: str
+    format: str
+    arch: str | None
+    cifar_stem: bool
+    branch: str | None
+    branches: list[str]
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    defaulted: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    skipped_objects: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedBackbone:
+    """A strictly loaded torchvision ResNet (fc removed) plus where it came from."""
+
+    model: nn.Module
+    inspection: Inspection
+
+    @property
+    def arch(self) -> str:
+        return self.inspection.arch or ""
+
+    @property
+    def sha256(self) -> str:
+        return self.inspection.sha256
+
+    def provenance(self) -> dict[str, Any]:
+        """What a result record stores about the checkpoint."""
+        info = self.inspection
+        return {
+            "path": info.path,
+            "sha256": info.sha256,
+            "format": info.format,
+            "arch": info.arch,
+            "cifar_stem": info.cifar_stem,
+            "branch": info.branch,
+            "defaulted": info.defaulted,
+            "skipped_objects": info.skipped_objects,
+            "meta": info.meta,
+        }
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    arch: str | None = None,
+    branch: str | None = None,
+    trust_pickle: bool = False,
+) -> tuple[Inspection, dict[str, torch.Tensor] | None]:
+    """Analyse a checkpoint. Returns the inspection and, when complete, the backbone tensors.
+
+    Problems with the backbone (missing keys, wrong arch) end up in ``Inspection.error`` so that
+    ``inspect`` can still show what was found; unreadable files raise BadInput.
+    """
+    raw = read_checkpoint(path, trust_pickle=trust_pickle)
+    flat = flatten(raw.obj)
+    keys = list(flat)
+    branches = find_branches(keys)
+    fmt = detect_format(raw.obj, keys, branches)
+    info = Inspection(
+        path=str(path),
+        sha256=raw.sha256,
+        container=raw.container,
+        format=fmt,
+        arch=None,
+        cifar_stem=False,
+        branch=None,
+        branches=[b.name for b in branches],
+        skipped_objects=raw.skipped,
+        meta=_own_meta(raw),
+    )
+    if not branches:
+        info.error = _no_backbone_message(keys, fmt)
+        info.ignored = keys
+        return info, None
+    chosen = _choose_branch(branches, branch, fmt)
+    info.branch = chosen.name
+    state, used = _branch_state(flat, chosen)
+    info.ignored = [k for k in keys if k not in used]
+    try:
+        spec = infer_arch(state)
+        if arch is not None:
+            wanted = parse_arch(arch)
+            if wanted != spec:
+                raise BadInput(
+                    f"the checkpoint holds a {spec.label}, but --arch {arch} was asked for; "
+                    f"pass --arch {spec.name}{'-cifar' if spec.cifar_stem else ''} or the right file"
+                )
+        recorded = info.meta.get("arch")
+        if recorded and recorded != spec.name:
+            raise BadInput(f"the file says arch {recorded} but its tensors are a {spec.label}")
+    except BadInput as exc:
+        info.error = str(exc)
+        return info, None
+    info.arch, info.cifar_stem = spec.name, spec.cifar_stem
+    expected = build_resnet(spec.name, spec.cifar_stem).state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for name, target in expected.items():
+        source = state.get(name)
+        if source is None:
+            if name.endswith(_OPTIONAL_BUFFER):
+                info.defaulted.append(name)
+                loaded[name] = torch.zeros_like(target)
+            else:
+                info.missing.append(name)
+        elif tuple(source.shape) != tuple(target.shape):
+            info.mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
+        else:
+            loaded[name] = source.to(target.dtype) if source.is_floating_point() else source
+    extra = [name for name in state if name not in expected]
+    info.ignored.extend(chosen.prefix + name for name in extra)
+    info.loaded = [name for name in expected if name in loaded and name not in info.defaulted]
+    if info.missing or info.mismatched:
+        info.error = _incomplete_message(info, chosen)
+        return info, None
+    return info, loaded
+
+
+def load_backbone(
+    path: str | Path,
+    arch: str | None = None,
+    branch: str | None = None,
+    trust_pickle: bool = False,
+) -> LoadedBackbone:
+    """Load the backbone of any supported checkpoint strictly, or raise BadInput saying why."""
+    info, tensors = inspect_checkpoint(path, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    if tensors is None:
+        raise BadInput(f"{path}: {info.error}")
+    model = build_resnet(info.arch or "", info.cifar_stem)
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    return LoadedBackbone(model, info)
+
+
+def _choose_branch(branches: list[Branch], wanted: str | None, fmt: str) -> Branch:
+    names = [b.name for b in branches]
+    if wanted is not None:
+        for candidate in branches:
+            if wanted in (candidate.name, candidate.prefix.rstrip(".")):
+                return candidate
+        raise BadInput(f"--branch {wanted} is not in this {fmt} checkpoint; it holds {names}")
+    chosen = default_branch(branches)
+    if chosen is None:
+        raise BadInput(
+            f"this {fmt} checkpoint holds several backbones ({', '.join(names)}) and none is the "
+            "standard one to evaluate; choose with --branch NAME"
+        )
+    return chosen
+
+
+def _branch_state(flat: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[str, torch.Tensor], set[str]]:
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, tensor in flat.items():
+        if not key.startswith(branch.prefix):
+            continue
+        name = to_torchvision_name(key[len(branch.prefix) :], branch.naming)
+        if name is None:
+            continue
+        if name.startswith("fc.") or name.split(".")[0] not in _BACKBONE_ROOTS:
+            continue  # the classifier or a head nested under the same prefix: ignored
+        state[name] = tensor
+        used.add(key)
+    return state, used
+
+
+_BACKBONE_ROOTS = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+
+
+def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:
+    obj = raw.obj
+    if isinstance(obj, dict) and obj.get("format") == "npidbench":
+        meta = dict(obj.get("meta") or {})
+        meta.setdefault("arch", obj.get("arch"))
+        return meta
+    return {}
+
+
+def _no_backbone_message(keys: list[str], fmt: str) -> str:
+    if looks_like_vit(keys):
+        return (
+            "this is a Vision Transformer checkpoint (patch_embed / cls_token keys); npidbench "
+            "evaluates ResNet backbones only for now"
+        )
+    prefix = deep_stem_prefix(keys)
+    if prefix is not None:
+        return (
+            f"the backbone under '{prefix}' has a deep stem (conv1.0/conv1.1..., timm's ResNet-C/D); "
+            "it is not a torchvision ResNet and cannot be evaluated yet"
+        )
+    sample = ", ".join(keys[:3]) or "no tensors at all"
+    return (
+        f"no ResNet backbone found (looked for conv1/layer1.0.conv1 under any prefix, detectron2 "
+        f"res2/stem names and nn.Sequential children; first keys: {sample})"
+    )
+
+
+def _incomplete_message(info: Inspection, branch: Branch) -> str:
+    parts = []
+    if info.missing:
+        shown = ", ".join(info.missing[:3])
+        parts.append(f"{len(info.missing)} backbone keys missing (first: {shown})")
+    if info.mismatched:
+        parts.append(f"{len(info.mismatched)} shape mismatches (first: {info.mismatched[0]})")
+    where = f"under '{branch.prefix}'" if branch.prefix else "at the top level"
+    return (
+        f"the {info.format} checkpoint (branch {branch.name}) does not fill the {info.arch} "
+        f"backbone: {'; '.join(parts)}; hint: keys {where} must follow torchvision's ResNet "
+        "names; check that the file is complete, or choose another --branch"
+    )

@@ -1,0 +1,233 @@
+"""Find the ResNet backbone(s) inside any checkpoint layout and name the format it came in.
+
+Every framework of USERS.md's table nests a torchvision-like ResNet somewhere: under a prefix
+(``module.encoder_q.``, ``teacher.backbone.``, ``classy_state_dict...trunk._feature_blocks.``),
+with detectron2 names (``res2.0.conv1.norm``) or as ``nn.Sequential(*resnet.children())`` (lightly's
+examples). Instead of one hard-coded path per framework, all tensors are flattened to dotted paths
+and every prefix under which a ResNet lives becomes a *branch*; the format's rule then picks the
+branch its own evaluation uses (DINO teacher, MoCo encoder_q, timm EMA, else the online network).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from npidbench.checkpoint.safe_unpickle import Inert
+
+Flat = dict[str, torch.Tensor]
+
+# Path parts that only wrap the network (DDP, torch.compile, Lightning, VISSL, detectron2 FPN...).
+_WRAPPERS = {
+    "module",
+    "_orig_mod",
+    "state_dict",
+    "model",
+    "classy_state_dict",
+    "base_model",
+    "trunk",
+    "_feature_blocks",
+    "bottom_up",
+    "backbone",
+    "0",
+    "encoder",
+    "network",
+    "net",
+}
+_ALIASES = {"state_dict_ema": "ema", "model_ema": "ema", "ema_state_dict": "ema"}
+# The branch each framework's own evaluation uses, in order of preference (USERS.md).
+DEFAULT_BRANCH_ORDER = ("teacher", "encoder_q", "base_encoder", "ema", "main")
+
+_NAMING_PATTERNS = {
+    "torchvision": re.compile(
+        r"^(?P<prefix>(?:[^.]+\.)*?)(?:conv1\.weight|bn1\.[a-z_]+|layer[1-4]\.\d+\..+)$"
+    ),
+    "detectron2": re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?:stem\.conv1\..+|res[2-5]\.\d+\..+)$"),
+    "sequential": re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?:0\.weight|1\.[a-z_]+|[4-7]\.\d+\..+)$"),
+}
+# A prefix is a backbone only if it also holds the first residual block's first conv.
+_ANCHOR = {
+    "torchvision": "layer1.0.conv1.weight",
+    "detectron2": "res2.0.conv1.weight",
+    "sequential": "4.0.conv1.weight",
+}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One ResNet found in the file: where it lives and how its keys are named."""
+
+    name: str
+    prefix: str
+    naming: str  # torchvision | detectron2 | sequential
+
+
+def flatten(obj: Any, prefix: str = "", out: Flat | None = None, _seen: set | None = None) -> Flat:
+    """Every tensor (or numeric numpy array) in a nested object, keyed by its dotted path."""
+    out = {} if out is None else out
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return out
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj.detach()
+        return out
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "fiub":
+            out[prefix.rstrip(".")] = torch.from_numpy(np.array(obj))  # a writable copy
+        return out
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif isinstance(obj, Inert):
+        module_state = obj.module_state()
+        items = (module_state if module_state is not None else obj.contents()).items()
+    else:
+        return out
+    for key, value in items:
+        flatten(value, f"{prefix}{key}.", out, seen)
+    return out
+
+
+def find_branches(keys: list[str]) -> list[Branch]:
+    """Every prefix under which a ResNet's keys live, with its naming scheme."""
+    keyset = set(keys)
+    found: dict[str, str] = {}
+    for naming, pattern in _NAMING_PATTERNS.items():
+        counts: Counter[str] = Counter()
+        for key in keys:
+            match = pattern.match(key)
+            if match:
+                counts[match.group("prefix")] += 1
+        for prefix, count in counts.items():
+            if count >= 4 and prefix + _ANCHOR[naming] in keyset and prefix not in found:
+                found[prefix] = naming
+    branches = [Branch(_branch_name(p), p, n) for p, n in sorted(found.items())]
+    names = Counter(b.name for b in branches)
+    # Two prefixes that simplify to the same name keep their full prefix as the name.
+    return [
+        b if names[b.name] == 1 else Branch(b.prefix.rstrip(".") or "main", b.prefix, b.naming)
+        for b in branches
+    ]
+
+
+def _branch_name(prefix: str) -> str:
+    parts = [p for p in prefix.strip(".").split(".") if p and p not in _WRAPPERS]
+    name = ".".join(_ALIASES.get(p, p) for p in parts)
+    return name or "main"
+
+
+def default_branch(branches: list[Branch]) -> Branch | None:
+    """The branch the framework's own evaluation uses; None when that is ambiguous."""
+    by_name = {b.name: b for b in branches}
+    for name in DEFAULT_BRANCH_ORDER:
+        if name in by_name:
+            return by_name[name]
+    return branches[0] if len(branches) == 1 else None
+
+
+def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
+    """A human name for the layout, from its top-level keys and branches (USERS.md's table)."""
+    top_keys = set(top.keys()) if isinstance(top, dict) else set()
+    names = {b.name for b in branches}
+    joined = "\n".join(keys)
+    if isinstance(top, dict) and top.get("format") == "npidbench":
+        return "npidbench"
+    if "classy_state_dict" in top_keys:
+        return "vissl"
+    if any(b.naming == "detectron2" for b in branches):
+        return "detectron2"
+    if any(b.naming == "sequential" for b in branches):
+        return "lightly" if "lightly" in joined or "projection_head" in joined else "sequential"
+    if {"teacher", "student"} <= top_keys:
+        return "dino"
+    if "lemniscate" in top_keys:
+        return "lemniscate"
+    if re.search(r"(^|\.)backbone\.", joined) and (
+        "meta" in top_keys or re.search(r"(^|\.)(neck|head|memory_bank|momentum_encoder)\.", joined)
+    ):
+        return "mmselfsup"
+    if "encoder_q" in names:
+        return "moco-v2" if re.search(r"encoder_q\.fc\.[02]\.weight", joined) else "moco-v1"
+    if "base_encoder" in names:
+        return "moco-v3"
+    if "state_dict_ema" in top_keys or ({"arch", "args", "version"} <= top_keys):
+        return "timm"
+    if top_keys & {"hyper_parameters", "pytorch-lightning_version"}:
+        if re.search(r"(^|\.)(projector|momentum_backbone|classifier)\.", joined):
+            return "solo-learn"
+        if re.search(r"(^|\.)(projection_head|prediction_head|teacher_backbone|backbone_momentum)\.", joined):
+            return "lightly"
+        return "lightning"
+    if re.search(r"(^|\.)(prototypes|projection_head)\.", joined):
+        return "swav"
+    if re.search(r"(^|\.)backbone\.", joined):
+        return "backbone-prefixed"
+    if any(b.prefix.endswith("module.") or ".module." in f".{b.prefix}" for b in branches):
+        return "ddp"
+    return "torchvision"
+
+
+_D2_BLOCK = re.compile(r"^res(?P<stage>[2-5])\.(?P<block>\d+)\.(?P<rest>.+)$")
+_SEQ_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def to_torchvision_name(key: str, naming: str) -> str | None:
+    """A key under a branch prefix in torchvision's ResNet names; None if it is not backbone."""
+    if naming == "torchvision":
+        return key
+    if naming == "sequential":
+        head, _, rest = key.partition(".")
+        return f"{_SEQ_INDEX[head]}.{rest}" if head in _SEQ_INDEX and rest else None
+    # detectron2 (MoCo's conversion, PROTOCOLS.md "Weight conversion to detectron2 names")
+    if key.startswith("stem.conv1.norm."):
+        return "bn1." + key[len("stem.conv1.norm.") :]
+    if key.startswith("stem.conv1."):
+        return "conv1." + key[len("stem.conv1.") :]
+    match = _D2_BLOCK.match(key)
+    if not match:
+        return None
+    layer = f"layer{int(match['stage']) - 1}.{match['block']}."
+    rest = match["rest"]
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+    rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
+    rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
+    return layer + rest
+
+
+def to_detectron2_name(key: str) -> str:
+    """The inverse of to_torchvision_name for detectron2 naming (MoCo's convert script rules)."""
+    if key.startswith("conv1."):
+        return "stem.conv1." + key[len("conv1.") :]
+    if key.startswith("bn1."):
+        return "stem.conv1.norm." + key[len("bn1.") :]
+    match = re.match(r"^layer(\d)\.(\d+)\.(.+)$", key)
+    if not match:
+        raise ValueError(f"not a torchvision ResNet backbone key: {key}")
+    stage, block, rest = int(match[1]) + 1, match[2], match[3]
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
+    rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+    return f"res{stage}.{block}.{rest}"
+
+
+def looks_like_vit(keys: list[str]) -> bool:
+    """ViT checkpoints (DINO, MoCo v3, MAE) carry a patch embedding and a class token."""
+    return any(k.endswith(("patch_embed.proj.weight", "cls_token", "pos_embed")) for k in keys)
+
+
+def deep_stem_prefix(keys: list[str]) -> str | None:
+    """ResNet-C/D deep stems (timm ``resnet50d``: ``conv1.0/1/3``) are not torchvision models."""
+    keyset = set(keys)
+    for key in keys:
+        if key.endswith("conv1.0.weight"):
+            prefix = key[: -len("conv1.0.weight")]
+            if prefix + "layer1.0.conv1.weight" in keyset:
+                return prefix
+    return None

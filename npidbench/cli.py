@@ -1,0 +1,400 @@
+"""The ``npidbench`` command line: thin, it parses, calls the library and formats output.
+
+Every error ends as one line on stderr naming what is wrong and how to fix it: exit code 2 for
+bad input (usage errors too), 1 for a failed run; ``npidbench --debug ...`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from npidbench import __version__
+from npidbench.errors import BadInput, NpidbenchError
+from npidbench.progress import console
+
+app = typer.Typer(
+    help="Evaluate any self-supervised ResNet checkpoint on the standard transfer benchmarks.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+cache_app = typer.Typer(help="The feature cache (NPIDBENCH_CACHE or --cache DIR).", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: the embedded synthetic suite.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+stdout = console.__class__(highlight=False, soft_wrap=True)  # tables and paths go to stdout
+
+CacheOpt = Annotated[Path | None, typer.Option("--cache", help="Feature cache folder.")]
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", help="Expected architecture, e.g. resnet50; a mismatch is refused.")
+]
+BranchOpt = Annotated[
+    str | None,
+    typer.Option("--branch", help="Which network of a multi-network file (e.g. teacher, encoder_k, ema)."),
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow running pickled code: ONLY for files you trust.")
+]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        stdout.print(f"npidbench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command("list")
+def list_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Tasks (presets), benchmark families and datasets, with one-line descriptions."""
+    from npidbench.data import DATASETS
+    from npidbench.tasks import families, presets
+
+    found = presets()
+    if as_json:
+        stdout.print_json(
+            json.dumps(
+                {
+                    "tasks": {
+                        n: {"family": p.family, "dataset": p.dataset, "description": p.description}
+                        for n, p in found.items()
+                    },
+                    "families": {n: m.DESCRIPTION for n, m in families().items()},
+                    "datasets": {n: d.description for n, d in DATASETS.items()},
+                }
+            )
+        )
+        return
+    table = Table(title="Tasks (npidbench run TASK CKPT)")
+    for column in ("task", "family", "dataset", "description"):
+        table.add_column(column)
+    for name, preset in found.items():
+        table.add_row(name, preset.family, preset.dataset, preset.description)
+    stdout.print(table)
+    datasets = Table(title="Datasets (under --data-root; synthetic when omitted)")
+    for column in ("dataset", "sub-path", "layout", "description"):
+        datasets.add_column(column)
+    for info in DATASETS.values():
+        datasets.add_row(info.name, info.subpath + "/", info.layout, info.description)
+    stdout.print(datasets)
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    arch: ArchOpt = None,
+    branch: BranchOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Detected format, architecture, branch, loaded / missing / ignored keys, sha256.
+
+    Exits with code 2 when the backbone does not load completely."""
+    from npidbench.checkpoint import inspect_checkpoint
+
+    info, _ = inspect_checkpoint(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    if as_json:
+        stdout.print_json(json.dumps(info.to_json()))
+    else:
+        _print_inspection(info)
+    if not info.complete:
+        if as_json:
+            raise typer.Exit(2)
+        raise BadInput(f"{checkpoint}: {info.error}")
+
+
+def _print_inspection(info) -> None:
+    rows = [
+        ("file", info.path),
+        ("sha256", info.sha256),
+        ("container", info.container),
+        ("format", info.format),
+        ("arch", (info.arch or "?") + (" (CIFAR stem)" if info.cifar_stem else "")),
+        ("branch", f"{info.branch} (of {', '.join(info.branches) or 'none'})"),
+        ("loaded", f"{len(info.loaded)} tensors"),
+        ("missing", f"{len(info.missing)}" + (f": {', '.join(info.missing[:5])}" if info.missing else "")),
+        (
+            "defaulted",
+            f"{len(info.defaulted)} (num_batches_tracked absent from the file)" if info.defaulted else "0",
+        ),
+        ("ignored", f"{len(info.ignored)}" + (f": {_summarise(info.ignored)}" if info.ignored else "")),
+    ]
+    if info.skipped_objects:
+        rows.append(("not executed", ", ".join(info.skipped_objects)))
+    if info.meta:
+        rows.append(("meta", json.dumps({k: v for k, v in info.meta.items() if k != "versions"})))
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, str(value))
+    stdout.print(table)
+
+
+def _summarise(keys: list[str]) -> str:
+    """Ignored keys grouped by their first two path parts, e.g. ``state_dict.module.fc (2)``."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        head = ".".join(key.split(".")[:3]) if key.count(".") >= 3 else key.rsplit(".", 1)[0]
+        groups[head] = groups.get(head, 0) + 1
+    parts = [f"{name} ({count})" for name, count in list(groups.items())[:8]]
+    more = len(groups) - 8
+    return ", ".join(parts) + (f", +{more} more groups" if more > 0 else "")
+
+
+@app.command("convert")
+def convert_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    to: Annotated[str, typer.Option("--to", help="torchvision or detectron2.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    arch: ArchOpt = None,
+    branch: BranchOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Write the strictly loaded backbone as a plain torchvision state_dict (no fc) or with
+    detectron2 names."""
+    from npidbench.checkpoint import load_backbone
+    from npidbench.checkpoint.own import CONVERT_TARGETS, export_backbone
+
+    if to not in CONVERT_TARGETS:
+        raise BadInput(f"--to {to} is not supported; choose one of {', '.join(CONVERT_TARGETS)}")
+    if out.exists() and not force:
+        raise BadInput(f"{out} already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise BadInput(f"the folder of --out {out} does not exist")
+    loaded = load_backbone(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    export_backbone(loaded.model, to, out)
+    stdout.print(str(out))
+
+
+@app.command("run")
+def run_command(
+    task: Annotated[str, typer.Argument(help="A task from `npidbench list`.")],
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint to evaluate.")] = None,
+    features_dir: Annotated[
+        Path | None, typer.Option("--features-dir", help="Precomputed features (SVM presets).")
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option("--data-root", help="Folder holding the datasets; synthetic data when omitted."),
+    ] = None,
+    set_options: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: key=value (repeatable).")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name in the report.")] = None,
+    results: Annotated[
+        Path | None, typer.Option("--results", help="Results folder (default ./results).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    workers: Annotated[int | None, typer.Option("--workers", help="Image decoding workers.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
+    cache: CacheOpt = None,
+    arch: ArchOpt = None,
+    branch: BranchOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Run one benchmark and print the path of the record it wrote."""
+    from npidbench.runner import RunRequest, run_task
+
+    path = run_task(
+        RunRequest(
+            task=task,
+            checkpoint=checkpoint,
+            features_dir=features_dir,
+            data_root=data_root,
+            set_options=list(set_options or []),
+            name=name,
+            results=results,
+            device=device,
+            workers=workers,
+            batch_size=batch_size,
+            cache=cache,
+            arch=arch,
+            branch=branch,
+            trust_pickle=trust_pickle,
+        )
+    )
+    stdout.print(str(path))
+
+
+@app.command("pretrain")
+def pretrain_command(
+    recipe: Annotated[
+        str | None,
+        typer.Argument(help="Recipe name (pretrain/*.toml) or a .toml path; default the embedded one."),
+    ] = None,
+    set_options: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe setting: key=value (repeatable).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder; the checkpoint is OUT/last.pth.")] = Path(
+        "runs/npid"
+    ),
+) -> None:
+    """Pretrain NPID; `--set epochs=0` writes the random-init baseline in the same format."""
+    from npidbench.pretrain.recipe import load_recipe
+    from npidbench.pretrain.train import pretrain
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; give a folder")
+    path = pretrain(load_recipe(recipe, list(set_options or [])), out)
+    stdout.print(str(path))
+
+
+@app.command("report")
+def report_command(
+    results: Annotated[
+        Path | None, typer.Option("--results", help="Results folder (default ./results).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="markdown, csv, json, latex or html.")] = "markdown",
+    out: Annotated[Path | None, typer.Option("--out", help="Write to a file instead of stdout.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only models matching this glob.")] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", help="Only this task / family / table (glob).")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only this dataset (glob).")] = None,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Add the published NPID rows (real datasets only).")
+    ] = False,
+) -> None:
+    """Render the benchmark tables from the result records."""
+    from npidbench.atomic import atomic_write_text
+    from npidbench.paths import results_dir
+    from npidbench.report import FORMATS, build_tables, render, select
+    from npidbench.results import ResultStore
+
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
+    folder = results_dir(results)
+    if results is not None and not folder.is_dir():
+        raise BadInput(f"--results {folder} is not a folder")
+    records, problems = ResultStore(folder).load()
+    for problem in problems:
+        console.print(f"warning: skipped {problem}")
+    tables = build_tables(select(records, model, task, dataset), reference=reference)
+    if not tables:
+        raise BadInput(f"no records to report in {folder} (run a task first, or relax the filters)")
+    text = render(tables, fmt)
+    if out is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        atomic_write_text(out, text)
+        stdout.print(str(out))
+
+
+@cache_app.command("ls")
+def cache_ls(cache: CacheOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List cached features (and interrupted extractions, which resume on the next run)."""
+    from npidbench.cache import FeatureCache, _human
+    from npidbench.paths import feature_cache_dir
+
+    store = FeatureCache(feature_cache_dir(cache))
+    entries = store.entries()
+    if as_json:
+        stdout.print_json(json.dumps([{"digest": e.digest, "bytes": e.bytes, **e.meta} for e in entries]))
+        return
+    table = Table(title=f"Feature cache: {store.root}")
+    for column in ("checkpoint", "arch", "dataset", "split", "layer", "rows x dim", "size"):
+        table.add_column(column)
+    for entry in entries:
+        key = entry.meta["key"]
+        dataset = key["dataset"] + (" (synthetic)" if entry.meta.get("synthetic") else "")
+        table.add_row(
+            key["checkpoint_sha256"][:12],
+            key["arch"],
+            dataset,
+            key["split"],
+            key["layer"],
+            f"{entry.meta['rows']:,} x {entry.meta['dim']:,}",
+            _human(entry.bytes),
+        )
+    stdout.print(table)
+    partial = store.partial_jobs()
+    if partial:
+        stdout.print(f"{len(partial)} interrupted extraction(s) will resume on the next run")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache: CacheOpt = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Only entries of checkpoints whose sha256 starts with this."),
+    ] = None,
+) -> None:
+    """Delete cached features (all, or one checkpoint's)."""
+    from npidbench.cache import FeatureCache, _human
+    from npidbench.paths import feature_cache_dir
+
+    removed, freed = FeatureCache(feature_cache_dir(cache)).clear(checkpoint)
+    stdout.print(f"removed {removed} entries, freed {_human(freed)}")
+
+
+@data_app.command("synth")
+def data_synth(
+    root: Annotated[Path, typer.Option("--root", help="Folder to write the synthetic suite into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
+) -> None:
+    """Write the embedded synthetic suite (real on-disk layouts) into a folder."""
+    from npidbench.data.synthetic import SuiteSpec, ensure_suite
+
+    if root.exists() and not root.is_dir():
+        raise BadInput(f"--root {root} is a file, not a folder")
+    path = ensure_suite(SuiteSpec(seed=seed), base=root)
+    stdout.print(str(path))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the Typer app and turn every failure into one line."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="npidbench", standalone_mode=False)
+    except NpidbenchError as exc:
+        if debug:
+            raise
+        console.print(f"error: {_one_line(str(exc))}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: nothing escapes as a traceback
+        if debug:
+            raise
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # Typer/Click usage errors
+            known = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+            command = next((a for a in args if not a.startswith("-")), "")
+            hint = f"see npidbench {command} --help" if command in known else "see npidbench --help"
+            console.print(f"error: {_one_line(exc.format_message())} ({hint})", markup=False, soft_wrap=True)
+            sys.exit(2 if exc.exit_code == 2 else exc.exit_code or 2)
+        if isinstance(exc, typer.Abort | EOFError):
+            console.print("aborted", markup=False)
+            sys.exit(1)
+        console.print(
+            f"error: {type(exc).__name__}: {_one_line(str(exc))[:300]} "
+            "(rerun with --debug for the traceback)",
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Decode and resize images for evaluation, fast, and report unreadable files by path.
+
+Decoding uses torchvision.io (libjpeg-turbo, libpng) and resizing torchvision's tensor
+transforms on uint8 with antialiasing, which track PIL's results closely and cost a fraction of
+PIL's time on a small CPU. Workers hand back uint8 tensors (4x less inter-process traffic than
+float); normalisation happens on the batch in the main process (``normalize_batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.io
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Deterministic evaluation resize.
+
+    ``center-crop``: short side to ``resize``, then a center crop of ``crop`` (linear probes, kNN).
+    ``squash``: short side to ``resize``, then exactly ``crop`` x ``crop`` without cropping, the
+    aspect ratio not kept (the VOC07 SVM protocol, PROTOCOLS.md "Multi-layer features").
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mode: str = "center-crop"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("center-crop", "squash"):
+            raise ValueError(f"unknown resize mode {self.mode}; choose center-crop or squash")
+
+    @property
+    def fingerprint(self) -> str:
+        """What the feature cache keys on: any change here is a different feature."""
+        return f"{self.mode}:resize{self.resize}:crop{self.crop}:bilinear-aa:imagenet-norm:v1"
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = TF.resize(image, [self.resize], antialias=True)
+        if self.mode == "squash":
+            return TF.resize(image, [self.crop, self.crop], antialias=True)
+        return TF.center_crop(image, [self.crop, self.crop])
+
+
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """A file's pixels as a uint8 RGB tensor (C, H, W). Raises on unreadable data."""
+    data = torchvision.io.read_file(str(path))
+    return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+
+
+class ImageList(Dataset):
+    """(path, label) samples decoded through a transform.
+
+    ``__getitem__`` never raises for a bad image: it returns the error with the path so that the
+    main process can stop with one clear line (an exception raised inside a DataLoader worker
+    reaches the user as a wrapped traceback).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: EvalTransform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int, str | None]:
+        path, label = self.samples[index]
+        try:
+            image = self.transform(decode_rgb(path))
+        except (RuntimeError, OSError, ValueError) as exc:
+            return (
+                None,
+                label,
+                index,
+                f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            )
+        return image, label, index, None
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor | None  # uint8 (B, 3, H, W)
+    labels: torch.Tensor
+    indices: torch.Tensor
+    errors: list[str]
+
+
+def collate(items: list[tuple[torch.Tensor | None, int, int, str | None]]) -> Batch:
+    """Stack the decoded images; carry decoding errors along instead of raising in a worker."""
+    errors = [err for _, _, _, err in items if err is not None]
+    good = [item for item in items if item[3] is None]
+    images = torch.stack([item[0] for item in good]) if good else None
+    return Batch(
+        images=images,
+        labels=torch.tensor([item[1] for item in good], dtype=torch.long),
+        indices=torch.tensor([item[2] for item in good], dtype=torch.long),
+        errors=errors,
+    )
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalised float, channels-last (faster convolutions)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    out = (images.to(dtype) - mean) / std
+    return out.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,176 @@
+"""Feature extraction: one forward pass per image for every requested layer, cached on disk.
+
+Fast where it matters on small machines: JPEG decoding and resizing run in DataLoader workers
+on uint8 tensors, the forward pass runs in inference mode and channels-last, pooled features are
+written straight into memory-mapped cache files. Under torchrun each rank extracts its own
+contiguous shard into the shared cache files and rank 0 publishes the entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from npidbench.backbone import MultiLayerFeatures, layer_dims
+from npidbench.cache import CachedFeatures, FeatureCache, FeatureKey
+from npidbench.checkpoint import LoadedBackbone
+from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
+from npidbench.data.splits import DatasetSplit
+from npidbench.errors import BadInput
+from npidbench.progress import log, make_progress
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run the forward pass (the CLI's --device, --workers, --batch-size)."""
+
+    device: str = "cpu"
+    workers: int = 2
+    batch_size: int = 64
+
+
+@dataclass
+class ExtractStats:
+    """What a record says about extraction: hits, images, time."""
+
+    cache_hit: bool = True
+    images: int = 0
+    seconds: float = 0.0
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def feature_keys(
+    backbone: LoadedBackbone, split: DatasetSplit, transform: EvalTransform, layers: Sequence[str]
+) -> list[FeatureKey]:
+    info = backbone.inspection
+    return [
+        FeatureKey(
+            checkpoint_sha256=info.sha256,
+            branch=info.branch or "",
+            arch=backbone.arch + ("-cifar" if info.cifar_stem else ""),
+            dataset=split.dataset,
+            dataset_fingerprint=split.fingerprint,
+            split=split.split,
+            transform=transform.fingerprint,
+            layer=layer,
+        )
+        for layer in layers
+    ]
+
+
+def extract(
+    backbone: LoadedBackbone,
+    split: DatasetSplit,
+    transform: EvalTransform,
+    layers: Sequence[str],
+    cache: FeatureCache,
+    options: ExtractOptions,
+    stats: ExtractStats | None = None,
+) -> dict[str, CachedFeatures]:
+    """Features of ``layers`` for every image of ``split``, from the cache when present.
+
+    Only the missing layers are computed, in one pass. Raises BadInput for an unreadable image
+    (named by path) or when the cache's disk cannot hold the result.
+    """
+    stats = stats if stats is not None else ExtractStats()
+    keys = feature_keys(backbone, split, transform, layers)
+    found = {k.layer: cache.lookup(k) for k in keys}
+    missing = [k for k in keys if found[k.layer] is None]
+    if not missing:
+        log(
+            f"cache hit: {split.display_name} {split.split} {', '.join(layers)} "
+            f"({len(split)} images, no forward pass)"
+        )
+        return {layer: hit for layer, hit in found.items() if hit is not None}
+    stats.cache_hit = False
+    dims = layer_dims(backbone.model, tuple(k.layer for k in missing))
+    needed = len(split) * (sum(dims.values()) * 4 + 8)
+    cache.check_space(needed, f"{'+'.join(dims)} for {len(split):,} {split.display_name} images")
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    started = time.perf_counter()
+    with cache.job(missing, len(split), dims, world, rank) as job:
+        if rank == 0:
+            job.create_or_resume()
+        if world > 1:
+            dist.barrier()
+            if rank != 0:
+                job.attach()
+        begin, end = job.shard()
+        resume = job.resume_row()
+        if resume > begin:
+            log(f"resuming extraction at image {resume:,} of {end:,}")
+        _run_forward(backbone, split, transform, job, resume, end, options, stats)
+        job.commit(end, force=True)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            job.finalize({"dataset_root": str(split.root), "synthetic": split.synthetic})
+        if world > 1:
+            dist.barrier()
+    stats.seconds += time.perf_counter() - started
+    stats.layers = [k.layer for k in missing]
+    out = {}
+    for key in keys:
+        entry = cache.lookup(key)
+        if entry is None:  # pragma: no cover - finalize failed without raising
+            raise RuntimeError(f"feature cache entry for {key.layer} was not written")
+        out[key.layer] = entry
+    return out
+
+
+def _run_forward(
+    backbone: LoadedBackbone,
+    split: DatasetSplit,
+    transform: EvalTransform,
+    job,
+    begin: int,
+    end: int,
+    options: ExtractOptions,
+    stats: ExtractStats,
+) -> None:
+    if begin >= end:
+        return
+    device = torch.device(options.device)
+    extractor = MultiLayerFeatures(backbone.model, tuple(job.layers)).to(device).eval()
+    extractor = extractor.to(memory_format=torch.channels_last)
+    dataset = Subset(ImageList(split.samples, transform), range(begin, end))
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if options.workers > 0 else None,
+    )
+    done = begin
+    with make_progress() as progress, torch.inference_mode():
+        task = progress.add_task(f"extract {split.display_name} {split.split}", total=end - begin)
+        for batch in loader:
+            if batch.errors:
+                raise BadInput(
+                    f"unreadable image {batch.errors[0]} (a truncated or corrupt file: replace it "
+                    "or remove it from the dataset)"
+                )
+            images = normalize_batch(batch.images.to(device, non_blocking=True))
+            pooled = extractor(images)
+            rows = batch.indices.numpy()
+            job.write(
+                rows,
+                {k: v.float().cpu().numpy() for k, v in pooled.items()},
+                batch.labels.numpy().astype(np.int64),
+            )
+            done = int(rows[-1]) + 1
+            job.commit(done)
+            stats.images += len(rows)
+            progress.advance(task, len(rows))

@@ -1,0 +1,206 @@
+"""Render records as the tables of the mmselfsup NPID benchmark page, with pandas.
+
+One table per benchmark and dataset, columns exactly as ARCHITECTURE.md lists them. A row is one
+checkpoint (by sha256) under one protocol variant; records of the same row with different seeds
+are averaged and shown as mean ± std; a rerun with the same seed replaces the older record.
+Synthetic data is named in the table title; published reference rows (``--reference``) appear
+only in tables of the matching real dataset.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from npidbench.errors import BadInput
+
+FORMATS = ("markdown", "csv", "json", "latex", "html")
+DATASET_LABELS = {"imagenet": "ImageNet"}
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table of the page: its title, value columns and how a record fills them."""
+
+    key: str
+    title: str
+    columns: tuple[str, ...]
+    values: Callable[[dict[str, Any]], dict[str, float | None]]
+    references: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dataset -> rows
+
+
+def _knn_values(record: dict[str, Any]) -> dict[str, float | None]:
+    top1 = record["metrics"].get("top1", {})
+    return {f"k={k}": top1.get(str(k)) for k in (10, 20, 100, 200)}
+
+
+# Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
+_NPID_MODEL = "NPID (mmselfsup)"
+_NPID_CONFIG = "npid_resnet50_8xb32-steplr-200e_in1k"
+
+TABLES: dict[str, TableSpec] = {
+    "knn": TableSpec(
+        key="knn",
+        title="kNN",
+        columns=("k=10", "k=20", "k=100", "k=200"),
+        values=_knn_values,
+        references={
+            "imagenet": [
+                {
+                    "Model": _NPID_MODEL,
+                    "Config": _NPID_CONFIG,
+                    "k=10": 42.9,
+                    "k=20": 44.0,
+                    "k=100": 43.2,
+                    "k=200": 42.2,
+                }
+            ]
+        },
+    ),
+}
+
+
+@dataclass
+class RenderedTable:
+    title: str
+    frame: pd.DataFrame
+
+
+def select(
+    records: list[dict[str, Any]],
+    model: str | None = None,
+    task: str | None = None,
+    dataset: str | None = None,
+) -> list[dict[str, Any]]:
+    """Filter records; each filter is a case-insensitive glob (``--model 'npid*'``)."""
+
+    def match(pattern: str | None, *candidates: str) -> bool:
+        if pattern is None:
+            return True
+        pattern = pattern.lower()
+        return any(fnmatch.fnmatch(c.lower(), pattern) for c in candidates if c)
+
+    return [
+        r
+        for r in records
+        if match(model, r["model"].get("name", ""))
+        and match(task, r.get("task", ""), r.get("family", ""), r.get("table", ""))
+        and match(dataset, r["dataset"].get("name", ""), r["dataset"].get("display", ""))
+    ]
+
+
+def _row_identity(record: dict[str, Any]) -> str:
+    """The checkpoint a row stands for: its sha256 (or the features' sha256)."""
+    model = record["model"]
+    return model.get("sha256") or model.get("checkpoint", {}).get("sha256") or model.get("name", "")
+
+
+def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list[RenderedTable]:
+    """Group records into the benchmark tables that have data."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        spec = TABLES.get(record.get("table", ""))
+        if spec is None:
+            continue
+        data = record["dataset"]
+        table_key = (spec.key, data.get("name"), bool(data.get("synthetic")))
+        row_key = (_row_identity(record), record.get("protocol", ""), record["model"].get("config", "-"))
+        seed_key = tuple(record.get("seeds") or ())
+        rows = groups.setdefault(table_key, {})
+        rows.setdefault(row_key, {})[seed_key] = record  # latest record per seed wins (sorted input)
+    tables = []
+    for (table, dataset, synthetic), rows in sorted(
+        groups.items(), key=lambda kv: (list(TABLES).index(kv[0][0]), kv[0][1], kv[0][2])
+    ):
+        spec = TABLES[table]
+        names = _display_names(rows)
+        body = []
+        for row_key, by_seed in rows.items():
+            runs = list(by_seed.values())
+            cells = {"Model": names[row_key], "Config": runs[-1]["model"].get("config", "-")}
+            for column in spec.columns:
+                cells[column] = _aggregate([spec.values(r).get(column) for r in runs])
+            body.append(cells)
+        body.sort(key=lambda c: (c["Model"], c["Config"]))
+        if reference and not synthetic:
+            body.extend(
+                {**ref, **{c: _fmt(ref.get(c)) for c in spec.columns}}
+                for ref in spec.references.get(dataset, [])
+            )
+        label = DATASET_LABELS.get(dataset, dataset)
+        title = f"{label} {spec.title}" + (" (synthetic data)" if synthetic else "")
+        tables.append(RenderedTable(title, pd.DataFrame(body, columns=["Model", "Config", *spec.columns])))
+    return tables
+
+
+def _display_names(rows: dict[tuple, dict]) -> dict[tuple, str]:
+    """Row names; two checkpoints that share a name get a short sha each (never merged)."""
+    base = {key: list(by_seed.values())[-1]["model"].get("name", "?") for key, by_seed in rows.items()}
+    shas_per_name: dict[str, set[str]] = {}
+    for key, name in base.items():
+        shas_per_name.setdefault(name, set()).add(key[0])
+    out = {}
+    for key, name in base.items():
+        protocol = key[1]
+        suffix = f" ({key[0][:8]})" if len(shas_per_name[name]) > 1 else ""
+        variant = "" if protocol in _DEFAULT_PROTOCOLS else f" [{protocol}]"
+        out[key] = f"{name}{suffix}{variant}"
+    return out
+
+
+_DEFAULT_PROTOCOLS = {"npid-knn"}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _aggregate(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if len(present) == 1:
+        return _fmt(present[0])
+    return f"{statistics.mean(present):.2f} ± {statistics.stdev(present):.2f}"
+
+
+def render(tables: list[RenderedTable], fmt: str) -> str:
+    """Text of the tables in ``fmt`` (markdown, csv, json, latex or html)."""
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
+    if fmt == "markdown":
+        return "\n".join(f"### {t.title}\n\n{t.frame.to_markdown(index=False)}\n" for t in tables)
+    if fmt == "csv":
+        frames = [t.frame.assign(Table=t.title)[["Table", *t.frame.columns]] for t in tables]
+        return "\n".join(f.to_csv(index=False) for f in frames)
+    if fmt == "json":
+        return json.dumps(
+            [
+                {
+                    "title": t.title,
+                    "columns": list(t.frame.columns),
+                    "rows": t.frame.to_dict(orient="records"),
+                }
+                for t in tables
+            ],
+            indent=2,
+        )
+    if fmt == "latex":
+        return "\n".join(f"% {t.title}\n" + t.frame.to_latex(index=False, caption=t.title) for t in tables)
+    sections = "\n".join(
+        f"<h2>{html.escape(t.title)}</h2>\n{t.frame.to_html(index=False, border=0)}" for t in tables
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>npidbench report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:right}"
+        "td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left}</style>"
+        f"</head><body><h1>npidbench report</h1>\n{sections}\n</body></html>\n"
+    )

@@ -1,0 +1,95 @@
+"""kNN: NPID's weighted k-nearest-neighbour classifier on frozen AvgPool features.
+
+Protocol (PROTOCOLS.md "kNN"; lemniscate, mmselfsup): L2-normalised global-average-pooled
+features of the training split (evaluation transform) are the memory; each validation image
+votes with its k most cosine-similar training images, weighted exp(s / T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from npidbench.data import load_split
+from npidbench.data.images import EvalTransform
+from npidbench.errors import BadInput
+from npidbench.features import extract
+from npidbench.solvers.knn import weighted_knn
+from npidbench.tasks.base import RunContext, TaskOutput
+
+NAME = "knn"
+DESCRIPTION = "Weighted kNN (NPID) on L2-normalised AvgPool features; top-1/top-5 per k"
+TABLE = "knn"
+
+
+@dataclass(frozen=True)
+class Config:
+    ks: tuple[int, ...] = (10, 20, 100, 200)  # mmselfsup; lemniscate reports k = 200
+    temperature: float = 0.07  # NPID, Wu et al. 2018
+    layer: str = "AvgPool"
+    train_split: str = "train"
+    test_split: str = "val"
+    resize: int = 256  # evaluation transform: short side 256, center crop 224
+    crop: int = 224
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be positive integers, got {list(self.ks)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
+        if self.layer != "AvgPool":
+            raise ValueError("the kNN protocol uses layer=AvgPool (global pooled features)")
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    dataset = ctx.preset.dataset
+    train = load_split(dataset, config.train_split, ctx.data_root)
+    test = load_split(dataset, config.test_split, ctx.data_root)
+    if max(config.ks) > len(train):
+        raise BadInput(
+            f"k={max(config.ks)} needs at least that many training images; {train.display_name} "
+            f"{config.train_split} has {len(train)}: lower it with --set ks=..."
+        )
+    if test.classes != train.classes:
+        raise BadInput(
+            f"{test.root / test.split} and {train.root / train.split} have different class folders"
+        )
+    transform = EvalTransform(config.resize, config.crop, "center-crop")
+    layers = (config.layer,)
+    train_feats = extract(ctx.backbone, train, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
+        config.layer
+    ]
+    test_feats = extract(ctx.backbone, test, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
+        config.layer
+    ]
+    device = ctx.extract.device if torch.cuda.is_available() or ctx.extract.device == "cpu" else "cpu"
+    result = weighted_knn(
+        train_feats.features,
+        train_feats.labels,
+        test_feats.features,
+        test_feats.labels,
+        ks=config.ks,
+        temperature=config.temperature,
+        num_classes=len(train.classes),
+        device=device,
+    )
+    return TaskOutput(
+        metrics={
+            "top1": {str(k): v for k, v in result.top1.items()},
+            "top5": {str(k): v for k, v in result.top5.items()},
+        },
+        dataset={
+            "name": dataset,
+            "display": train.display_name,
+            "synthetic": train.synthetic,
+            "root": str(train.root),
+            "fingerprint": train.fingerprint,
+            "train": {"split": train.split, "images": len(train)},
+            "test": {"split": test.split, "images": len(test)},
+            "classes": len(train.classes),
+        },
+        protocol="npid-knn",
+    )
