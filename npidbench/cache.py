@@ -33,6 +33,7 @@ from npidbench.atomic import atomic_write_text
 from npidbench.errors import BadInput
 
 EXTRACTOR_VERSION = 1  # bump when pooling, layers or preprocessing change
+COMMIT_EVERY_S = 2.0  # how often progress is flushed: at most this much work is redone on resume
 
 
 @dataclass(frozen=True)
@@ -242,10 +243,10 @@ class ExtractionJob:
             self._arrays[layer][lo:hi] = features[layer]
         self._arrays["labels"][lo:hi] = labels
 
-    def commit(self, done: int, force: bool = False, every_s: float = 2.0) -> None:
+    def commit(self, done: int, force: bool = False) -> None:
         """Flush rows to disk, then record ``done`` (rows before it are complete)."""
         now = time.monotonic()
-        if not force and now - self._last_commit < every_s:
+        if not force and now - self._last_commit < COMMIT_EVERY_S:
             return
         for array in self._arrays.values():
             array.flush()

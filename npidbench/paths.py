@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,9 +46,9 @@ def preset_dir(kind: str) -> Path:
     or a plain checkout reads the top-level folder of the repository directly.
     """
     try:
-        shipped = importlib.resources.files(f"npidbench.presets.{kind}")
-        if shipped.is_dir():
-            return Path(str(shipped))
+        spec = importlib.util.find_spec(f"npidbench.presets.{kind}")
     except ModuleNotFoundError:
-        pass
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
     return Path(__file__).resolve().parent.parent / kind

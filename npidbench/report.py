@@ -176,7 +176,9 @@ def render(tables: list[RenderedTable], fmt: str) -> str:
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
     if fmt == "markdown":
-        return "\n".join(f"### {t.title}\n\n{t.frame.to_markdown(index=False)}\n" for t in tables)
+        return "\n".join(
+            f"### {t.title}\n\n{t.frame.to_markdown(index=False, disable_numparse=True)}\n" for t in tables
+        )
     if fmt == "csv":
         frames = [t.frame.assign(Table=t.title)[["Table", *t.frame.columns]] for t in tables]
         return "\n".join(f.to_csv(index=False) for f in frames)

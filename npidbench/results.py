@@ -75,6 +75,8 @@ class ResultStore:
         text = json.dumps(record, indent=2, default=str)  # str(): e.g. version objects in meta
         try:
             return atomic_create(self.root / name, lambda handle: handle.write(text), binary=False)
+        except FileExistsError:
+            raise  # the same record written twice: a programming error, not a disk problem
         except OSError as exc:
             raise RunFailed(
                 f"could not write the result record to {self.root} ({exc.strerror or exc}); "

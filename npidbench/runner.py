@@ -97,13 +97,15 @@ def run_task(request: RunRequest) -> Path:
     data_root = Path(request.data_root) if request.data_root is not None else None
     config = resolve_config(preset, data_root is None, request.set_options)
     device = check_device(request.device)
+    if request.batch_size is not None and request.batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {request.batch_size}")
+    if request.workers is not None and request.workers < 0:
+        raise BadInput(f"--workers must be 0 or more, got {request.workers}")
     options = ExtractOptions(
         device=device,
-        workers=default_workers() if request.workers is None else max(0, request.workers),
+        workers=default_workers() if request.workers is None else request.workers,
         batch_size=request.batch_size or (256 if device.startswith("cuda") else 64),
     )
-    if options.batch_size < 1:
-        raise BadInput(f"--batch-size must be at least 1, got {options.batch_size}")
     checkpoint = Path(request.checkpoint)  # type: ignore[arg-type]
     backbone = load_backbone(
         checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle

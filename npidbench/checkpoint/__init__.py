@@ -22,7 +22,6 @@ from npidbench.backbone import build_resnet
 from npidbench.checkpoint.arch import infer_arch, parse_arch
 from npidbench.checkpoint.formats import (
     Branch,
-    deep_stem_prefix,
     default_branch,
     detect_format,
     find_branches,
@@ -238,12 +237,6 @@ def _no_backbone_message(keys: list[str], fmt: str) -> str:
         return (
             "this is a Vision Transformer checkpoint (patch_embed / cls_token keys); npidbench "
             "evaluates ResNet backbones only for now"
-        )
-    prefix = deep_stem_prefix(keys)
-    if prefix is not None:
-        return (
-            f"the backbone under '{prefix}' has a deep stem (conv1.0/conv1.1..., timm's ResNet-C/D); "
-            "it is not a torchvision ResNet and cannot be evaluated yet"
         )
     sample = ", ".join(keys[:3]) or "no tensors at all"
     return (

@@ -56,6 +56,11 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
         BadInput: width-multiplied or otherwise non-torchvision layouts.
     """
     conv1 = state.get("conv1.weight")
+    if conv1 is None and "conv1.0.weight" in state:
+        raise BadInput(
+            "the backbone has a deep stem (conv1.0/conv1.1/..., timm's ResNet-C/D such as "
+            "resnet50d); it is not a torchvision ResNet and cannot be evaluated yet"
+        )
     block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[0] != 64:
         multiplier = conv1.shape[0] / 64

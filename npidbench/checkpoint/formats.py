@@ -50,11 +50,12 @@ _NAMING_PATTERNS = {
     "detectron2": re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?:stem\.conv1\..+|res[2-5]\.\d+\..+)$"),
     "sequential": re.compile(r"^(?P<prefix>(?:[^.]+\.)*?)(?:0\.weight|1\.[a-z_]+|[4-7]\.\d+\..+)$"),
 }
-# A prefix is a backbone only if it also holds the first residual block's first conv.
+# A prefix is a backbone only if it also holds residual-block convolutions (any block, so that a
+# partly renamed file is still found and refused with its missing keys named).
 _ANCHOR = {
-    "torchvision": "layer1.0.conv1.weight",
-    "detectron2": "res2.0.conv1.weight",
-    "sequential": "4.0.conv1.weight",
+    "torchvision": re.compile(r"^layer[1-4]\.\d+\.conv\d\.weight$"),
+    "detectron2": re.compile(r"^res[2-5]\.\d+\.conv\d\.weight$"),
+    "sequential": re.compile(r"^[4-7]\.\d+\.conv\d\.weight$"),
 }
 
 
@@ -97,16 +98,19 @@ def flatten(obj: Any, prefix: str = "", out: Flat | None = None, _seen: set | No
 
 def find_branches(keys: list[str]) -> list[Branch]:
     """Every prefix under which a ResNet's keys live, with its naming scheme."""
-    keyset = set(keys)
     found: dict[str, str] = {}
     for naming, pattern in _NAMING_PATTERNS.items():
         counts: Counter[str] = Counter()
+        anchored: set[str] = set()
         for key in keys:
             match = pattern.match(key)
             if match:
-                counts[match.group("prefix")] += 1
+                prefix = match.group("prefix")
+                counts[prefix] += 1
+                if _ANCHOR[naming].match(key[len(prefix) :]):
+                    anchored.add(prefix)
         for prefix, count in counts.items():
-            if count >= 4 and prefix + _ANCHOR[naming] in keyset and prefix not in found:
+            if count >= 4 and prefix in anchored and prefix not in found:
                 found[prefix] = naming
     branches = [Branch(_branch_name(p), p, n) for p, n in sorted(found.items())]
     names = Counter(b.name for b in branches)
@@ -220,14 +224,3 @@ def to_detectron2_name(key: str) -> str:
 def looks_like_vit(keys: list[str]) -> bool:
     """ViT checkpoints (DINO, MoCo v3, MAE) carry a patch embedding and a class token."""
     return any(k.endswith(("patch_embed.proj.weight", "cls_token", "pos_embed")) for k in keys)
-
-
-def deep_stem_prefix(keys: list[str]) -> str | None:
-    """ResNet-C/D deep stems (timm ``resnet50d``: ``conv1.0/1/3``) are not torchvision models."""
-    keyset = set(keys)
-    for key in keys:
-        if key.endswith("conv1.0.weight"):
-            prefix = key[: -len("conv1.0.weight")]
-            if prefix + "layer1.0.conv1.weight" in keyset:
-                return prefix
-    return None

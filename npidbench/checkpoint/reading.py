@@ -97,7 +97,7 @@ def _read_torch(path: Path, container: str, sha: str, trust_pickle: bool) -> Raw
         try:
             obj, skipped = restricted_torch_load(str(path))
         except Exception as exc:  # any failure of the restricted path is a refusal, never a retry
-            raise _unsafe_or_corrupt(path, exc, getattr(exc, "skipped", None)) from exc
+            raise _unsafe_or_corrupt(path, exc, None) from exc
     return RawCheckpoint(obj, container, sha, skipped)
 
 
@@ -130,11 +130,17 @@ def _truncated(path: Path, exc: BaseException | None = None) -> BadInput:
 
 def _unsafe_or_corrupt(path: Path, exc: BaseException, skipped: list[str] | None) -> BadInput:
     message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    if isinstance(exc, EOFError) or "truncated" in message or "ran out of input" in message.lower():
+    skipped = skipped if skipped is not None else getattr(exc, "skipped", [])
+    lowered = message.lower()
+    data_error = isinstance(exc, EOFError) or any(
+        word in lowered for word in ("truncated", "ran out of input", "eof", "corrupt")
+    )
+    if data_error or not skipped:
         return _truncated(path, exc)
     return BadInput(
-        f"{path} cannot be read without running code from it ({type(exc).__name__}: {message}); "
-        f"if you trust this file, pass {TRUST_FLAG}"
+        f"{path} cannot be read without running code from it: it pickles "
+        f"{', '.join(skipped[:4])} ({type(exc).__name__}: {message}); if you trust this file, "
+        f"pass {TRUST_FLAG}"
     )
 
 

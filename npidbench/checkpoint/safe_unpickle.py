@@ -11,6 +11,7 @@ are still reachable and nothing from the file ever executes.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -30,7 +31,6 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "list"): list,
     ("builtins", "dict"): dict,
     ("builtins", "tuple"): tuple,
-    ("__builtin__", "set"): set,
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
@@ -132,6 +132,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._placeholders: dict[str, type[Inert]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 0-2 pickles name Python 2 modules (__builtin__, copy_reg): normalise first,
+        # as pickle's own find_class does with fix_imports.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in _ALLOWED:
             return _ALLOWED[key]
@@ -177,7 +183,11 @@ class _RestrictedPickleModule:
 def restricted_torch_load(path: str) -> tuple[Any, list[str]]:
     """torch.load through the restricted resolver. Returns (object, skipped global names)."""
     module = _RestrictedPickleModule()
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    except Exception as exc:
+        exc.skipped = sorted(set(module.skipped))  # lets the caller name the offending types
+        raise
     return obj, sorted(set(module.skipped))
 
 
@@ -185,5 +195,9 @@ def restricted_pickle_load(path: str) -> tuple[Any, list[str]]:
     """A plain pickle (e.g. MoCo's detectron2 .pkl of numpy arrays) through the resolver."""
     with open(path, "rb") as f:
         unpickler = RestrictedUnpickler(f, encoding="latin1")
-        obj = unpickler.load()
+        try:
+            obj = unpickler.load()
+        except Exception as exc:
+            exc.skipped = sorted(set(unpickler.skipped))
+            raise
     return obj, sorted(set(unpickler.skipped))

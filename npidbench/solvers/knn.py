@@ -35,6 +35,12 @@ def _as_tensor(block: np.ndarray | torch.Tensor, device: torch.device) -> torch.
     return block.to(device=device, dtype=torch.float32)
 
 
+def _labels(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        return labels.long()
+    return torch.from_numpy(np.array(labels, dtype=np.int64))  # copies out of a memory map
+
+
 def nearest_neighbours(
     train: np.ndarray | torch.Tensor,
     queries: torch.Tensor,
@@ -82,8 +88,8 @@ def weighted_knn(
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {list(ks)}")
     device = torch.device(device)
-    train_y = torch.as_tensor(np.array(train_labels), dtype=torch.long, device=device)
-    test_y = torch.as_tensor(np.array(test_labels), dtype=torch.long)
+    train_y = _labels(train_labels).to(device)
+    test_y = _labels(test_labels)
     classes = int(num_classes if num_classes is not None else int(train_y.max()) + 1)
     k_max = max(ks)
     if k_max > train_features.shape[0]:

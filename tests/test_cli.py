@@ -1,0 +1,179 @@
+"""The CLI contract: run knn end to end, cache hit, report, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from npidbench.backbone import MultiLayerFeatures
+from npidbench.cli import main
+
+KNN_HEADER = "| Model | Config | k=10 | k=20 | k=100 | k=200 |"
+
+
+def cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_list_shows_the_knn_task(capsys):
+    assert cli("list") == 0
+    out = capsys.readouterr().out
+    assert "knn" in out and "imagenet" in out
+    assert cli("list", "--json") == 0
+    assert "knn" in json.loads(capsys.readouterr().out)["tasks"]
+
+
+def test_run_knn_then_cache_hit_then_report(random_checkpoint, results_dir, capsys, monkeypatch):
+    monkeypatch.delenv("NPIDBENCH_QUIET")
+    assert cli("run", "knn", str(random_checkpoint), "--name", "rand") == 0
+    captured = capsys.readouterr()
+    record_path = Path(captured.out.strip().splitlines()[-1])
+    assert record_path.parent == results_dir and record_path.exists()
+    record = json.loads(record_path.read_text())
+    assert record["dataset"]["synthetic"] and record["table"] == "knn"
+    assert record["model"]["checkpoint"]["format"] == "npidbench"
+    top1 = record["metrics"]["top1"]
+    assert set(top1) == {"10", "20", "100", "200"} and all(0 <= v <= 100 for v in top1.values())
+    assert top1["20"] > 100 / record["dataset"]["classes"]  # random features beat chance here
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("forward pass on a cache hit")
+
+    monkeypatch.setattr(MultiLayerFeatures, "forward", no_forward)
+    assert cli("run", "knn", str(random_checkpoint), "--name", "rand") == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("cache hit") == 2
+    second = json.loads(Path(captured.out.strip().splitlines()[-1]).read_text())
+    assert second["metrics"] == record["metrics"] and second["timings"]["cache_hit"]
+
+    assert cli("report", "--format", "markdown") == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "### ImageNet kNN (synthetic data)"
+    header = "| " + " | ".join(c.strip() for c in lines[2].strip().strip("|").split("|")) + " |"
+    assert header == KNN_HEADER
+    assert len([line for line in lines if line.startswith("| rand")]) == 1  # same seed: one row
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello\n")
+    return path
+
+
+BAD_INPUTS = [
+    (["run", "knn", "{missing}"], "checkpoint not found"),
+    (["run", "knn", "{text}"], "text file"),
+    (["run", "knn", "{ckpt}", "--set", "bogus=1"], "unknown setting 'bogus'"),
+    (["run", "knn", "{ckpt}", "--set", "ks=abc"], "not an integer"),
+    (["run", "knn", "{ckpt}", "--set", "noequals"], "not key=value"),
+    (["run", "knn", "{ckpt}", "--device", "tpu"], "--device tpu"),
+    (["run", "knn", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+    (["run", "knn", "{ckpt}", "--data-root", "{missing}"], "is not a folder"),
+    (["run", "knn", "{ckpt}", "--data-root", "{tmp}"], "imagenet not found under --data-root"),
+    (["run", "knn", "{ckpt}", "--arch", "resnet50"], "--arch resnet50 was asked"),
+    (["run", "knn", "{ckpt}", "--arch", "vgg16"], "--arch vgg16 is not supported"),
+    (["run", "knn", "{ckpt}", "--branch", "teacher"], "--branch teacher is not in"),
+    (["run", "knn"], "exactly one of CKPT and --features-dir"),
+    (["run", "knn", "{ckpt}", "--features-dir", "{tmp}"], "exactly one of"),
+    (["run", "nosuchtask", "{ckpt}"], "unknown task 'nosuchtask'"),
+    (["run", "knn", "{ckpt}", "--bogus"], "No such option"),
+    (["run", "knn", "{ckpt}", "--workers", "many"], "Invalid value for '--workers'"),
+    (["nosuchcommand"], "No such command"),
+    (["inspect", "{text}"], "text file"),
+    (["convert", "{ckpt}", "--to", "onnx", "--out", "{tmp}/x.pth"], "--to onnx is not supported"),
+    (["convert", "{ckpt}", "--to", "torchvision", "--out", "{ckpt}"], "already exists"),
+    (["report", "--format", "docx"], "--format docx"),
+    (["report", "--results", "{tmp}"], "no records to report"),
+    (["report", "--results", "{missing}"], "is not a folder"),
+    (["pretrain", "--set", "arch=vgg"], "arch vgg is not supported"),
+    (["pretrain", "no_such_recipe"], "unknown recipe"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_record(
+    argv, message, random_checkpoint, text_file, tmp_path, results_dir, capsys
+):
+    values = {
+        "missing": str(tmp_path / "missing.pth"),
+        "text": str(text_file),
+        "ckpt": str(random_checkpoint),
+        "tmp": str(tmp_path),
+    }
+    args = [a.format(**values) for a in argv]
+    assert cli(*args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line
+    assert not results_dir.exists() or not list(results_dir.iterdir())
+
+
+def test_inspect_json_contract(random_checkpoint, tmp_path, capsys):
+    assert cli("inspect", str(random_checkpoint), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("format", "arch", "loaded", "missing", "ignored", "sha256", "branch"):
+        assert key in info
+    assert info["format"] == "npidbench" and info["arch"] == "resnet18" and not info["missing"]
+    state = torch.load(random_checkpoint, weights_only=True)
+    del state["state_dict"]["layer4.1.conv2.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    assert cli("inspect", str(broken), "--json") == 2
+    assert json.loads(capsys.readouterr().out)["missing"] == ["layer4.1.conv2.weight"]
+    assert cli("inspect", str(broken)) == 2
+    assert "layer4.1.conv2.weight" in one_error_line(capsys.readouterr().err)
+
+
+def test_convert_writes_a_plain_state_dict(random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "tv.pth"
+    assert cli("convert", str(random_checkpoint), "--to", "torchvision", "--out", str(out)) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    state = torch.load(out, weights_only=True)
+    assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
+
+
+def test_pretrain_epochs_0_writes_a_random_init_checkpoint(tmp_path, capsys):
+    assert cli("pretrain", "--set", "epochs=0", "--set", "seed=3", "--out", str(tmp_path / "run")) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "run" / "last.pth"
+    checkpoint = torch.load(path, weights_only=True)  # plain types only: no npidbench needed
+    assert checkpoint["format"] == "npidbench" and checkpoint["arch"] == "resnet18"
+    assert checkpoint["meta"]["epochs"] == 0 and checkpoint["meta"]["seed"] == 3
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "npidbench.cli", "run", "knn", str(tmp_path / "x.pth")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr).startswith("error: checkpoint not found")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "npidbench.cli", "--debug", "inspect", str(tmp_path / "x.pth")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,86 @@
+"""The NPID weighted kNN on hand-made tensors with exact expected scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from npidbench.solvers.knn import nearest_neighbours, weighted_knn
+
+
+def test_weighted_vote_exact_scores():
+    # Train points on the unit circle; the query at angle 0.
+    angles = torch.tensor([0.1, 0.2, 0.3, 1.5, 3.0])
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor([0, 1, 1, 0, 2])
+    query = torch.tensor([[1.0, 0.0]])
+    sims, idx = nearest_neighbours(train, query, k=3)
+    assert idx.tolist() == [[0, 1, 2]]
+    torch.testing.assert_close(sims[0], torch.cos(angles[:3]))
+    # k=1: class 0 (weight exp(cos 0.1 / T)); k=3: class 1 has two neighbours.
+    t = 0.07
+    w = [math.exp(math.cos(a) / t) for a in (0.1, 0.2, 0.3)]
+    assert w[1] + w[2] > w[0]  # so k=3 must vote class 1
+    result = weighted_knn(train, labels, query, torch.tensor([1]), ks=(1, 3), temperature=t, num_classes=3)
+    assert result.top1 == {1: 0.0, 3: 100.0}
+    assert result.top5 == {1: 100.0, 3: 100.0}
+
+
+def test_temperature_changes_the_vote():
+    # Two close class-0 neighbours against one very close class-1 neighbour.
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])
+    labels = torch.tensor([1, 0, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    sharp = weighted_knn(train, labels, query, torch.tensor([1]), ks=(3,), temperature=0.05)
+    flat = weighted_knn(train, labels, query, torch.tensor([1]), ks=(3,), temperature=10.0)
+    # exp(1/0.05) = 4.85e8 > 2 exp(0.8/0.05) = 1.78e7: class 1 wins when sharp; loses when flat.
+    assert sharp.top1[3] == 100.0
+    assert flat.top1[3] == 0.0
+
+
+def test_blocked_equals_dense_and_reads_memory_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((1000, 16)).astype(np.float32)
+    labels = rng.integers(0, 7, 1000)
+    test = rng.standard_normal((130, 16)).astype(np.float32)
+    test_labels = rng.integers(0, 7, 130)
+    path = tmp_path / "train.npy"
+    np.save(path, train)
+    mapped = np.load(path, mmap_mode="r")
+    dense = weighted_knn(torch.from_numpy(train), labels, test, test_labels, ks=(1, 10, 50), num_classes=7)
+    blocked = weighted_knn(
+        mapped,
+        labels,
+        test,
+        test_labels,
+        ks=(1, 10, 50),
+        num_classes=7,
+        query_block=17,
+        block_bytes=17 * 4 * 33,
+    )  # 33 train rows per block
+    assert dense == blocked
+    # Reference: brute force with numpy.
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    qn = test / np.linalg.norm(test, axis=1, keepdims=True)
+    sims = qn @ tn.T
+    correct = 0
+    for i in range(len(test)):
+        order = np.argsort(-sims[i])[:10]
+        scores = np.zeros(7)
+        np.add.at(scores, labels[order], np.exp(sims[i, order] / 0.07))
+        correct += int(np.argmax(scores) == test_labels[i])
+    assert dense.top1[10] == pytest.approx(100.0 * correct / len(test))
+
+
+def test_k_larger_than_train_is_refused():
+    with pytest.raises(ValueError, match="exceeds"):
+        weighted_knn(
+            torch.randn(5, 3),
+            torch.zeros(5, dtype=torch.long),
+            torch.randn(2, 3),
+            torch.zeros(2, dtype=torch.long),
+            ks=(10,),
+        )
