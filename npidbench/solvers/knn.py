@@ -50,22 +50,26 @@ def nearest_neighbours(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine similarities and train indices for each (already normalised) query.
 
-    ``train`` may be a read-only memory map: it is read in blocks sized so that one block of
-    similarities stays under ``block_bytes``.
+    ``train`` may be a read-only memory map: it is streamed once, in blocks sized so that neither
+    a block of training rows nor its block of similarities exceeds ``block_bytes``.
     """
     device = queries.device
-    n_train = train.shape[0]
-    rows_per_block = max(1, min(n_train, block_bytes // (4 * max(1, queries.shape[0]))))
+    n_train, dim = train.shape
+    rows_per_block = max(1, min(n_train, block_bytes // (4 * max(queries.shape[0], dim))))
     best_sim = torch.full((queries.shape[0], 0), -float("inf"), device=device)
     best_idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=device)
     for start in range(0, n_train, rows_per_block):
         block = _as_tensor(train[start : start + rows_per_block], device)
         if normalize_train:
-            block = l2_normalize(block)
+            block.div_(block.norm(dim=1, keepdim=True).clamp_min_(1e-12))  # in place: no 2nd copy
         sims = queries @ block.T
-        idx = torch.arange(start, start + block.shape[0], device=device).expand_as(sims)
-        merged_sim = torch.cat([best_sim, sims], dim=1)
-        merged_idx = torch.cat([best_idx, idx], dim=1)
+        del block
+        # Top-k of the block first, then merge with the running top-k: only q x 2k is ever
+        # concatenated, never a q x block index matrix.
+        block_sim, block_pos = sims.topk(min(k, sims.shape[1]), dim=1)
+        del sims
+        merged_sim = torch.cat([best_sim, block_sim], dim=1)
+        merged_idx = torch.cat([best_idx, block_pos + start], dim=1)
         keep = min(k, merged_sim.shape[1])
         best_sim, order = merged_sim.topk(keep, dim=1)  # sorted, largest first
         best_idx = merged_idx.gather(1, order)
@@ -80,11 +84,15 @@ def weighted_knn(
     ks: Sequence[int] = (10, 20, 100, 200),  # mmselfsup; lemniscate uses 200 only
     temperature: float = 0.07,  # NPID, Wu et al. 2018
     num_classes: int | None = None,
-    query_block: int = 1024,
+    query_block: int = 8192,
     block_bytes: int = 256 * 1024**2,
     device: str | torch.device = "cpu",
 ) -> KnnResult:
-    """The NPID weighted kNN evaluation. Features need not be normalised (done here)."""
+    """The NPID weighted kNN evaluation. Features need not be normalised (done here).
+
+    Queries are taken ``query_block`` at a time (large blocks: the training features are streamed
+    once per query block, and big matrix products run fastest).
+    """
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {list(ks)}")
     device = torch.device(device)
