@@ -227,7 +227,8 @@ def run_command(
             trust_pickle=trust_pickle,
         )
     )
-    stdout.print(str(path))
+    if path is not None:  # under torchrun only rank 0 writes (and prints) the record
+        stdout.print(str(path))
 
 
 @app.command("pretrain")

@@ -31,7 +31,7 @@ class ExtractOptions:
     """How to run the forward pass (the CLI's --device, --workers, --batch-size)."""
 
     device: str = "cpu"
-    workers: int = 2
+    workers: int = 0  # decoding worker processes (the runner picks a default per machine)
     batch_size: int = 64
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import LoadedBackbone, load_backbone
 from npidbench.config import build_config, config_to_dict, parse_set_options
+from npidbench.distributed import distributed
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions
 from npidbench.paths import feature_cache_dir, results_dir
@@ -95,8 +96,9 @@ def model_names(backbone: LoadedBackbone, checkpoint: Path, name: str | None) ->
     return display, recipe or "-"
 
 
-def run_task(request: RunRequest) -> Path:
-    """Run a preset and write its record. Returns the record's path."""
+def run_task(request: RunRequest) -> Path | None:
+    """Run a preset and write its record. Returns the record's path (None on ranks other than
+    0 under torchrun: only rank 0 writes the record)."""
     preset = get_preset(request.task)
     family = family_of(preset)
     if (request.checkpoint is None) == (request.features_dir is None):
@@ -120,16 +122,20 @@ def run_task(request: RunRequest) -> Path:
         checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
     )
     store = ResultStore(results_dir(request.results))
-    ctx = RunContext(
-        preset=preset,
-        backbone=backbone,
-        data_root=data_root,
-        cache=FeatureCache(feature_cache_dir(request.cache)),
-        extract=options,
-    )
-    started = time.perf_counter()
-    output = family.run(ctx, config)
-    total = time.perf_counter() - started
+    with distributed(device) as world:
+        options = replace(options, device=world.device)
+        ctx = RunContext(
+            preset=preset,
+            backbone=backbone,
+            data_root=data_root,
+            cache=FeatureCache(feature_cache_dir(request.cache)),
+            extract=options,
+        )
+        started = time.perf_counter()
+        output = family.run(ctx, config)
+        total = time.perf_counter() - started
+    if not world.is_main:
+        return None
     display, config_name = model_names(backbone, checkpoint, request.name)
     stats = ctx.extract_stats
     record = new_record(
@@ -156,7 +162,8 @@ def run_task(request: RunRequest) -> Path:
         },
         details={
             **output.details,
-            "device": device,
+            "device": options.device,
+            "world_size": world.world_size,
             "workers": options.workers,
             "batch_size": options.batch_size,
         },

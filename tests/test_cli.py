@@ -177,3 +177,24 @@ def test_debug_shows_the_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_cache_ls_and_clear(random_checkpoint, results_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cli("run", "knn", str(random_checkpoint), "--cache", str(cache), "--set", "ks=[5]") == 0
+    capsys.readouterr()
+    assert cli("cache", "ls", "--cache", str(cache), "--json") == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert {(e["key"]["split"], e["key"]["layer"]) for e in entries} == {
+        ("train", "AvgPool"),
+        ("val", "AvgPool"),
+    }
+    assert cli("cache", "ls", "--cache", str(cache)) == 0
+    assert "AvgPool" in capsys.readouterr().out
+    assert cli("cache", "clear", "--cache", str(cache), "--checkpoint", "ffff") == 0
+    assert "removed 0 entries" in capsys.readouterr().out
+    sha = entries[0]["key"]["checkpoint_sha256"]
+    assert cli("cache", "clear", "--cache", str(cache), "--checkpoint", sha[:10]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert cli("cache", "ls", "--cache", str(cache), "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
@@ -65,7 +63,6 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     test_feats = extract(ctx.backbone, test, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
         config.layer
     ]
-    device = ctx.extract.device if torch.cuda.is_available() or ctx.extract.device == "cpu" else "cpu"
     result = weighted_knn(
         train_feats.features,
         train_feats.labels,
@@ -74,7 +71,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         ks=config.ks,
         temperature=config.temperature,
         num_classes=len(train.classes),
-        device=device,
+        device=ctx.extract.device,
     )
     return TaskOutput(
         metrics={

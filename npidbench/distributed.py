@@ -1,0 +1,43 @@
+"""torch.distributed set-up for commands started under torchrun (one process per GPU, or gloo
+processes on a CPU). Outside torchrun everything runs as a single rank-0 process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[DistInfo]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); each rank gets its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        size = dist.get_world_size() if dist.is_initialized() else 1
+        yield DistInfo(rank, size, device)
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield DistInfo(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
