@@ -171,14 +171,18 @@ def _aggregate(values: list[float | None]) -> str:
     return f"{statistics.mean(present):.2f} ± {statistics.stdev(present):.2f}"
 
 
+def _markdown(frame: pd.DataFrame) -> str:
+    # Cells are pre-formatted strings ("42.90 ± 0.12"): no number parsing, numbers right-aligned.
+    align = ["left", "left"] + ["right"] * (len(frame.columns) - 2)
+    return frame.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
 def render(tables: list[RenderedTable], fmt: str) -> str:
     """Text of the tables in ``fmt`` (markdown, csv, json, latex or html)."""
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
     if fmt == "markdown":
-        return "\n".join(
-            f"### {t.title}\n\n{t.frame.to_markdown(index=False, disable_numparse=True)}\n" for t in tables
-        )
+        return "\n".join(f"### {t.title}\n\n{_markdown(t.frame)}\n" for t in tables)
     if fmt == "csv":
         frames = [t.frame.assign(Table=t.title)[["Table", *t.frame.columns]] for t in tables]
         return "\n".join(f.to_csv(index=False) for f in frames)

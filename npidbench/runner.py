@@ -89,6 +89,8 @@ def model_names(backbone: LoadedBackbone, checkpoint: Path, name: str | None) ->
     recipe = meta.get("recipe")
     if name:
         display = name
+    elif recipe and meta.get("random_init"):
+        display = f"{recipe} (random init)"
     elif recipe:
         display = f"{recipe} ({meta.get('epochs', '?')} ep)"
     else:
