@@ -28,7 +28,7 @@ from npidbench.checkpoint import load_backbone
 from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkpoint
 from npidbench.data.imagenet import load_imagefolder
 from npidbench.data.images import EvalTransform, decode_rgb, normalize_batch
-from npidbench.data.synthetic import class_styles, encode_jpeg, random_instance, render
+from npidbench.data.synthetic.render import class_styles, encode_jpeg, random_instance, render
 from npidbench.features import ExtractOptions, ExtractStats, extract
 from npidbench.runner import default_workers
 
@@ -43,7 +43,7 @@ def write_voc_sized_jpegs(root: Path, count: int) -> None:
             random_instance(styles[int(rng.integers(20))], rng, height, width, (0.2, 0.5))
             for _ in range(int(rng.integers(1, 4)))
         ]
-        pixels, _ = render(instances, height, width, rng)
+        pixels = render(instances, height, width, rng).pixels
         folder = root / "train" / f"c{i % 5}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:06d}.jpg").write_bytes(encode_jpeg(pixels))

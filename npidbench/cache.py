@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,14 @@ class CachedFeatures:
     features: np.ndarray  # (N, D) float32
     labels: np.ndarray  # (N,) int64
     path: Path
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # unreadable images (--skip-corrupt)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: rows of images that were read (skipped rows hold zeros)."""
+        mask = np.ones(len(self.labels), dtype=bool)
+        mask[[s["index"] for s in self.skipped]] = False
+        return mask
 
 
 @dataclass
@@ -93,7 +101,8 @@ class FeatureCache:
             return None
         features = np.load(path / "features.npy", mmap_mode="r")
         labels = np.load(path / "labels.npy", mmap_mode="r")
-        return CachedFeatures(key, features, labels, path)
+        skipped = json.loads((path / "meta.json").read_text()).get("skipped", [])
+        return CachedFeatures(key, features, labels, path, skipped)
 
     def entries(self) -> list[EntryInfo]:
         """Every complete entry, newest first."""
@@ -182,6 +191,7 @@ class ExtractionJob:
         self.cache, self.path, self.keys = cache, path, keys
         self.rows, self.dims, self.world_size, self.rank = rows, dims, world_size, rank
         self.layers = [k.layer for k in keys]
+        self.skipped: list[dict[str, Any]] = []  # this rank's unreadable images (when skipping)
         self._arrays: dict[str, np.memmap] = {}
         self._last_commit = time.monotonic()
 
@@ -231,17 +241,25 @@ class ExtractionJob:
         start, end = self.shard()
         progress = self.path / f"progress-rank{self.rank}.json"
         if progress.exists():
-            done = json.loads(progress.read_text()).get("done", start)
-            return min(max(done, start), end)
+            state = json.loads(progress.read_text())
+            self.skipped = [s for s in state.get("skipped", []) if s["index"] < state.get("done", start)]
+            return min(max(state.get("done", start), start), end)
         return start
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, rows: np.ndarray, features: dict[str, np.ndarray], labels: np.ndarray) -> None:
-        """Write a batch (rows are contiguous and ascending within this rank's shard)."""
+        """Write a batch's rows (ascending, within this rank's shard; skipped rows stay zero)."""
+        if len(rows) == 0:
+            return
         lo, hi = int(rows[0]), int(rows[-1]) + 1
+        where = slice(lo, hi) if hi - lo == len(rows) else rows
         for layer in self.layers:
-            self._arrays[layer][lo:hi] = features[layer]
-        self._arrays["labels"][lo:hi] = labels
+            self._arrays[layer][where] = features[layer]
+        self._arrays["labels"][where] = labels
+
+    def skip(self, index: int, path: str, reason: str) -> None:
+        """Record an unreadable image that the user chose to skip (--skip-corrupt)."""
+        self.skipped.append({"index": int(index), "path": path, "reason": reason})
 
     def commit(self, done: int, force: bool = False) -> None:
         """Flush rows to disk, then record ``done`` (rows before it are complete)."""
@@ -250,7 +268,8 @@ class ExtractionJob:
             return
         for array in self._arrays.values():
             array.flush()
-        atomic_write_text(self.path / f"progress-rank{self.rank}.json", json.dumps({"done": done}))
+        state = {"done": done, "skipped": self.skipped}
+        atomic_write_text(self.path / f"progress-rank{self.rank}.json", json.dumps(state))
         self._last_commit = now
 
     def finalize(self, extra_meta: dict[str, Any]) -> None:
@@ -258,6 +277,11 @@ class ExtractionJob:
         for array in self._arrays.values():
             array.flush()
         self._arrays.clear()
+        skipped = []
+        for rank in range(self.world_size):
+            progress = self.path / f"progress-rank{rank}.json"
+            skipped += json.loads(progress.read_text()).get("skipped", []) if progress.exists() else []
+        extra_meta = {**extra_meta, "skipped": sorted(skipped, key=lambda s: s["index"])}
         entries = self.cache.entries_dir
         entries.mkdir(parents=True, exist_ok=True)
         for key in self.keys:

@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 cache_app = typer.Typer(help="The feature cache (NPIDBENCH_CACHE or --cache DIR).", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: the embedded synthetic suite.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: check a layout, write the synthetic suite.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 
@@ -205,6 +205,12 @@ def run_command(
     arch: ArchOpt = None,
     branch: BranchOpt = None,
     trust_pickle: TrustOpt = False,
+    skip_corrupt: Annotated[
+        bool,
+        typer.Option(
+            "--skip-corrupt", help="Leave out unreadable images (listed in the record) instead of stopping."
+        ),
+    ] = False,
 ) -> None:
     """Run one benchmark and print the path of the record it wrote."""
     from npidbench.runner import RunRequest, run_task
@@ -225,6 +231,7 @@ def run_command(
             arch=arch,
             branch=branch,
             trust_pickle=trust_pickle,
+            skip_corrupt=skip_corrupt,
         )
     )
     if path is not None:  # under torchrun only rank 0 writes (and prints) the record
@@ -345,16 +352,37 @@ def cache_clear(
 
 @data_app.command("synth")
 def data_synth(
-    root: Annotated[Path, typer.Option("--root", help="Folder to write the synthetic suite into.")],
+    root: Annotated[Path, typer.Option("--root", help="New folder to write the suite into (a --data-root).")],
     seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
 ) -> None:
-    """Write the embedded synthetic suite (real on-disk layouts) into a folder."""
-    from npidbench.data.synthetic import SuiteSpec, ensure_suite
+    """Write the embedded synthetic suite (every dataset in its real layout) into a folder."""
+    from npidbench.data.synthetic import SuiteSpec, write_suite
 
-    if root.exists() and not root.is_dir():
-        raise BadInput(f"--root {root} is a file, not a folder")
-    path = ensure_suite(SuiteSpec(seed=seed), base=root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise BadInput(f"--root {root} already exists and is not an empty folder; choose a new one")
+    path = write_suite(root, SuiteSpec(seed=seed))
     stdout.print(str(path))
+
+
+@data_app.command("check")
+def data_check(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Dataset: imagenet, places205, inat18, voc07, voc12, voc12aug, coco, cityscapes."
+        ),
+    ],
+    root: Annotated[Path, typer.Option("--root", help="The dataset folder, or a data root holding it.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Counts per split, and the first missing or unreadable file if any (exit 2)."""
+    from npidbench.data.check import check_dataset, format_report
+
+    report = check_dataset(name, root)
+    if as_json:
+        stdout.print_json(json.dumps(report.to_json()))
+    else:
+        stdout.print(format_report(report), markup=False)
 
 
 def _one_line(text: str) -> str:

@@ -33,6 +33,7 @@ class ExtractOptions:
     device: str = "cpu"
     workers: int = 0  # decoding worker processes (the runner picks a default per machine)
     batch_size: int = 64
+    skip_corrupt: bool = False  # the user's explicit opt-in: unreadable images are skipped, listed
 
 
 @dataclass
@@ -87,6 +88,7 @@ def extract(
     found = {k.layer: cache.lookup(k) for k in keys}
     missing = [k for k in keys if found[k.layer] is None]
     if not missing:
+        _refuse_skipped_unless_allowed(found, options)
         log(
             f"cache hit: {split.display_name} {split.split} {', '.join(layers)} "
             f"({len(split)} images, no forward pass)"
@@ -125,7 +127,19 @@ def extract(
         if entry is None:  # pragma: no cover - finalize failed without raising
             raise RuntimeError(f"feature cache entry for {key.layer} was not written")
         out[key.layer] = entry
+    _refuse_skipped_unless_allowed(out, options)
     return out
+
+
+def _refuse_skipped_unless_allowed(found: dict[str, CachedFeatures | None], options: ExtractOptions) -> None:
+    """Entries made with --skip-corrupt lack some images: never hand them out silently."""
+    for entry in found.values():
+        if entry is not None and entry.skipped and not options.skip_corrupt:
+            first = entry.skipped[0]
+            raise BadInput(
+                f"unreadable image {first['path']}: {first['reason']} ({len(entry.skipped)} in this split); "
+                "replace the files, or pass --skip-corrupt to leave them out (they are listed in the record)"
+            )
 
 
 def _run_forward(
@@ -157,20 +171,22 @@ def _run_forward(
     with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(f"extract {split.display_name} {split.split}", total=end - begin)
         for batch in loader:
-            if batch.errors:
-                raise BadInput(
-                    f"unreadable image {batch.errors[0]} (a truncated or corrupt file: replace it "
-                    "or remove it from the dataset)"
+            for index, reason in batch.errors:
+                path = split.samples[index][0]
+                if not options.skip_corrupt:
+                    raise BadInput(
+                        f"unreadable image {path}: {reason} (a truncated or corrupt file: replace it, or "
+                        "pass --skip-corrupt to leave such images out; they are listed in the record)"
+                    )
+                job.skip(index, path, reason)
+            if batch.images is not None:
+                pooled = extractor(normalize_batch(batch.images.to(device, non_blocking=True)))
+                job.write(
+                    batch.indices.numpy(),
+                    {k: v.float().cpu().numpy() for k, v in pooled.items()},
+                    batch.labels.numpy().astype(np.int64),
                 )
-            images = normalize_batch(batch.images.to(device, non_blocking=True))
-            pooled = extractor(images)
-            rows = batch.indices.numpy()
-            job.write(
-                rows,
-                {k: v.float().cpu().numpy() for k, v in pooled.items()},
-                batch.labels.numpy().astype(np.int64),
-            )
-            done = int(rows[-1]) + 1
-            job.commit(done)
-            stats.images += len(rows)
-            progress.advance(task, len(rows))
+            job.commit(batch.end)
+            stats.images += len(batch.indices)
+            progress.advance(task, batch.end - done)
+            done = batch.end

@@ -44,6 +44,7 @@ class RunRequest:
     arch: str | None = None
     branch: str | None = None
     trust_pickle: bool = False
+    skip_corrupt: bool = False  # explicit opt-in: unreadable images are left out and listed
 
 
 def default_workers(device: str = "cpu") -> int:
@@ -118,6 +119,7 @@ def run_task(request: RunRequest) -> Path | None:
         device=device,
         workers=default_workers(device) if request.workers is None else request.workers,
         batch_size=request.batch_size or (256 if device.startswith("cuda") else 64),
+        skip_corrupt=request.skip_corrupt,
     )
     checkpoint = Path(request.checkpoint)  # type: ignore[arg-type]
     backbone = load_backbone(

@@ -25,7 +25,9 @@ def npidbench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["NPIDBENCH_CACHE_HOME"] = str(home)
     os.environ["NPIDBENCH_QUIET"] = "1"
     os.environ.pop("NPIDBENCH_CACHE", None)
-    os.environ.pop("NPIDBENCH_DATA", None)
+    # The generated synthetic suite is shared by the xdist workers (generation is locked).
+    shared = home.parent.parent if os.environ.get("PYTEST_XDIST_WORKER") else home.parent
+    os.environ["NPIDBENCH_DATA"] = str(shared / "npidbench-data")
     os.environ.pop("NPIDBENCH_RESULTS", None)
     return home
 

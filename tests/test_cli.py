@@ -105,6 +105,10 @@ BAD_INPUTS = [
     (["report", "--results", "{missing}"], "is not a folder"),
     (["pretrain", "--set", "arch=vgg"], "arch vgg is not supported"),
     (["pretrain", "no_such_recipe"], "unknown recipe"),
+    (["data", "check", "imagenet", "--root", "{tmp}"], "train not found: expected imagenet"),
+    (["data", "check", "imagenet", "--root", "{missing}"], "is not a folder"),
+    (["data", "check", "mnist", "--root", "{tmp}"], "unknown dataset mnist"),
+    (["data", "synth", "--root", "{ckpt}"], "already exists"),
 ]
 
 
@@ -198,3 +202,19 @@ def test_cache_ls_and_clear(random_checkpoint, results_dir, tmp_path, capsys):
     assert "removed 2 entries" in capsys.readouterr().out
     assert cli("cache", "ls", "--cache", str(cache), "--json") == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_run_with_skip_corrupt_lists_the_skipped_images(random_checkpoint, results_dir, tmp_path, capsys):
+    from helpers import tiny_imagefolder
+
+    root = tmp_path / "data"
+    tiny_imagefolder(root / "imagenet", split="train")
+    tiny_imagefolder(root / "imagenet", split="val", seed=1)
+    bad = sorted((root / "imagenet" / "val" / "c1").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    args = ["run", "knn", str(random_checkpoint), "--data-root", str(root), "--set", "ks=[3]"]
+    assert cli(*args) == 2
+    assert str(bad) in one_error_line(capsys.readouterr().err)
+    assert cli(*args, "--skip-corrupt") == 0
+    record = json.loads(Path(capsys.readouterr().out.strip()).read_text())
+    assert record["dataset"]["skipped"] == [str(bad)] and not record["dataset"]["synthetic"]

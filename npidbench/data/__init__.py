@@ -1,15 +1,19 @@
 """Dataset adapters. Each benchmark dataset lives at a standard sub-path of a data root
-(``--data-root /datasets`` finds ``/datasets/imagenet``); with no root, the embedded synthetic
-suite is generated on first use and read through the very same adapters."""
+(``--data-root /datasets`` finds ``/datasets/imagenet``, ``/datasets/VOCdevkit/VOC2007``, ...);
+with no root, the embedded synthetic suite is generated on first use and read through the very
+same adapters."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from npidbench.data.imagenet import load_imagefolder
-from npidbench.data.splits import DatasetSplit
+from npidbench.data.cityscapes import load_cityscapes
+from npidbench.data.coco import load_coco
+from npidbench.data.imagenet import load_imagefolder, load_inat18, load_places205
+from npidbench.data.splits import SYNTHETIC_MANIFEST, DatasetSplit, DetectionSplit, SegmentationSplit
 from npidbench.data.synthetic import ensure_suite
+from npidbench.data.voc import load_classification, load_detection, load_segmentation
 from npidbench.errors import BadInput
 
 
@@ -20,16 +24,77 @@ class DatasetInfo:
     layout: str
     description: str
     splits: tuple[str, ...]
+    markers: tuple[str, ...]  # what must exist inside the folder for it to be this dataset
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "imagenet": DatasetInfo(
-        "imagenet",
-        "imagenet",
-        "ImageFolder: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG",
-        "ImageNet ILSVRC-2012 (1000 classes; synthetic: 10 classes)",
-        ("train", "val"),
-    ),
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "imagenet",
+            "imagenet",
+            "train/<wnid>/*.JPEG, val/<wnid>/*.JPEG",
+            "ImageNet ILSVRC-2012 (synthetic: 10 classes)",
+            ("train", "val"),
+            ("train", "val"),
+        ),
+        DatasetInfo(
+            "places205",
+            "places205",
+            "images256/<l>/<scene>/*.jpg, trainvalsplit_places205/{train,val}_places205.csv",
+            "Places205 scenes (synthetic: 8 classes)",
+            ("train", "val"),
+            (),
+        ),
+        DatasetInfo(
+            "inat18",
+            "inat2018",
+            "train2018.json, val2018.json, categories.json, train_val2018/",
+            "iNaturalist 2018 species (synthetic: 16, long-tailed)",
+            ("train", "val"),
+            (),
+        ),
+        DatasetInfo(
+            "voc07",
+            "VOCdevkit/VOC2007",
+            "JPEGImages/, Annotations/, ImageSets/Main/",
+            "Pascal VOC 2007 classification and detection (20 classes)",
+            ("trainval", "test"),
+            ("ImageSets",),
+        ),
+        DatasetInfo(
+            "voc12",
+            "VOCdevkit/VOC2012",
+            "JPEGImages/, Annotations/, ImageSets/{Main,Segmentation}/, SegmentationClass/",
+            "Pascal VOC 2012 detection and segmentation",
+            ("trainval", "train", "val"),
+            ("ImageSets",),
+        ),
+        DatasetInfo(
+            "voc12aug",
+            "VOCdevkit/VOC2012",
+            "VOC2012 + SegmentationClassAug/ and ImageSets/Segmentation/train_aug.txt (SBD)",
+            "Pascal VOC 2012 + SBD aug segmentation (21 classes)",
+            ("train_aug", "val"),
+            ("ImageSets",),
+        ),
+        DatasetInfo(
+            "coco",
+            "coco",
+            "annotations/instances_{train,val}2017.json, {train,val}2017/*.jpg",
+            "COCO 2017 instances (synthetic: the 20 VOC categories)",
+            ("train2017", "val2017"),
+            ("annotations",),
+        ),
+        DatasetInfo(
+            "cityscapes",
+            "cityscapes",
+            "leftImg8bit/{train,val}/<city>/, gtFine/{train,val}/<city>/ (labelTrainIds or labelIds)",
+            "Cityscapes gtFine semantic segmentation (19 classes)",
+            ("train", "val"),
+            ("leftImg8bit", "gtFine"),
+        ),
+    )
 }
 
 
@@ -45,16 +110,64 @@ def dataset_root(name: str, data_root: Path | None) -> tuple[Path, bool]:
         raise BadInput(f"--data-root {data_root} is not a folder")
     standard = data_root / info.subpath
     if standard.is_dir():
-        return standard, False
-    if all((data_root / split).is_dir() for split in info.splits):
-        return data_root, False  # the user pointed at the dataset folder itself
+        return standard, is_synthetic(standard)
+    if info.markers and all((data_root / m).exists() for m in info.markers):
+        return data_root, is_synthetic(data_root)  # the user pointed at the dataset folder itself
     raise BadInput(f"{name} not found under --data-root {data_root}: expected {standard} ({info.layout})")
 
 
+def is_synthetic(folder: Path) -> bool:
+    """A folder written by the synthetic generator (``npidbench data synth``) says so."""
+    return any((f / SYNTHETIC_MANIFEST).exists() for f in (folder, folder.parent))
+
+
 def load_split(name: str, split: str, data_root: Path | None) -> DatasetSplit:
-    """One split of a dataset, real (under ``data_root``) or synthetic (``data_root`` None)."""
+    """One split of a classification dataset, real (under ``data_root``) or synthetic (None)."""
     root, synthetic = dataset_root(name, data_root)
-    return load_imagefolder(root, split, dataset=name, synthetic=synthetic)
+    if name == "imagenet":
+        return load_imagefolder(root, split, dataset=name, synthetic=synthetic)
+    if name == "places205":
+        return load_places205(root, split, synthetic)
+    if name == "inat18":
+        return load_inat18(root, split, synthetic)
+    if name == "voc07":
+        return load_classification(root, split, "2007", synthetic)
+    raise BadInput(f"{name} is not a classification dataset")
 
 
-__all__ = ["DATASETS", "DatasetInfo", "DatasetSplit", "dataset_root", "load_split"]
+def load_detection_split(name: str, split: str, data_root: Path | None) -> DetectionSplit:
+    """``voc0712`` (VOC07 + VOC12 trainval), ``voc07`` (test) or ``coco`` splits."""
+    if name == "coco":
+        root, synthetic = dataset_root("coco", data_root)
+        return load_coco(root, split, synthetic)
+    if name == "voc07":
+        root, synthetic = dataset_root("voc07", data_root)
+        return load_detection([(root, "2007", split)], synthetic)
+    if name == "voc0712":
+        root07, synthetic = dataset_root("voc07", data_root)
+        root12, _ = dataset_root("voc12", data_root)
+        return load_detection([(root07, "2007", split), (root12, "2012", split)], synthetic)
+    raise BadInput(f"{name} is not a detection dataset")
+
+
+def load_segmentation_split(name: str, split: str, data_root: Path | None) -> SegmentationSplit:
+    """``voc12``, ``voc12aug`` or ``cityscapes`` segmentation pairs."""
+    root, synthetic = dataset_root(name, data_root)
+    if name in ("voc12", "voc12aug"):
+        return load_segmentation(root, split, aug=name == "voc12aug", synthetic=synthetic)
+    if name == "cityscapes":
+        return load_cityscapes(root, split, synthetic)
+    raise BadInput(f"{name} is not a segmentation dataset")
+
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetSplit",
+    "DetectionSplit",
+    "SegmentationSplit",
+    "dataset_root",
+    "load_detection_split",
+    "load_segmentation_split",
+    "load_split",
+]

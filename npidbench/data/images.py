@@ -76,33 +76,34 @@ class ImageList(Dataset):
         try:
             image = self.transform(decode_rgb(path))
         except (RuntimeError, OSError, ValueError) as exc:
-            return (
-                None,
-                label,
-                index,
-                f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            )
+            return None, label, index, decode_error_reason(exc)
         return image, label, index, None
+
+
+def decode_error_reason(exc: BaseException) -> str:
+    """torchvision's decoders prefix messages with their C++ source location: keep the reason."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(",")[-1].strip() if ".cpp:" in text else text
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor | None  # uint8 (B, 3, H, W)
+    images: torch.Tensor | None  # uint8 (B, 3, H, W) of the readable images
     labels: torch.Tensor
     indices: torch.Tensor
-    errors: list[str]
+    errors: list[tuple[int, str]]  # (index, reason) of unreadable images
+    end: int  # one past the last index of the batch, readable or not
 
 
 def collate(items: list[tuple[torch.Tensor | None, int, int, str | None]]) -> Batch:
     """Stack the decoded images; carry decoding errors along instead of raising in a worker."""
-    errors = [err for _, _, _, err in items if err is not None]
     good = [item for item in items if item[3] is None]
-    images = torch.stack([item[0] for item in good]) if good else None
     return Batch(
-        images=images,
+        images=torch.stack([item[0] for item in good]) if good else None,
         labels=torch.tensor([item[1] for item in good], dtype=torch.long),
         indices=torch.tensor([item[2] for item in good], dtype=torch.long),
-        errors=errors,
+        errors=[(item[2], item[3]) for item in items if item[3] is not None],
+        end=max(item[2] for item in items) + 1,
     )
 
 

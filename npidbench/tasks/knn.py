@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from npidbench.cache import CachedFeatures
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
@@ -63,11 +66,13 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     test_feats = extract(ctx.backbone, test, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
         config.layer
     ]
+    train_x, train_y = _readable(train_feats)
+    test_x, test_y = _readable(test_feats)
     result = weighted_knn(
-        train_feats.features,
-        train_feats.labels,
-        test_feats.features,
-        test_feats.labels,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
         ks=config.ks,
         temperature=config.temperature,
         num_classes=len(train.classes),
@@ -87,6 +92,15 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "train": {"split": train.split, "images": len(train)},
             "test": {"split": test.split, "images": len(test)},
             "classes": len(train.classes),
+            "skipped": [s["path"] for s in train_feats.skipped + test_feats.skipped],
         },
         protocol="npid-knn",
     )
+
+
+def _readable(entry: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels without the rows of images skipped with --skip-corrupt."""
+    if not entry.skipped:
+        return entry.features, entry.labels
+    keep = entry.valid
+    return np.asarray(entry.features)[keep], np.asarray(entry.labels)[keep]

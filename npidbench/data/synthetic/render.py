@@ -1,37 +1,26 @@
-"""The embedded synthetic suite: seeded scenes written in the real on-disk layouts.
+"""The scene renderer behind every synthetic dataset.
 
 Why scenes and not noise: the suite must let a trained backbone beat a random one, so classes
 carry the cues natural images have and CNN features pick up fast (datasets issue): a
 class-specific texture with its own frequency, a part attached at a class-specific place, a
 class-correlated (not fixed) colour distribution, and an outline shape. Nuisance factors
 (background, clutter, position, scale, rotation, lighting, occluders) are drawn independently of
-the class. Everything derives from one integer seed: the same seed gives the same bytes.
+the class. Every random draw comes from a generator the caller seeds: same seed, same pixels.
 
-The renderer is layout-agnostic (a scene is a list of object instances; it returns the image and
-an instance map for boxes and masks); ``write_imagenet`` is its first layout writer.
+A scene is a list of object instances drawn in order over a background; ``render`` returns the
+pixels and an instance map (0 = background, i + 1 = instance i) from which the layout writers
+derive boxes, masks, polygons, difficult and truncated flags.
 """
 
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import fcntl
-import hashlib
 import io
-import json
 import math
-import os
-import shutil
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-
-from npidbench.paths import synthetic_data_dir
-
-GENERATOR_VERSION = 1  # bump when any pixel could change: the feature cache keys on it
 
 SHAPES = (
     "ellipse",
@@ -70,7 +59,8 @@ class ClassStyle:
 
 def class_styles(count: int, seed: int = 0) -> list[ClassStyle]:
     """``count`` distinct class styles: shape, texture and part cycle at different rates so
-    that no single cue separates every pair of classes."""
+    that no single cue separates every pair of classes. Style i is the same object category in
+    every synthetic dataset (a shared visual world, so features transfer between them)."""
     rng = np.random.default_rng([seed, 7_001])
     styles = []
     for c in range(count):
@@ -106,7 +96,21 @@ class Instance:
     texture_phase: tuple[float, float]
 
 
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+@dataclass
+class Scene:
+    """A rendered scene: pixels, instance map and per-instance visibility."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    ids: np.ndarray  # (H, W) int32: 0 background, i + 1 instance i
+    drawn_area: list[int]  # pixels each instance covered when drawn (inside the image)
+    truncated: list[bool]  # the instance extends beyond the image border
+
+    def visible_fraction(self, i: int) -> float:
+        drawn = self.drawn_area[i]
+        return float((self.ids == i + 1).sum()) / drawn if drawn else 0.0
+
+
+def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Outline in the object frame, body inside about [-1, 1]^2."""
     r = np.hypot(u, v)
     theta = np.arctan2(v, u)
@@ -135,7 +139,7 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(shape)
 
 
-def _texture(
+def texture(
     kind: str, u: np.ndarray, v: np.ndarray, freq: float, phase: tuple[float, float], rng: np.random.Generator
 ) -> np.ndarray:
     """A pattern in [0, 1] on the object frame, so it rotates and scales with the object."""
@@ -169,17 +173,17 @@ def _texture(
     raise ValueError(kind)
 
 
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
+def hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(
         colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), dtype=np.float32
     )
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def clutter_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Low-saturation gradient plus clutter strokes and noise, independent of any class."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    c0 = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
-    c1 = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
+    c0 = hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
+    c1 = hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
     direction = rng.uniform(0, 2 * math.pi)
     t = np.cos(direction) * x / width + np.sin(direction) * y / height
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
@@ -189,7 +193,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
         ang = rng.uniform(0, math.pi)
         dist = np.abs(np.cos(ang) * (y - y0) - np.sin(ang) * (x - x0))
         stroke = dist < rng.uniform(0.6, 1.8)
-        image[stroke] = _hsv(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 1.0))
+        image[stroke] = hsv(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 1.0))
     image += rng.normal(0, 0.03, size=image.shape).astype(np.float32)
     return image
 
@@ -200,14 +204,16 @@ def random_instance(
     height: int,
     width: int,
     size_range: tuple[float, float] = (0.38, 0.62),
+    margin: float = 0.45,
 ) -> Instance:
-    """An instance of ``style`` at a random place, scale and rotation."""
+    """An instance of ``style`` at a random place, scale and rotation. A ``margin`` below 0.5
+    lets part of the object leave the image (truncation)."""
     size = rng.uniform(*size_range) * min(height, width)
-    margin = size * 0.45
+    edge = size * margin
     return Instance(
         style=style,
-        cx=float(rng.uniform(margin, max(margin + 1, width - margin))),
-        cy=float(rng.uniform(margin, max(margin + 1, height - margin))),
+        cx=float(rng.uniform(edge, max(edge + 1, width - edge))),
+        cy=float(rng.uniform(edge, max(edge + 1, height - edge))),
         size=float(size),
         angle=float(rng.uniform(-0.6, 0.6)),
         hue_jitter=float(rng.normal(0, 0.05)),
@@ -220,23 +226,25 @@ def random_instance(
 
 def _draw(
     image: np.ndarray, ids: np.ndarray, inst: Instance, instance_id: int, rng: np.random.Generator
-) -> None:
+) -> tuple[int, bool]:
+    """Paint one instance; returns (pixels covered inside the image, truncated)."""
     height, width = ids.shape
     style = inst.style
     half = inst.size * 0.75 * max(1.0, style.aspect)  # bbox half-size incl. the part
-    x0, x1 = max(0, int(inst.cx - half) - 1), min(width, int(inst.cx + half) + 2)
-    y0, y1 = max(0, int(inst.cy - half) - 1), min(height, int(inst.cy + half) + 2)
+    ux0, ux1 = int(inst.cx - half) - 1, int(inst.cx + half) + 2
+    uy0, uy1 = int(inst.cy - half) - 1, int(inst.cy + half) + 2
+    x0, x1, y0, y1 = max(0, ux0), min(width, ux1), max(0, uy0), min(height, uy1)
     if x0 >= x1 or y0 >= y1:
-        return
+        return 0, True
     y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     dx, dy = x - inst.cx, y - inst.cy
     cos, sin = math.cos(inst.angle), math.sin(inst.angle)
     u = (cos * dx + sin * dy) / (inst.size * 0.5 * style.aspect)
     v = (-sin * dx + cos * dy) / (inst.size * 0.5)
-    body = _shape_mask(style.shape, u, v)
-    pattern = _texture(style.texture, u, v, style.frequency * inst.frequency_scale, inst.texture_phase, rng)
-    base = _hsv(style.hue + inst.hue_jitter, inst.saturation, inst.value)
-    accent = _hsv(style.hue + inst.hue_jitter + 0.08, inst.saturation * 0.6, 1.0 - 0.7 * inst.value)
+    body = shape_mask(style.shape, u, v)
+    pattern = texture(style.texture, u, v, style.frequency * inst.frequency_scale, inst.texture_phase, rng)
+    base = hsv(style.hue + inst.hue_jitter, inst.saturation, inst.value)
+    accent = hsv(style.hue + inst.hue_jitter + 0.08, inst.saturation * 0.6, 1.0 - 0.7 * inst.value)
     shade = (1.0 - 0.18 * (u + v) / 2.0)[..., None]  # lighting: a nuisance gradient
     body_rgb = (base * (1 - pattern[..., None]) + accent * pattern[..., None]) * shade
     pu, pv = 0.95 * math.cos(style.part_angle), 0.95 * math.sin(style.part_angle)
@@ -245,37 +253,62 @@ def _draw(
     else:
         part = (np.abs(u - pu) <= 0.28) & (np.abs(v - pv) <= 0.28)
     part &= ~body
-    part_rgb = _hsv(style.part_hue + inst.hue_jitter, 0.8, 0.9) * shade
+    part_rgb = hsv(style.part_hue + inst.hue_jitter, 0.8, 0.9) * shade
     region = image[y0:y1, x0:x1]
     region[body] = body_rgb[body]
     region[part] = part_rgb[part]
-    ids[y0:y1, x0:x1][body | part] = instance_id
+    covered = body | part
+    ids[y0:y1, x0:x1][covered] = instance_id
+    # Truncated: some of the object's pixels would fall outside the image.
+    truncated = False
+    if (x0, x1, y0, y1) != (ux0, ux1, uy0, uy1):
+        truncated = bool(
+            covered[:, 0].any()
+            and x0 == 0
+            or covered[:, -1].any()
+            and x1 == width
+            or covered[0].any()
+            and y0 == 0
+            or covered[-1].any()
+            and y1 == height
+        )
+    return int(covered.sum()), truncated
 
 
-def _occlude(image: np.ndarray, ids: np.ndarray, inst: Instance, rng: np.random.Generator) -> None:
+def occlude(
+    image: np.ndarray, ids: np.ndarray, inst: Instance, rng: np.random.Generator, scale: float = 0.5
+) -> None:
     """A neutral occluder over part of an object (id 0: it hides, it is not an object)."""
     height, width = ids.shape
-    w, h = rng.uniform(0.25, 0.5) * inst.size, rng.uniform(0.25, 0.5) * inst.size
+    w, h = rng.uniform(0.25, scale) * inst.size, rng.uniform(0.25, scale) * inst.size
     cx = inst.cx + rng.uniform(-0.5, 0.5) * inst.size
     cy = inst.cy + rng.uniform(-0.5, 0.5) * inst.size
     x0, x1 = int(max(0, cx - w / 2)), int(min(width, cx + w / 2))
     y0, y1 = int(max(0, cy - h / 2)), int(min(height, cy + h / 2))
-    image[y0:y1, x0:x1] = _hsv(rng.random(), rng.uniform(0, 0.2), rng.uniform(0.2, 0.9))
+    image[y0:y1, x0:x1] = hsv(rng.random(), rng.uniform(0, 0.2), rng.uniform(0.2, 0.9))
     ids[y0:y1, x0:x1] = 0
 
 
 def render(
-    instances: list[Instance], height: int, width: int, rng: np.random.Generator, occlusion: float = 0.25
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw a scene. Returns (uint8 RGB image, instance map: 0 background, i+1 instance i)."""
-    image = _background(rng, height, width)
+    instances: list[Instance],
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    occlusion: float = 0.25,
+    background: np.ndarray | None = None,
+) -> Scene:
+    """Draw a scene over ``background`` (default: random clutter) in instance order."""
+    image = clutter_background(rng, height, width) if background is None else background.astype(np.float32)
     ids = np.zeros((height, width), dtype=np.int32)
+    drawn, truncated = [], []
     for i, inst in enumerate(instances):
-        _draw(image, ids, inst, i + 1, rng)
+        area, cut = _draw(image, ids, inst, i + 1, rng)
+        drawn.append(area)
+        truncated.append(cut)
         if rng.random() < occlusion:
-            _occlude(image, ids, inst, rng)
+            occlude(image, ids, inst, rng)
     pixels = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return pixels, ids
+    return Scene(pixels, ids, drawn, truncated)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
@@ -284,123 +317,21 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class ImageNetSpec:
-    """Size of the synthetic ImageNet layout (also the pool the pretrainer uses)."""
-
-    classes: int = 10
-    train_per_class: int = 160
-    val_per_class: int = 40
-    min_side: int = 64
-    max_side: int = 88
-    seed: int = 0
-
-
-def synthetic_wnid(index: int) -> str:
-    """Folder names shaped like real synsets (n + 8 digits), in a range WordNet does not use."""
-    return f"n9{index:07d}"
+def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
+    """PNG bytes (deterministic: no timestamps). With ``palette`` the array's values are written
+    as indices of a P-mode image (VOC's masks); uint16 arrays become 16-bit PNGs (Cityscapes
+    instance ids)."""
+    if palette is not None:
+        height, width = array.shape
+        image = Image.frombytes("P", (width, height), np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+        image.putpalette(palette)
+    else:
+        image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def write_imagenet(root: Path, spec: ImageNetSpec) -> dict[str, int]:
-    """Write ``root/train/<wnid>/<wnid>_<i>.JPEG`` and ``root/val/<wnid>/ILSVRC2012_val_<n>.JPEG``
-    plus ``LOC_synset_mapping.txt``, as a prepared ImageNet. Returns counts per split."""
-    styles = class_styles(spec.classes, spec.seed)
-    counts = {}
-    val_number = 0
-    for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
-        for style in styles:
-            wnid = synthetic_wnid(style.index)
-            folder = root / split / wnid
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                rng = np.random.default_rng([spec.seed, GENERATOR_VERSION, hash_split(split), style.index, i])
-                height = int(rng.integers(spec.min_side, spec.max_side + 1))
-                width = int(rng.integers(spec.min_side, spec.max_side + 1))
-                inst = random_instance(style, rng, height, width)
-                pixels, _ = render([inst], height, width, rng)
-                if split == "train":
-                    name = f"{wnid}_{i}.JPEG"
-                else:
-                    val_number += 1
-                    name = f"ILSVRC2012_val_{val_number:08d}.JPEG"
-                (folder / name).write_bytes(encode_jpeg(pixels))
-        counts[split] = per_class * spec.classes
-    mapping = "".join(f"{synthetic_wnid(s.index)} synthetic {s.description}\n" for s in styles)
-    (root / "LOC_synset_mapping.txt").write_text(mapping)
-    return counts
-
-
-def hash_split(split: str) -> int:
-    """A stable integer per split name for seeding (Python's hash() is salted per process)."""
-    return int(hashlib.sha256(split.encode()).hexdigest()[:8], 16)
-
-
-@dataclass(frozen=True)
-class SuiteSpec:
-    """Everything the embedded suite contains; its hash names the generated folder."""
-
-    seed: int = 0
-    imagenet: ImageNetSpec = field(default_factory=ImageNetSpec)
-
-    def key(self) -> str:
-        text = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return f"synthetic-v{GENERATOR_VERSION}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
-
-
-def generate_suite(root: Path, spec: SuiteSpec) -> Path:
-    """Write every layout of the suite under ``root`` (which must not exist yet)."""
-    imagenet_spec = ImageNetSpec(**{**asdict(spec.imagenet), "seed": spec.seed})
-    counts = {"imagenet": write_imagenet(root / "imagenet", imagenet_spec)}
-    manifest = {
-        "generator_version": GENERATOR_VERSION,
-        "spec": asdict(spec),
-        "counts": counts,
-        "content_sha256": _tree_hash(root),
-    }
-    text = json.dumps(manifest, indent=2, sort_keys=True)
-    for dataset in counts:
-        (root / dataset / "npidbench-synthetic.json").write_text(text)
-    return root
-
-
-def _tree_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_suite(spec: SuiteSpec | None = None, base: Path | None = None) -> Path:
-    """The generated suite's root, generating it on first use.
-
-    Generation goes to a temporary folder renamed into place when complete, under a lock, so an
-    interrupted or concurrent first use never leaves a half-written suite that looks complete.
-    """
-    spec = spec or SuiteSpec()
-    base = base or synthetic_data_dir()
-    final = base / spec.key()
-    if final.is_dir():
-        return final
-    with _locked(base / f".{spec.key()}.lock"):
-        if final.is_dir():
-            return final
-        tmp = base / f".{spec.key()}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            generate_suite(tmp, spec)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def seeded(*parts: int) -> np.random.Generator:
+    """The generator for one image: seeded by (suite seed, version, dataset, split, index)."""
+    return np.random.default_rng(list(parts))
