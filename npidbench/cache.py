@@ -53,6 +53,12 @@ class FeatureKey:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
+    def group(self) -> str:
+        """Every layer of one (checkpoint, data, split, transform): one forward pass makes them all,
+        so they share one lock and one job folder."""
+        fields = {k: v for k, v in asdict(self).items() if k != "layer"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
 
 @dataclass
 class CachedFeatures:
@@ -132,8 +138,14 @@ class FeatureCache:
             removed += 1
         if checkpoint_prefix is None:
             for job in self.partial_jobs():
-                freed += _dir_bytes(job)
-                shutil.rmtree(job, ignore_errors=True)
+                with open(self.jobs_dir / f"{job.name}.lock", "a") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # an extraction is running right now: leave it alone
+                    freed += _dir_bytes(job)
+                    shutil.rmtree(job, ignore_errors=True)
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         return removed, freed
 
     def check_space(self, needed: int, what: str) -> None:
@@ -149,22 +161,32 @@ class FeatureCache:
             )
 
     @contextlib.contextmanager
-    def job(
-        self, keys: list[FeatureKey], rows: int, dims: dict[str, int], world_size: int = 1, rank: int = 0
-    ) -> Iterator[ExtractionJob]:
-        """Open (or resume) the extraction of ``keys`` under an exclusive lock (rank 0 locks)."""
-        digest = hashlib.sha256("".join(k.digest() for k in keys).encode()).hexdigest()[:32]
-        path = self.jobs_dir / digest
+    def locked(self, key: FeatureKey, rank: int = 0) -> Iterator[None]:
+        """Exclusive use of a key's group (rank 0 locks; other ranks follow rank 0's barriers)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.jobs_dir / f"{digest}.lock"
-        with open(lock_path, "a") as lock:
+        with open(self.jobs_dir / f"{key.group()}.lock", "a") as lock:
             if rank == 0:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                yield ExtractionJob(self, path, keys, rows, dims, world_size, rank)
+                yield
             finally:
                 if rank == 0:
                     fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def job(
+        self, keys: list[FeatureKey], rows: int, dims: dict[str, int], world_size: int = 1, rank: int = 0
+    ) -> ExtractionJob:
+        """The (possibly interrupted) extraction of ``keys``; call under ``locked``."""
+        return ExtractionJob(self, self.jobs_dir / keys[0].group(), keys, rows, dims, world_size, rank)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or folder's metadata to disk (power-loss durability of published entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _human(nbytes: float) -> str:
@@ -301,6 +323,14 @@ class ExtractionJob:
                 **extra_meta,
             }
             (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(final, ignore_errors=True)  # a stale, incomplete folder only
-            os.rename(staging, final)
+            for name in ("features.npy", "labels.npy", "meta.json"):
+                _fsync(staging / name)
+            _fsync(staging)
+            if final.exists() and not (final / "meta.json").exists():
+                shutil.rmtree(final, ignore_errors=True)  # a stale folder that never completed
+            try:
+                os.rename(staging, final)
+            except OSError:  # published meanwhile (same content): keep that one
+                shutil.rmtree(staging, ignore_errors=True)
+            _fsync(entries)
         shutil.rmtree(self.path, ignore_errors=True)

@@ -45,15 +45,21 @@ TrustOpt = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        stdout.print(f"npidbench {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
-    if version:
-        stdout.print(f"npidbench {__version__}")
-        raise typer.Exit(0)
 
 
 @app.command("list")
@@ -106,7 +112,7 @@ def inspect_command(
 
     info, _ = inspect_checkpoint(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
     if as_json:
-        stdout.print_json(json.dumps(info.to_json()))
+        stdout.print_json(json.dumps(info.to_json(), default=str))
     else:
         _print_inspection(info)
     if not info.complete:
@@ -171,6 +177,8 @@ def convert_command(
 
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to} is not supported; choose one of {', '.join(CONVERT_TARGETS)}")
+    if out.is_dir():
+        raise BadInput(f"--out {out} is a folder; give a file name")
     if out.exists() and not force:
         raise BadInput(f"{out} already exists; pass --force to replace it")
     if not out.parent.exists():
@@ -346,6 +354,10 @@ def cache_clear(
     from npidbench.cache import FeatureCache, _human
     from npidbench.paths import feature_cache_dir
 
+    if checkpoint is not None and not checkpoint.strip():
+        raise BadInput(
+            "--checkpoint needs a sha256 prefix (see `npidbench cache ls`); omit it to clear everything"
+        )
     removed, freed = FeatureCache(feature_cache_dir(cache)).clear(checkpoint)
     stdout.print(f"removed {removed} entries, freed {_human(freed)}")
 

@@ -85,22 +85,24 @@ def extract(
     """
     stats = stats if stats is not None else ExtractStats()
     keys = feature_keys(backbone, split, transform, layers)
-    found = {k.layer: cache.lookup(k) for k in keys}
-    missing = [k for k in keys if found[k.layer] is None]
-    if not missing:
-        _refuse_skipped_unless_allowed(found, options)
-        log(
-            f"cache hit: {split.display_name} {split.split} {', '.join(layers)} "
-            f"({len(split)} images, no forward pass)"
-        )
-        return {layer: hit for layer, hit in found.items() if hit is not None}
-    stats.cache_hit = False
-    dims = layer_dims(backbone.model, tuple(k.layer for k in missing))
-    needed = len(split) * (sum(dims.values()) * 4 + 8)
-    cache.check_space(needed, f"{'+'.join(dims)} for {len(split):,} {split.display_name} images")
+    if not _missing(cache, keys):
+        return _cache_hit(cache, keys, split, options)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    started = time.perf_counter()
-    with cache.job(missing, len(split), dims, world, rank) as job:
+    with cache.locked(keys[0], rank):
+        # Under the lock, look again: another process may have just written what we need.
+        missing = _missing(cache, keys)
+        if world > 1:
+            shared = [missing]
+            dist.broadcast_object_list(shared, src=0)  # every rank extracts what rank 0 found missing
+            missing = shared[0]
+        if not missing:
+            return _cache_hit(cache, keys, split, options)
+        stats.cache_hit = False
+        dims = layer_dims(backbone.model, tuple(k.layer for k in missing))
+        needed = len(split) * (sum(dims.values()) * 4 + 8)
+        cache.check_space(needed, f"{'+'.join(dims)} for {len(split):,} {split.display_name} images")
+        started = time.perf_counter()
+        job = cache.job(missing, len(split), dims, world, rank)
         if rank == 0:
             job.create_or_resume()
         if world > 1:
@@ -129,6 +131,21 @@ def extract(
         out[key.layer] = entry
     _refuse_skipped_unless_allowed(out, options)
     return out
+
+
+def _missing(cache: FeatureCache, keys: list[FeatureKey]) -> list[FeatureKey]:
+    return [k for k in keys if cache.lookup(k) is None]
+
+
+def _cache_hit(
+    cache: FeatureCache, keys: list[FeatureKey], split: DatasetSplit, options: ExtractOptions
+) -> dict[str, CachedFeatures]:
+    found = {k.layer: cache.lookup(k) for k in keys}
+    _refuse_skipped_unless_allowed(found, options)
+    log(
+        f"cache hit: {split.display_name} {split.split} {', '.join(found)} ({len(split)} images, no forward pass)"
+    )
+    return found  # type: ignore[return-value]
 
 
 def _refuse_skipped_unless_allowed(found: dict[str, CachedFeatures | None], options: ExtractOptions) -> None:

@@ -15,7 +15,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -111,7 +111,14 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
             continue
         data = record["dataset"]
         table_key = (spec.key, data.get("name"), bool(data.get("synthetic")))
-        row_key = (_row_identity(record), record.get("protocol", ""), record["model"].get("config", "-"))
+        row_key = RowKey(
+            sha=_row_identity(record),
+            branch=record["model"].get("branch") or "",
+            protocol=record.get("protocol", ""),
+            variant=record.get("variant", ""),
+            data=data.get("fingerprint", ""),
+            config=record["model"].get("config", "-"),
+        )
         seed_key = tuple(record.get("seeds") or ())
         rows = groups.setdefault(table_key, {})
         rows.setdefault(row_key, {})[seed_key] = record  # latest record per seed wins (sorted input)
@@ -140,18 +147,39 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
     return tables
 
 
-def _display_names(rows: dict[tuple, dict]) -> dict[tuple, str]:
-    """Row names; two checkpoints that share a name get a short sha each (never merged)."""
+class RowKey(NamedTuple):
+    """What makes two records different rows (ARCHITECTURE.md "Records and grouping")."""
+
+    sha: str
+    branch: str
+    protocol: str
+    variant: str
+    data: str  # dataset content fingerprint
+    config: str
+
+
+def _display_names(rows: dict[RowKey, dict]) -> dict[RowKey, str]:
+    """Row names. Rows never merge: where several share a name, what tells them apart is added
+    (short sha, branch, dataset fingerprint); protocol variants are always named."""
     base = {key: list(by_seed.values())[-1]["model"].get("name", "?") for key, by_seed in rows.items()}
-    shas_per_name: dict[str, set[str]] = {}
+    by_name: dict[str, list[RowKey]] = {}
     for key, name in base.items():
-        shas_per_name.setdefault(name, set()).add(key[0])
+        by_name.setdefault(name, []).append(key)
     out = {}
     for key, name in base.items():
-        protocol = key[1]
-        suffix = f" ({key[0][:8]})" if len(shas_per_name[name]) > 1 else ""
-        variant = "" if protocol in _DEFAULT_PROTOCOLS else f" [{protocol}]"
-        out[key] = f"{name}{suffix}{variant}"
+        peers = by_name[name]
+        parts = [name]
+        if len({k.sha for k in peers}) > 1:
+            parts.append(f"({key.sha[:8]})")
+        if len({k.branch for k in peers if k.sha == key.sha}) > 1:
+            parts.append(f"[branch {key.branch}]")
+        if len({k.data for k in peers if k.sha == key.sha}) > 1:
+            parts.append(f"[data {key.data[:8]}]")
+        if key.protocol and key.protocol not in _DEFAULT_PROTOCOLS:
+            parts.append(f"[{key.protocol}]")
+        if key.variant:
+            parts.append(f"[{key.variant}]")
+        out[key] = " ".join(parts)
     return out
 
 

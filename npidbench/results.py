@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from npidbench.atomic import atomic_create
-from npidbench.errors import RunFailed
+from npidbench.errors import BadInput, RunFailed
 from npidbench.provenance import host, versions
 
 SCHEMA_VERSION = 1
@@ -36,6 +36,7 @@ def new_record(
     metrics: dict[str, Any],
     protocol: str,
     config: dict[str, Any],
+    variant: str = "",
     seeds: list[int],
     timings: dict[str, Any],
     details: dict[str, Any] | None = None,
@@ -51,6 +52,7 @@ def new_record(
         "model": model,
         "metrics": metrics,
         "protocol": protocol,
+        "variant": variant,
         "config": config,
         "seeds": seeds,
         "details": details or {},
@@ -94,10 +96,36 @@ class ResultStore:
             except (OSError, json.JSONDecodeError) as exc:
                 problems.append(f"{path}: not a readable record ({exc})")
                 continue
-            if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+            if not _is_record(record):
                 problems.append(f"{path}: not an npidbench record (schema {SCHEMA_VERSION})")
                 continue
             record["_path"] = str(path)
             records.append(record)
         records.sort(key=lambda r: r.get("created_at", ""))
         return records, problems
+
+
+def _is_record(record: Any) -> bool:
+    """The fields the report relies on are present with the right types."""
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+        return False
+    for key, kind in (
+        ("task", str),
+        ("table", str),
+        ("created_at", str),
+        ("dataset", dict),
+        ("model", dict),
+        ("metrics", dict),
+    ):
+        if not isinstance(record.get(key), kind):
+            return False
+    return isinstance(record["model"].get("name"), str)
+
+
+def check_results_folder(folder: Path) -> Path:
+    """Refuse a results location that cannot hold records, before any work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(
+            f"results location {folder} is a file; give a folder with --results or NPIDBENCH_RESULTS"
+        )
+    return folder

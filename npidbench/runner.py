@@ -21,7 +21,7 @@ from npidbench.distributed import distributed
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions
 from npidbench.paths import feature_cache_dir, results_dir
-from npidbench.results import ResultStore, new_record
+from npidbench.results import ResultStore, check_results_folder, new_record
 from npidbench.tasks import family_of, get_preset
 from npidbench.tasks.base import Preset, RunContext
 
@@ -75,6 +75,15 @@ def resolve_config(preset: Preset, synthetic: bool, set_options: list[str]) -> A
     return build_config(family.Config, *layers, source_names=names)
 
 
+def protocol_variant(preset: Preset, synthetic: bool, config: Any) -> str:
+    """The settings that differ from the preset's (e.g. "temperature=1.0"): "" for the protocol
+    as published. The report names variants, so changed settings never pass as the standard."""
+    standard = config_to_dict(resolve_config(preset, synthetic, []))
+    actual = config_to_dict(config)
+    changed = [f"{k}={actual[k]}".replace(" ", "") for k in sorted(actual) if actual[k] != standard.get(k)]
+    return ",".join(changed)
+
+
 def check_device(device: str) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise BadInput(f"--device {device} is not supported; choose cpu or cuda")
@@ -121,18 +130,23 @@ def run_task(request: RunRequest) -> Path | None:
         batch_size=request.batch_size or (256 if device.startswith("cuda") else 64),
         skip_corrupt=request.skip_corrupt,
     )
+    store = ResultStore(check_results_folder(results_dir(request.results)))
+    cache_root = feature_cache_dir(request.cache)
+    if cache_root.exists() and not cache_root.is_dir():
+        raise BadInput(
+            f"feature cache location {cache_root} is a file; give a folder with --cache or NPIDBENCH_CACHE"
+        )
     checkpoint = Path(request.checkpoint)  # type: ignore[arg-type]
     backbone = load_backbone(
         checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
     )
-    store = ResultStore(results_dir(request.results))
     with distributed(device) as world:
         options = replace(options, device=world.device)
         ctx = RunContext(
             preset=preset,
             backbone=backbone,
             data_root=data_root,
-            cache=FeatureCache(feature_cache_dir(request.cache)),
+            cache=FeatureCache(cache_root),
             extract=options,
         )
         started = time.perf_counter()
@@ -151,10 +165,12 @@ def run_task(request: RunRequest) -> Path | None:
             "name": display,
             "config": config_name,
             "sha256": backbone.sha256,
+            "branch": backbone.inspection.branch,
             "checkpoint": backbone.provenance(),
         },
         metrics=output.metrics,
         protocol=output.protocol,
+        variant=protocol_variant(preset, data_root is None, config),
         config=config_to_dict(config),
         seeds=output.seeds,
         timings={

@@ -173,14 +173,38 @@ class _CallsSystem:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickled_code_never_runs(model, tmp_path, capfd):
-    marker = tmp_path / "executed"
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": model.state_dict(), "a": _CallsPrint(), "b": _CallsSystem(marker)}, path)
+def test_pickled_print_is_inert_and_the_tensors_load(model, tmp_path, capfd):
+    path = tmp_path / "prints.pth"
+    torch.save({"state_dict": model.state_dict(), "a": _CallsPrint()}, path)
     info, tensors = inspect_checkpoint(path)
     out = capfd.readouterr()
     assert "PWNED-BY-PICKLE" not in out.out + out.err
+    assert info.skipped_objects == ["builtins.print"]
+    assert_same_backbone(tensors, model)
+
+
+def test_pickled_os_system_never_runs_and_is_refused(model, tmp_path, capfd):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": model.state_dict(), "a": _CallsPrint(), "b": _CallsSystem(marker)}, path)
+    with pytest.raises(BadInput, match=r"cannot be read without running code.*posix\.system.*--trust-pickle"):
+        inspect_checkpoint(path)
+    out = capfd.readouterr()
+    assert "PWNED-BY-PICKLE" not in out.out + out.err
     assert not marker.exists()
+
+
+def test_legacy_file_calling_functions_never_runs_them(model, tmp_path, capfd):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil_legacy.pth"
+    torch.save(
+        {"state_dict": model.state_dict(), "a": _CallsPrint(), "b": _CallsSystem(marker)},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    info, tensors = inspect_checkpoint(path)  # the restricted legacy reader: placeholders, no calls
+    out = capfd.readouterr()
+    assert "PWNED-BY-PICKLE" not in out.out + out.err and not marker.exists()
     assert set(info.skipped_objects) == {"builtins.print", "posix.system"}
     assert_same_backbone(tensors, model)
 
@@ -300,3 +324,41 @@ def test_bytes_io_is_not_needed_for_weights_only_path(model):
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+
+def test_native_detectron2_with_caffe_bgr_input_is_refused(model, tmp_path):
+    from npidbench.checkpoint.formats import to_detectron2_name
+
+    state = {f"backbone.bottom_up.{to_detectron2_name(k)}": v for k, v in backbone_state(model).items()}
+    torch.save(
+        {"model": {**state, "pixel_mean": torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)}},
+        tmp_path / "model_final.pth",
+    )
+    info, tensors = inspect_checkpoint(tmp_path / "model_final.pth")
+    assert tensors is None and "native detectron2 model" in info.error
+    torch.save(
+        {"model": {**state, "pixel_mean": torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)}},
+        tmp_path / "moco_det.pth",
+    )
+    info, tensors = inspect_checkpoint(tmp_path / "moco_det.pth")
+    assert info.error is None and info.format == "detectron2"
+    assert_same_backbone(tensors, model)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"w": 3}',
+        b'{"w": {"dtype": "F32"}}',
+        b'{"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}',
+        b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
+        b"[1, 2]",
+    ],
+)
+def test_malformed_safetensors_is_refused(header, tmp_path):
+    import struct
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(BadInput, match="safetensors"):
+        inspect_checkpoint(path)

@@ -109,6 +109,11 @@ BAD_INPUTS = [
     (["data", "check", "imagenet", "--root", "{missing}"], "is not a folder"),
     (["data", "check", "mnist", "--root", "{tmp}"], "unknown dataset mnist"),
     (["data", "synth", "--root", "{ckpt}"], "already exists"),
+    (["run", "knn", "{ckpt}", "--results", "{text}"], "is a file"),
+    (["run", "knn", "{ckpt}", "--cache", "{text}"], "is a file"),
+    (["run", "knn", "{ckpt}", "--set", "temperature=nan"], "positive number"),
+    (["convert", "{ckpt}", "--to", "torchvision", "--out", "{tmp}", "--force"], "is a folder"),
+    (["cache", "clear", "--checkpoint", ""], "needs a sha256 prefix"),
 ]
 
 
@@ -218,3 +223,14 @@ def test_run_with_skip_corrupt_lists_the_skipped_images(random_checkpoint, resul
     assert cli(*args, "--skip-corrupt") == 0
     record = json.loads(Path(capsys.readouterr().out.strip()).read_text())
     assert record["dataset"]["skipped"] == [str(bad)] and not record["dataset"]["synthetic"]
+
+
+def test_version_and_broken_record_files(tmp_path, capsys):
+    assert cli("--version") == 0
+    assert capsys.readouterr().out.startswith("npidbench ")
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "partial.json").write_text('{"schema": 1}')
+    assert cli("report", "--results", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert "not an npidbench record" in err and "no records to report" in err and "Traceback" not in err

@@ -241,3 +241,68 @@ def test_two_ranks_extract_their_shards_into_one_entry(backbone, random_checkpoi
     for layer in LAYERS:
         np.testing.assert_allclose(shared[layer][0], single[layer][0], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(shared[layer][1], single[layer][1])
+
+
+def _slow_images(monkeypatch, seconds: float = 0.05) -> None:
+    from npidbench.data.images import ImageList
+
+    original = ImageList.__getitem__
+
+    def slow(self, index):
+        time.sleep(seconds)
+        return original(self, index)
+
+    monkeypatch.setattr(ImageList, "__getitem__", slow)
+
+
+def test_concurrent_extractions_wait_and_share_the_work(backbone, split, tmp_path, monkeypatch):
+    import threading
+
+    _slow_images(monkeypatch)
+    cache = FeatureCache(tmp_path / "cache")
+    first, second, errors = ExtractStats(), ExtractStats(), []
+
+    def run(layers, stats):
+        try:
+            extract(backbone, split, TRANSFORM, layers, cache, OPTIONS, stats)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    a = threading.Thread(target=run, args=(("AvgPool",), first))
+    b = threading.Thread(target=run, args=(("Feature5", "AvgPool"), second))
+    a.start()
+    time.sleep(0.3)
+    b.start()
+    a.join()
+    b.join()
+    assert not errors
+    assert first.layers == ["AvgPool"] and second.layers == ["Feature5"]  # overlap computed once
+    assert len(cache.entries()) == 2
+    third = ExtractStats()
+    extract(backbone, split, TRANSFORM, ("Feature5", "AvgPool"), cache, OPTIONS, third)
+    assert third.cache_hit
+
+
+def test_cache_clear_leaves_a_running_extraction_alone(backbone, split, tmp_path, monkeypatch):
+    import threading
+
+    _slow_images(monkeypatch)
+    monkeypatch.setattr(cache_module, "COMMIT_EVERY_S", 0.0)
+    cache = FeatureCache(tmp_path / "cache")
+    errors = []
+
+    def run():
+        try:
+            extract(backbone, split, TRANSFORM, ("AvgPool",), cache, OPTIONS)
+        except Exception as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 30
+    while not cache.partial_jobs() and time.time() < deadline:
+        time.sleep(0.02)
+    assert cache.partial_jobs()
+    cache.clear()
+    worker.join()
+    assert not errors and len(cache.entries()) == 1

@@ -62,6 +62,9 @@ def test_blocked_equals_dense_and_reads_memory_maps(tmp_path):
         block_bytes=17 * 4 * 33,
     )  # 33 train rows per block
     assert dense == blocked
+    original = torch.from_numpy(train.copy())
+    weighted_knn(original, labels, test, test_labels, ks=(1,), num_classes=7)
+    np.testing.assert_array_equal(original.numpy(), train)  # the caller's features are not modified
     # Reference: brute force with numpy.
     tn = train / np.linalg.norm(train, axis=1, keepdims=True)
     qn = test / np.linalg.norm(test, axis=1, keepdims=True)
@@ -84,3 +87,11 @@ def test_k_larger_than_train_is_refused():
             torch.zeros(2, dtype=torch.long),
             ks=(10,),
         )
+
+
+def test_small_temperature_does_not_overflow():
+    train = torch.tensor([[1.0, 0.0], [0.999, 0.0447], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    query = torch.tensor([[1.0, 0.01]])
+    result = weighted_knn(train, labels, query, torch.tensor([0]), ks=(3,), temperature=0.001)
+    assert result.top1[3] == 100.0

@@ -78,3 +78,23 @@ def test_every_format_renders(fmt):
 def test_unknown_format_is_refused():
     with pytest.raises(BadInput, match="choose one of"):
         render([], "docx")
+
+
+def test_branches_variants_and_datasets_of_one_checkpoint_are_separate_rows():
+    q = make_record(name="moco", top1=10)
+    q["model"]["branch"] = "encoder_q"
+    k = make_record(name="moco", top1=20)
+    k["model"]["branch"] = "encoder_k"
+    warm = make_record(name="moco", top1=30)
+    warm["model"]["branch"] = "encoder_q"
+    warm["variant"] = "temperature=1.0"
+    (table,) = build_tables([q, k, warm])
+    assert sorted(table.frame["Model"]) == [
+        "moco [branch encoder_k]",
+        "moco [branch encoder_q]",
+        "moco [branch encoder_q] [temperature=1.0]",
+    ]
+    a, b = make_record(synthetic=False), make_record(synthetic=False, top1=70)
+    a["dataset"]["fingerprint"], b["dataset"]["fingerprint"] = "1" * 64, "2" * 64
+    (table,) = build_tables([a, b])
+    assert sorted(table.frame["Model"]) == ["m [data 11111111]", "m [data 22222222]"]

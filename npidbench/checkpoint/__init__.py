@@ -131,6 +131,11 @@ def inspect_checkpoint(
         return info, None
     chosen = _choose_branch(branches, branch, fmt)
     info.branch = chosen.name
+    caffe_input = _caffe_style_detectron2(flat, chosen)
+    if caffe_input:
+        info.error = caffe_input
+        info.ignored = keys
+        return info, None
     state, used = _branch_state(flat, chosen)
     info.ignored = [k for k in keys if k not in used]
     try:
@@ -188,6 +193,22 @@ def load_backbone(
     return LoadedBackbone(model, info)
 
 
+def _caffe_style_detectron2(flat: dict[str, torch.Tensor], branch: Branch) -> str | None:
+    """Native detectron2 models (model zoo, MSRA weights) feed BGR 0-255 input to a ResNet with
+    the stride in the 1x1 conv: same shapes as torchvision's, different network. Only the
+    torchvision-style conversions (MoCo's, npidbench's; RGB pixel means) are torchvision ResNets."""
+    if branch.naming != "detectron2":
+        return None
+    means = [v for k, v in flat.items() if k.endswith("pixel_mean") and v.numel() == 3]
+    if means and float(means[0].flatten()[0]) < float(means[0].flatten()[2]):
+        return (
+            "this is a native detectron2 model (BGR caffe-style pixel_mean, MSRA ResNet with the stride in "
+            "the 1x1 conv): its backbone is not a torchvision ResNet; evaluate the torchvision-style weights "
+            "it was trained from instead"
+        )
+    return None
+
+
 def _choose_branch(branches: list[Branch], wanted: str | None, fmt: str) -> Branch:
     names = [b.name for b in branches]
     if wanted is not None:
@@ -226,8 +247,14 @@ _BACKBONE_ROOTS = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
 def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:
     obj = raw.obj
     if isinstance(obj, dict) and obj.get("format") == "npidbench":
-        meta = dict(obj.get("meta") or {})
-        meta.setdefault("arch", obj.get("arch"))
+        meta = obj.get("meta")
+        meta = (
+            {str(k): v for k, v in meta.items() if not isinstance(v, torch.Tensor)}
+            if isinstance(meta, dict)
+            else {}
+        )
+        if isinstance(obj.get("arch"), str):
+            meta.setdefault("arch", obj["arch"])
         return meta
     return {}
 

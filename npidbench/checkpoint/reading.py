@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from npidbench.checkpoint.safe_unpickle import restricted_pickle_load, restricted_torch_load
+from npidbench.checkpoint.safe_unpickle import (
+    NeedsCode,
+    legacy_torch_load,
+    restricted_pickle_load,
+    torch_load_with_placeholders,
+)
 from npidbench.errors import BadInput
 
 TRUST_FLAG = "--trust-pickle"
@@ -67,7 +73,14 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> RawCheckpoi
 
     if head.startswith(b"PK\x03\x04"):
         return _read_torch(path, "torch-zip", sha, trust_pickle)
-    if head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar":
+    if head[257:262] == b"ustar":
+        if trust_pickle:
+            return RawCheckpoint(_load_trusted(path), "torch-tar", sha)
+        raise BadInput(
+            f"{path} is in torch's oldest (tar) format, which cannot be read without running code from it; "
+            f"if you trust this file, pass {TRUST_FLAG}"
+        )
+    if head.startswith(_LEGACY_MAGIC):
         return _read_torch(path, "torch-legacy", sha, trust_pickle)
     if _looks_like_safetensors(head, size):
         return RawCheckpoint(_read_safetensors(path), "safetensors", sha)
@@ -89,16 +102,25 @@ def _read_torch(path: Path, container: str, sha: str, trust_pickle: bool) -> Raw
         try:
             return RawCheckpoint(torch.load(path, map_location="cpu", weights_only=True), container, sha)
         except pickle.UnpicklingError as exc:
-            if "truncated" in str(exc) or "ran out of input" in str(exc).lower():
-                raise _truncated(path) from exc
-            # The weights-only allow-list refused a global: read it with inert placeholders.
+            if not _unknown_global(exc):
+                raise _truncated_or_unsafe(path, exc, []) from exc
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise _truncated(path, exc) from exc
+        # Some global is not in torch's allow-list: read again with inert placeholders for it.
         try:
-            obj, skipped = restricted_torch_load(str(path))
-        except Exception as exc:  # any failure of the restricted path is a refusal, never a retry
-            raise _unsafe_or_corrupt(path, exc, None) from exc
+            if container == "torch-zip":
+                obj, skipped = torch_load_with_placeholders(str(path))
+            else:
+                obj, skipped = legacy_torch_load(str(path))
+        except NeedsCode as exc:
+            raise _truncated_or_unsafe(path, exc, exc.skipped) from exc
+        except Exception as exc:  # the scan itself failed: the pickle stream is damaged
+            raise _truncated(path, exc) from exc
     return RawCheckpoint(obj, container, sha, skipped)
+
+
+def _unknown_global(exc: BaseException) -> bool:
+    return "Unsupported global" in str(exc) or "GLOBAL" in str(exc)
 
 
 def _read_plain_pickle(path: Path, sha: str, trust_pickle: bool) -> RawCheckpoint:
@@ -107,8 +129,10 @@ def _read_plain_pickle(path: Path, sha: str, trust_pickle: bool) -> RawCheckpoin
             return RawCheckpoint(pickle.load(f, encoding="latin1"), "pickle", sha)
     try:
         obj, skipped = restricted_pickle_load(str(path))
-    except Exception as exc:
-        raise _unsafe_or_corrupt(path, exc, None) from exc
+    except NeedsCode as exc:
+        raise _truncated_or_unsafe(path, exc, exc.skipped) from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as exc:
+        raise _truncated(path, exc) from exc
     if isinstance(obj, int):
         # A torch legacy file written with a pickle protocol other than 2 starts with the magic
         # number too; let torch read the rest.
@@ -124,23 +148,21 @@ def _load_trusted(path: Path) -> Any:
 
 
 def _truncated(path: Path, exc: BaseException | None = None) -> BadInput:
-    detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})" if exc else ""
+    detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})" if exc and str(exc) else ""
     return BadInput(f"{path} is truncated or corrupt and cannot be read{detail}: re-download or re-save it")
 
 
-def _unsafe_or_corrupt(path: Path, exc: BaseException, skipped: list[str] | None) -> BadInput:
+def _truncated_or_unsafe(path: Path, exc: BaseException, skipped: list[str]) -> BadInput:
     message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    skipped = skipped if skipped is not None else getattr(exc, "skipped", [])
     lowered = message.lower()
-    data_error = isinstance(exc, EOFError) or any(
-        word in lowered for word in ("truncated", "ran out of input", "eof", "corrupt")
-    )
-    if data_error or not skipped:
+    if isinstance(exc, EOFError) or any(
+        w in lowered for w in ("truncated", "ran out of input", "eof", "corrupt")
+    ):
         return _truncated(path, exc)
+    offending = ", ".join(skipped[:4]) or message
     return BadInput(
-        f"{path} cannot be read without running code from it: it pickles "
-        f"{', '.join(skipped[:4])} ({type(exc).__name__}: {message}); if you trust this file, "
-        f"pass {TRUST_FLAG}"
+        f"{path} cannot be read without running code from it: it pickles {offending} ({message}); "
+        f"if you trust this file, pass {TRUST_FLAG}"
     )
 
 
@@ -182,20 +204,31 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     (header_len,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path} has a corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise BadInput(f"{path} has a corrupt safetensors header (not a JSON object)")
     base = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise BadInput(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput(f"{path}: safetensors entry {name!r} is malformed ({exc!r})") from exc
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if (
+            not 0 <= begin <= end
+            or end - begin != itemsize * int(np.prod(shape))
+            or min(shape, default=0) < 0
+        ):
+            raise BadInput(f"{path}: safetensors entry {name!r} has inconsistent offsets or shape")
         if base + end > len(data):
             raise _truncated(path)
         buffer = bytearray(data[base + begin : base + end])
         tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        tensors[name] = tensor.reshape(info["shape"])
+        tensors[name] = tensor.reshape(shape)
     return tensors

@@ -53,7 +53,10 @@ class EvalTransform:
 def decode_rgb(path: str | Path) -> torch.Tensor:
     """A file's pixels as a uint8 RGB tensor (C, H, W). Raises on unreadable data."""
     data = torchvision.io.read_file(str(path))
-    return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+    image = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: rescale, do not truncate
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 class ImageList(Dataset):

@@ -32,7 +32,7 @@ def l2_normalize(features: torch.Tensor) -> torch.Tensor:
 def _as_tensor(block: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(block, np.ndarray):
         block = torch.from_numpy(np.array(block, dtype=np.float32))  # copies out of a memory map
-    return block.to(device=device, dtype=torch.float32)
+    return block.to(device=device, dtype=torch.float32, copy=True)  # normalised in place below
 
 
 def _labels(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,9 @@ def weighted_knn(
         queries = l2_normalize(_as_tensor(test_features[start : start + query_block], device))
         targets = test_y[start : start + queries.shape[0]].to(device)
         sims, idx = nearest_neighbours(train_features, queries, k_max, block_bytes)
-        weights = (sims / temperature).exp()
+        # exp(s / T) relative to the nearest neighbour: the same ranking and vote, and no
+        # float32 overflow at small T (exp(1 / 0.01) is inf).
+        weights = ((sims - sims[:, :1]) / temperature).exp()
         neighbour_labels = train_y[idx]
         for k in ks:
             scores = torch.zeros(queries.shape[0], classes, device=device)

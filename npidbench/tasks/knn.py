@@ -7,6 +7,7 @@ votes with its k most cosine-similar training images, weighted exp(s / T).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +38,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be positive integers, got {list(self.ks)}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if self.resize < 1 or self.crop < 1:
+            raise ValueError(f"resize and crop must be at least 1 pixel, got {self.resize} and {self.crop}")
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
         if self.layer != "AvgPool":
