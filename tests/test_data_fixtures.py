@@ -286,3 +286,13 @@ def test_truncated_jpegs_are_reported_by_path_or_skipped_when_asked(tmp_path, ra
     # The skipped entry is never handed out to a run that did not ask to skip.
     with pytest.raises(BadInput, match="pass --skip-corrupt"):
         extract(backbone, split, transform, ("AvgPool",), cache, ExtractOptions("cpu", 0, 2))
+
+
+def test_data_check_counts_on_fixtures():
+    voc = check_dataset("voc07", fixture_path("mmfewshot", "tests", "data"))
+    assert voc.splits["trainval"]["images"] == 5 and voc.splits["test"]["images"] == 5
+    assert voc.splits["trainval"]["objects"] == 17 and voc.splits["trainval"]["difficult"] == 2
+    voc12 = check_dataset("voc12", fixture_path("mmfewshot", "tests", "data"))
+    assert voc12.splits["trainval"]["images"] == 5
+    city = check_dataset("cityscapes", fixture_path("mmsegmentation", "tests", "data", "pseudo_cityscapes_dataset"))
+    assert city.splits["val"] == {"images": 1, "masks": 1, "classes": 19} and city.absent == ["train"]
