@@ -258,15 +258,32 @@ def pretrain_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder; the checkpoint is OUT/last.pth.")] = Path(
         "runs/npid"
     ),
+    data_root: Annotated[
+        Path | None, typer.Option("--data-root", help="Folder holding the datasets; synthetic when omitted.")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="cpu or cuda (one GPU per process under torchrun).")
+    ] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT.")] = False,
 ) -> None:
     """Pretrain NPID; `--set epochs=0` writes the random-init baseline in the same format."""
     from npidbench.pretrain.recipe import load_recipe
     from npidbench.pretrain.train import pretrain
+    from npidbench.runner import check_device
 
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
-    path = pretrain(load_recipe(recipe, list(set_options or [])), out)
-    stdout.print(str(path))
+    path = pretrain(
+        load_recipe(recipe, list(set_options or [])), out, data_root, check_device(device), resume
+    )
+    if not _is_secondary_rank():
+        stdout.print(str(path))
+
+
+def _is_secondary_rank() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 @app.command("report")

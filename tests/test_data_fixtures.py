@@ -294,5 +294,7 @@ def test_data_check_counts_on_fixtures():
     assert voc.splits["trainval"]["objects"] == 17 and voc.splits["trainval"]["difficult"] == 2
     voc12 = check_dataset("voc12", fixture_path("mmfewshot", "tests", "data"))
     assert voc12.splits["trainval"]["images"] == 5
-    city = check_dataset("cityscapes", fixture_path("mmsegmentation", "tests", "data", "pseudo_cityscapes_dataset"))
+    city = check_dataset(
+        "cityscapes", fixture_path("mmsegmentation", "tests", "data", "pseudo_cityscapes_dataset")
+    )
     assert city.splits["val"] == {"images": 1, "masks": 1, "classes": 19} and city.absent == ["train"]

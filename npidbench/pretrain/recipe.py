@@ -1,15 +1,19 @@
 """Pretraining recipes: TOML files in the top-level ``pretrain/`` folder, typed by ``Recipe``.
 
-Precedence as for tasks: dataclass defaults < recipe TOML < ``--set key=value``.
+Precedence as for tasks: dataclass defaults < recipe TOML < ``--set key=value``. The defaults are
+the paper's (Wu et al. 2018; PROTOCOLS.md "NPID pretraining").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from npidbench.checkpoint.arch import SUPPORTED_ARCHS
-from npidbench.config import build_config, parse_set_options, read_toml
+from npidbench.config import build_config, config_to_dict, parse_set_options, read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
 
@@ -21,15 +25,99 @@ class Recipe:
     name: str = DEFAULT_RECIPE
     description: str = ""
     arch: str = "resnet18"
-    dataset: str = "imagenet"  # embedded synthetic ImageNet layout unless --data-root is given
-    epochs: int = 0
+    dataset: str = "imagenet"  # the embedded synthetic ImageNet layout unless --data-root is given
+    train_split: str = "train"
+    val_split: str = "val"  # queries of the kNN monitor
+    pool_per_class: int = 0  # 0: every training image; n: the first n of each class (small pools)
+    epochs: int = 200
+    batch_size: int = 256  # global batch
+    lr: float = 0.03  # at lr_batch images per step; scaled linearly with batch_size
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "step"  # step (the paper) or cosine
+    lr_steps: tuple[int, ...] = (120, 160)
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    loss: str = "nce"  # nce (the paper, lemniscate) or softmax (mmselfsup)
+    negatives: int = 4096  # K
+    temperature: float = 0.07
+    bank_momentum: float = 0.5
+    bank_init: str = "lemniscate"
+    feature_dim: int = 128
+    input_size: int = 224
+    crop_scale: tuple[float, ...] = (0.2, 1.0)
+    color_jitter: float = 0.4
+    grayscale: float = 0.2
+    eval_resize: int = 256
+    eval_crop: int = 224
+    knn_k: int = 200  # NPID's monitor
+    knn_every: int = 1  # epochs between kNN monitors (0: never)
+    save_every_steps: int = 500  # resume points inside an epoch (0: epoch ends only)
     seed: int = 0
+    sync_bn: bool = False  # SyncBatchNorm under torchrun on GPUs
+    freeze_bn: bool = False  # BatchNorm in eval mode (statistics frozen)
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    workers: int = -1  # image decoding processes; -1: automatic
 
     def __post_init__(self) -> None:
+        problems = []
         if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"arch {self.arch} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)}")
+            problems.append(f"arch {self.arch} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)}")
         if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 2 or self.lr_batch < 1:
+            problems.append("batch_size must be at least 2 and lr_batch at least 1")
+        if (
+            not (math.isfinite(self.lr) and self.lr > 0)
+            or not math.isfinite(self.weight_decay)
+            or self.weight_decay < 0
+        ):
+            problems.append("lr must be a positive number and weight_decay a number >= 0")
+        if self.loss not in ("nce", "softmax"):
+            problems.append(f"loss must be nce or softmax, got {self.loss!r}")
+        if self.lr_schedule not in ("step", "cosine"):
+            problems.append(f"lr_schedule must be step or cosine, got {self.lr_schedule!r}")
+        if self.bank_init not in ("lemniscate", "mmselfsup"):
+            problems.append(f"bank_init must be lemniscate or mmselfsup, got {self.bank_init!r}")
+        if self.negatives < 1 or self.feature_dim < 1 or self.knn_k < 1:
+            problems.append("negatives, feature_dim and knn_k must be at least 1")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            problems.append(f"temperature must be a positive number, got {self.temperature}")
+        if not 0 <= self.bank_momentum < 1:
+            problems.append(f"bank_momentum must be in [0, 1), got {self.bank_momentum}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            problems.append(
+                f"crop_scale must be two numbers 0 < low <= high <= 1, got {list(self.crop_scale)}"
+            )
+        if min(self.input_size, self.eval_resize, self.eval_crop) < 8 or self.eval_crop > self.eval_resize:
+            problems.append(
+                "input_size, eval_resize and eval_crop must be >= 8 pixels, eval_crop <= eval_resize"
+            )
+        if not 0 <= self.grayscale <= 1 or self.color_jitter < 0:
+            problems.append("grayscale must be a probability and color_jitter >= 0")
+        if (
+            self.pool_per_class < 0
+            or self.save_every_steps < 0
+            or self.knn_every < 0
+            or self.warmup_epochs < 0
+        ):
+            problems.append("pool_per_class, save_every_steps, knn_every and warmup_epochs must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The linear scaling rule: lr x global batch / lr_batch (recorded with the run)."""
+        return self.lr * global_batch / self.lr_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    def differences(self, other: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in ignore and mine[k] != theirs[k]
+        ]
 
 
 def recipe_names() -> list[str]:
@@ -48,3 +136,9 @@ def load_recipe(name_or_path: str | None, set_options: list[str]) -> Recipe:
             )
     data = {"name": path.stem, **read_toml(path)}
     return build_config(Recipe, data, parse_set_options(set_options), source_names=[str(path), "--set"])
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a recorded recipe (resume files store it as plain data)."""
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    return build_config(Recipe, {k: v for k, v in data.items() if k in known}, source_names=["resume file"])

@@ -1,0 +1,94 @@
+"""Training images for NPID: the paper's augmentation, deterministic per (seed, epoch, image).
+
+Every random draw of an image's augmentation comes from a generator seeded by (seed, epoch,
+index), and the epoch order from (seed, epoch): the batches do not depend on the number of
+processes or workers, and a resumed run sees exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2 as T
+from torch.utils.data import Dataset, Sampler
+
+from npidbench.data.images import decode_error_reason, decode_rgb
+from npidbench.data.splits import DatasetSplit
+from npidbench.errors import BadInput
+from npidbench.pretrain.recipe import Recipe
+
+PRELOAD_LIMIT = 20_000  # images decoded once and kept in memory (the small synthetic pool)
+
+
+def paper_augmentation(recipe: Recipe) -> T.Compose:
+    """RandomResizedCrop, RandomGrayscale, ColorJitter, flip (PROTOCOLS.md "NPID pretraining")."""
+    jitter = recipe.color_jitter
+    return T.Compose(
+        [
+            T.RandomResizedCrop(recipe.input_size, scale=tuple(recipe.crop_scale), antialias=True),
+            T.RandomGrayscale(p=recipe.grayscale),
+            T.ColorJitter(jitter, jitter, jitter, min(jitter, 0.5)),
+            T.RandomHorizontalFlip(),
+        ]
+    )
+
+
+class AugmentedImages(Dataset):
+    """(uint8 augmented image, dataset index); decoded once in memory when the pool is small."""
+
+    def __init__(self, split: DatasetSplit, recipe: Recipe) -> None:
+        self.split = split
+        self.transform = paper_augmentation(recipe)
+        self.seed = recipe.seed
+        self.epoch = 0
+        self.images: list[torch.Tensor] | None = None
+        if len(split) <= PRELOAD_LIMIT:
+            self.images = [self._decode(i) for i in range(len(split))]
+
+    def _decode(self, index: int) -> torch.Tensor:
+        path = self.split.samples[index][0]
+        try:
+            return decode_rgb(path)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise BadInput(f"unreadable training image {path}: {decode_error_reason(exc)}") from exc
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index] if self.images is not None else self._decode(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.epoch, index))
+            return self.transform(image), index
+
+
+def _mix(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**63 - 1)
+    return value
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(_mix(seed, epoch, 7))
+    return torch.randperm(size, generator=generator)
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's indices of an epoch, from a given step on. Global batch g is made of
+    order[g * B : (g + 1) * B]; rank r takes every world-th of them (r, r + world, ...), so the
+    union of the ranks' batches is the single-process batch. The last incomplete batch is dropped."""
+
+    def __init__(
+        self, size: int, global_batch: int, seed: int, epoch: int, start_step: int, rank: int, world: int
+    ) -> None:
+        self.order = epoch_order(size, seed, epoch)
+        self.steps = size // global_batch
+        self.global_batch, self.start_step, self.rank, self.world = global_batch, start_step, rank, world
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            batch = self.order[step * self.global_batch : (step + 1) * self.global_batch]
+            yield from batch[self.rank :: self.world].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * (self.global_batch // self.world)

@@ -1,0 +1,180 @@
+"""The NPID training loop: outputs, exact resume, NaN stop, Ctrl-C, 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from npidbench.checkpoint import load_backbone
+from npidbench.errors import BadInput, RunFailed
+from npidbench.pretrain import train as train_module
+from npidbench.pretrain.recipe import Recipe
+from npidbench.pretrain.train import pretrain
+
+from helpers import tiny_imagefolder
+
+TINY = Recipe(
+    name="tiny",
+    arch="resnet18",
+    epochs=2,
+    batch_size=8,
+    lr=0.05,
+    lr_batch=8,
+    negatives=16,
+    input_size=32,
+    crop_scale=(0.5, 1.0),
+    eval_resize=36,
+    eval_crop=32,
+    knn_k=5,
+    save_every_steps=0,
+    workers=0,
+)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain-data")
+    tiny_imagefolder(root / "imagenet", classes=3, per_class=8, split="train")
+    tiny_imagefolder(root / "imagenet", classes=3, per_class=3, split="val", seed=1)
+    return root
+
+
+def load_resume(out: Path) -> dict:
+    return torch.load(out / "resume.pth", weights_only=True)
+
+
+def test_run_writes_checkpoint_monitor_and_resume(data_root, tmp_path):
+    path = pretrain(TINY, tmp_path / "run", data_root)
+    assert path == tmp_path / "run" / "last.pth"
+    loaded = load_backbone(path)
+    meta = loaded.inspection.meta
+    assert loaded.inspection.format == "npidbench" and loaded.arch == "resnet18"
+    assert meta["recipe"] == "tiny" and meta["epochs"] == 2 and meta["lr_scaled"] == pytest.approx(0.05)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "monitor.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and all("knn_top1" in line for line in lines)
+    state = load_resume(tmp_path / "run")
+    assert state["epoch"] == 2 and state["z"] > 0 and state["bank"].shape == (24, 128)
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint["head"]) == {"head.weight", "head.bias"}  # the head is kept beside the backbone
+    assert not any(k.startswith("fc.") for k in checkpoint["state_dict"])
+    with pytest.raises(BadInput, match="already holds a run"):
+        pretrain(TINY, tmp_path / "run", data_root)
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(data_root, tmp_path, monkeypatch):
+    pretrain(TINY, tmp_path / "straight", data_root)
+    original = train_module._Trainer.step
+    calls = {"n": 0}
+
+    def ctrl_c_on_step_4(self, images, indices):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: the loop stops after this step
+        return original(self, images, indices)
+
+    monkeypatch.setattr(train_module._Trainer, "step", ctrl_c_on_step_4)
+    with pytest.raises(RunFailed, match="interrupted at epoch 2 step 1.*--resume"):
+        pretrain(TINY, tmp_path / "resumed", data_root)
+    monkeypatch.setattr(train_module._Trainer, "step", original)
+    pretrain(TINY, tmp_path / "resumed", data_root, resume=True)
+    a, b = load_resume(tmp_path / "straight"), load_resume(tmp_path / "resumed")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert (
+        torch.equal(a["bank"], b["bank"])
+        and a["z"] == b["z"]
+        and a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    )
+
+
+def test_resume_from_a_mid_epoch_save_after_a_crash(data_root, tmp_path, monkeypatch):
+    recipe = replace(TINY, save_every_steps=2)
+    pretrain(recipe, tmp_path / "straight", data_root)
+    original = train_module._Trainer.step
+    calls = {"n": 0}
+
+    def crash_on_step_5(self, images, indices):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MemoryError("simulated crash")
+        return original(self, images, indices)
+
+    monkeypatch.setattr(train_module._Trainer, "step", crash_on_step_5)
+    with pytest.raises(MemoryError):
+        pretrain(recipe, tmp_path / "crashed", data_root)
+    assert load_resume(tmp_path / "crashed")["global_step"] == 4  # the last save before the crash
+    monkeypatch.setattr(train_module._Trainer, "step", original)
+    pretrain(recipe, tmp_path / "crashed", data_root, resume=True)
+    a, b = load_resume(tmp_path / "straight"), load_resume(tmp_path / "crashed")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    recipe = replace(TINY, epochs=3, knn_every=0)
+    original = train_module.nce_loss
+    calls = {"n": 0}
+
+    def nan_on_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(train_module, "nce_loss", nan_on_step_5)
+    with pytest.raises(RunFailed, match="loss became nan at epoch 2 step 2.*last good checkpoints"):
+        pretrain(recipe, tmp_path / "run", data_root)
+    state = load_resume(tmp_path / "run")
+    assert state["epoch"] == 1 and state["step"] == 0  # the end of epoch 1, untouched
+    assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["meta"]["epochs"] == 1
+
+
+def test_resume_refuses_a_changed_recipe(data_root, tmp_path):
+    pretrain(replace(TINY, epochs=1, knn_every=0), tmp_path / "run", data_root)
+    with pytest.raises(BadInput, match="different recipe.*lr"):
+        pretrain(replace(TINY, epochs=2, lr=0.1, knn_every=0), tmp_path / "run", data_root, resume=True)
+    with pytest.raises(BadInput, match="nothing to resume"):
+        pretrain(TINY, tmp_path / "empty", data_root, resume=True)
+    path = pretrain(
+        replace(TINY, epochs=2, knn_every=0), tmp_path / "run", data_root, resume=True
+    )  # more epochs
+    assert torch.load(path, weights_only=True)["meta"]["epochs"] == 2
+
+
+def _rank_main(rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str) -> None:
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    pretrain(recipe, Path(out), Path(data_root))
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(data_root, tmp_path):
+    # BatchNorm in eval mode: per-rank batch statistics would differ from one process's.
+    recipe = replace(TINY, epochs=1, batch_size=8, knn_every=0, freeze_bn=True)
+    single = tmp_path / "single"
+    pretrain(recipe, single, data_root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        _rank_main, args=(2, port, recipe, str(tmp_path / "double"), str(data_root)), nprocs=2, join=True
+    )
+    a, b = load_resume(single), load_resume(tmp_path / "double")
+    assert a["global_step"] == b["global_step"] == 3 and b["world_size"] == 2
+    assert a["z"] == pytest.approx(b["z"], rel=1e-6)
+    torch.testing.assert_close(a["bank"], b["bank"], rtol=1e-4, atol=1e-5)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
