@@ -55,3 +55,13 @@ def fixture_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {path} not present")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only checks carry the `gpu` marker and skip where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

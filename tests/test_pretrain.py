@@ -178,3 +178,27 @@ def test_two_processes_equal_one_process_with_twice_the_batch(data_root, tmp_pat
     torch.testing.assert_close(a["bank"], b["bank"], rtol=1e-4, atol=1e-5)
     for key, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.gpu
+def test_gpu_run_with_amp(data_root, tmp_path):
+    path = pretrain(replace(TINY, epochs=1, amp=True), tmp_path / "gpu", data_root, device="cuda")
+    assert torch.load(path, weights_only=True)["meta"]["epochs"] == 1
+
+
+@pytest.mark.gpu
+def test_two_gpu_ranks_with_sync_bn(data_root, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = replace(TINY, epochs=1, sync_bn=True, knn_every=0)
+    mp.spawn(_rank_main_cuda, args=(2, port, recipe, str(tmp_path / "sync"), str(data_root)), nprocs=2, join=True)
+    assert load_resume(tmp_path / "sync")["world_size"] == 2
+
+
+def _rank_main_cuda(rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str) -> None:
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    pretrain(recipe, Path(out), Path(data_root), device="cuda")

@@ -34,7 +34,7 @@ from npidbench.data.synthetic.coco import CocoSpec, write_coco
 from npidbench.data.synthetic.voc import VocSpec, write_voc
 from npidbench.paths import synthetic_data_dir
 
-GENERATOR_VERSION = 2  # bump when any byte could change: the feature cache keys on the manifest
+GENERATOR_VERSION = 6  # bump when any byte could change: the feature cache keys on the manifest
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,11 @@ def class_styles(count: int, seed: int = 0) -> list[ClassStyle]:
                 shape=SHAPES[c % len(SHAPES)],
                 texture=TEXTURES[(3 * c + c // len(TEXTURES)) % len(TEXTURES)],
                 frequency=float(2.5 + 4.0 * ((c * _GOLDEN * 3) % 1.0)),
+                # Class-correlated colour: a class hue with a wide spread per instance, and class
+                # saturation / brightness bands (random_instance), so colour helps but never
+                # decides alone.
                 hue=float((c * _GOLDEN) % 1.0),
-                part_hue=float((c * _GOLDEN + 0.5 + 0.1 * rng.standard_normal()) % 1.0),
+                part_hue=float((c * _GOLDEN + 0.5) % 1.0),
                 part_angle=float(2 * math.pi * ((c * 0.37) % 1.0)),
                 part_shape=("disc", "square")[(c // 2) % 2],
                 aspect=float(0.7 + 0.6 * ((c * 0.29) % 1.0)),
@@ -180,20 +183,25 @@ def hsv(h: float, s: float, v: float) -> np.ndarray:
 
 
 def clutter_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Low-saturation gradient plus clutter strokes and noise, independent of any class."""
+    """A quiet near-grey gradient with faint clutter and sensor noise, independent of any class.
+
+    Deliberately low in variation: in a synthetic world, objects of one class differ little, so
+    any strong per-image background would be the easiest cue for instance discrimination (NPID)
+    to learn, and it says nothing about the class."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    c0 = hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
-    c1 = hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.9))
+    level = rng.uniform(0.42, 0.58)
+    c0 = hsv(rng.random(), rng.uniform(0.0, 0.08), level + rng.uniform(-0.05, 0.05))
+    c1 = hsv(rng.random(), rng.uniform(0.0, 0.08), level + rng.uniform(-0.05, 0.05))
     direction = rng.uniform(0, 2 * math.pi)
     t = np.cos(direction) * x / width + np.sin(direction) * y / height
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     image = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
-    for _ in range(int(rng.integers(2, 6))):  # clutter: thin random strokes
+    for _ in range(int(rng.integers(0, 3))):  # clutter: faint thin strokes
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
         ang = rng.uniform(0, math.pi)
         dist = np.abs(np.cos(ang) * (y - y0) - np.sin(ang) * (x - x0))
-        stroke = dist < rng.uniform(0.6, 1.8)
-        image[stroke] = hsv(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 1.0))
+        stroke = dist < rng.uniform(0.6, 1.2)
+        image[stroke] = image[stroke] * 0.75 + 0.25 * hsv(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.8))
     image += rng.normal(0, 0.03, size=image.shape).astype(np.float32)
     return image
 
@@ -203,11 +211,12 @@ def random_instance(
     rng: np.random.Generator,
     height: int,
     width: int,
-    size_range: tuple[float, float] = (0.38, 0.62),
+    size_range: tuple[float, float] = (0.28, 0.8),
     margin: float = 0.45,
 ) -> Instance:
-    """An instance of ``style`` at a random place, scale and rotation. A ``margin`` below 0.5
-    lets part of the object leave the image (truncation)."""
+    """An instance of ``style`` at a random place, scale (a wide range: scale is nuisance that
+    random features are not invariant to) and rotation. A ``margin`` below 0.5 lets part of the
+    object leave the image (truncation)."""
     size = rng.uniform(*size_range) * min(height, width)
     edge = size * margin
     return Instance(
@@ -216,9 +225,9 @@ def random_instance(
         cy=float(rng.uniform(edge, max(edge + 1, height - edge))),
         size=float(size),
         angle=float(rng.uniform(-0.6, 0.6)),
-        hue_jitter=float(rng.normal(0, 0.05)),
-        saturation=float(rng.uniform(0.45, 1.0)),
-        value=float(rng.uniform(0.45, 1.0)),
+        hue_jitter=float(rng.normal(0, 0.08)),  # around the class hue
+        saturation=float(np.clip((0.45 + 0.5 * ((style.index * 0.37) % 1.0)) + rng.normal(0, 0.12), 0.3, 1.0)),
+        value=float(np.clip((0.55 + 0.4 * ((style.index * 0.61) % 1.0)) + rng.normal(0, 0.1), 0.35, 1.0)),
         frequency_scale=float(rng.uniform(0.85, 1.15)),
         texture_phase=(float(rng.random()), float(rng.random())),
     )
