@@ -57,6 +57,7 @@ def main() -> None:
     indices = torch.randperm(args.bank, device=device)[: args.batch]
     targets = torch.randint(128, (args.batch,), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    z: dict[int, torch.Tensor] = {}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -76,7 +77,9 @@ def main() -> None:
         noise = draw_noise(args.batch, k, args.bank, 0, step, device)
         scores = bank_scores(features, bank.bank, indices, noise)
         if kind == "nce":
-            loss = nce_loss(scores, estimate_z(scores, 0.07, args.bank), 0.07, args.bank)
+            if k not in z:  # once, on the first batch, as in training
+                z[k] = estimate_z(scores, 0.07, args.bank)
+            loss = nce_loss(scores, z[k], 0.07, args.bank)
         else:
             loss = softmax_loss(scores, 0.07)
         optimizer.zero_grad(set_to_none=True)

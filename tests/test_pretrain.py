@@ -65,8 +65,9 @@ def test_run_writes_checkpoint_monitor_and_resume(data_root, tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     assert set(checkpoint["head"]) == {"head.weight", "head.bias"}  # the head is kept beside the backbone
     assert not any(k.startswith("fc.") for k in checkpoint["state_dict"])
+    assert pretrain(TINY, tmp_path / "run", data_root) == path  # the finished run: a no-op
     with pytest.raises(BadInput, match="already holds a run"):
-        pretrain(TINY, tmp_path / "run", data_root)
+        pretrain(replace(TINY, lr=0.1), tmp_path / "run", data_root)
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(data_root, tmp_path, monkeypatch):
@@ -194,11 +195,20 @@ def test_two_gpu_ranks_with_sync_bn(data_root, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     recipe = replace(TINY, epochs=1, sync_bn=True, knn_every=0)
-    mp.spawn(_rank_main_cuda, args=(2, port, recipe, str(tmp_path / "sync"), str(data_root)), nprocs=2, join=True)
+    mp.spawn(
+        _rank_main_cuda, args=(2, port, recipe, str(tmp_path / "sync"), str(data_root)), nprocs=2, join=True
+    )
     assert load_resume(tmp_path / "sync")["world_size"] == 2
 
 
 def _rank_main_cuda(rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str) -> None:
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     pretrain(recipe, Path(out), Path(data_root), device="cuda")

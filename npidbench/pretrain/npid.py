@@ -72,18 +72,24 @@ def draw_noise(
 
 
 class _BankScores(torch.autograd.Function):
-    """scores[b, j] = features[b] . bank[indices[b, j]] via a dense (B x N) product."""
+    """scores[b, j] = features[b] . bank[indices[b, j]] via one dense product.
+
+    Measured on CPU (B = 128, N = 50,000): with few scores per row (K + 1 <= N / 8) the product
+    laid out N x B and read with take(), and gradients summed by embedding_bag, are fastest;
+    with many, the B x N product with gather() and a scattered B x N gradient are."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(bank, indices)
+        if _sparse(indices, bank):
+            rows = torch.arange(features.shape[0], device=indices.device)[:, None]
+            return torch.take(bank @ features.t(), indices * features.shape[0] + rows)
         return (features @ bank.t()).gather(1, indices)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         bank, indices = ctx.saved_tensors
-        if indices.shape[1] * 8 <= bank.shape[0]:
-            # Few scores per row: sum the weighted bank rows directly (no B x N matrix).
+        if _sparse(indices, bank):  # sum the weighted bank rows directly (no B x N matrix)
             return (
                 F.embedding_bag(indices, bank, per_sample_weights=grad.to(bank.dtype), mode="sum"),
                 None,
@@ -92,6 +98,10 @@ class _BankScores(torch.autograd.Function):
         dense = torch.zeros(grad.shape[0], bank.shape[0], dtype=grad.dtype, device=grad.device)
         dense.scatter_add_(1, indices, grad)  # repeated indices accumulate, as they should
         return dense @ bank, None, None
+
+
+def _sparse(indices: torch.Tensor, bank: torch.Tensor) -> bool:
+    return indices.shape[1] * 8 <= bank.shape[0]
 
 
 def bank_scores(
@@ -116,12 +126,11 @@ def nce_loss(scores: torch.Tensor, z: torch.Tensor, temperature: float, bank_siz
         -(1/B) sum_b [ log(P_pos / (P_pos + K P_n + eps)) + sum_k log(K P_n / (P_neg,k + K P_n + eps)) ]
     """
     k = scores.shape[1] - 1
-    log_noise = math.log(k / bank_size)  # log(K P_n)
-    log_mass = math.log(k / bank_size + NCE_EPS)  # log(K P_n + eps)
-    log_p = scores.float() / temperature - torch.log(z).float()
-    mass = torch.full_like(log_p[:, :1], log_mass)
-    positive = log_p[:, 0] - torch.logaddexp(log_p[:, 0], mass[:, 0])
-    negative = log_noise - torch.logaddexp(log_p[:, 1:], mass)
+    log_z = torch.log(z).float()
+    mass = k / bank_size + NCE_EPS  # K P_n + eps
+    p = torch.exp(scores.float() / temperature - log_z)  # at most ~e^18 here: float32 is ample
+    positive = scores[:, 0].float() / temperature - log_z - torch.log(p[:, 0] + mass)
+    negative = math.log(k / bank_size) - torch.log(p[:, 1:] + mass)
     return -(positive.sum() + negative.sum()) / scores.shape[0]
 
 

@@ -88,6 +88,9 @@ def pretrain(
     if resume and not resume_file.exists():
         raise BadInput(f"nothing to resume: {resume_file} does not exist (start without --resume)")
     if not resume and (resume_file.exists() or (out_dir / "last.pth").exists()):
+        if _already_complete(recipe, out_dir):
+            log(f"{out_dir} already holds this recipe's finished run")
+            return out_dir / "last.pth"
         raise BadInput(f"{out_dir} already holds a run: continue it with --resume, or choose another --out")
     if recipe.epochs == 0:
         return _write_initial(recipe, out_dir)
@@ -96,6 +99,18 @@ def pretrain(
         if resume:
             trainer.load_resume(resume_file)
         return trainer.run()
+
+
+def _already_complete(recipe: Recipe, out_dir: Path) -> bool:
+    """The same recipe already ran to its end here: rerunning the command is a no-op."""
+    try:
+        checkpoint = torch.load(out_dir / "last.pth", map_location="cpu", weights_only=True)
+        meta = checkpoint["meta"]
+        recorded = recipe_from_dict(meta["recipe_settings"])
+    except Exception:  # an unreadable or foreign file: not ours to reuse
+        return False
+    same = not recipe.differences(recorded, ignore=("knn_every", "save_every_steps", "workers"))
+    return same and meta.get("epochs") == recipe.epochs
 
 
 def _write_initial(recipe: Recipe, out_dir: Path) -> Path:

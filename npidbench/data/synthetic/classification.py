@@ -47,7 +47,7 @@ def synthetic_wnid(index: int) -> str:
 def write_imagenet(root: Path, spec: ImageNetSpec, seed: int) -> dict[str, int]:
     """``root/train/<wnid>/<wnid>_<i>.JPEG``, ``root/val/<wnid>/ILSVRC2012_val_<n>.JPEG`` and
     ``LOC_synset_mapping.txt``, as a prepared ImageNet. One object per image."""
-    styles = class_styles(spec.classes, seed)
+    styles = class_styles(spec.classes)
     counts, val_number = {}, 0
     for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
         for style in styles:
@@ -122,7 +122,7 @@ def _scene_background(scene: int, rng: np.random.Generator, size: int) -> np.nda
 def write_places205(root: Path, spec: Places205Spec, seed: int) -> dict[str, int]:
     """``root/images256/<l>/<scene>/<n>.jpg`` and ``root/trainvalsplit_places205/{train,val}_places205.csv``
     (one ``<relative path> <label>`` per line), as the Places205 release lays them out."""
-    objects = class_styles(20, seed)
+    objects = class_styles(20)
     lists: dict[str, list[str]] = {"train": [], "val": []}
     for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
         for scene in range(spec.classes):

@@ -101,7 +101,7 @@ def _crowd(styles, rng: np.random.Generator, height: int, width: int, ids: np.nd
 
 def write_coco(root: Path, spec: CocoSpec, seed: int) -> dict[str, int]:
     """``root/{train,val}2017/<12-digit id>.jpg`` and ``root/annotations/instances_{split}2017.json``."""
-    styles = class_styles(len(VOC_CLASSES), seed)
+    styles = class_styles(len(VOC_CLASSES))
     categories = [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES]
     counts = {}
     annotation_id = 0

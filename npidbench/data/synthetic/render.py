@@ -57,11 +57,11 @@ class ClassStyle:
         return f"{self.texture} {self.shape} with a {self.part_shape} part"
 
 
-def class_styles(count: int, seed: int = 0) -> list[ClassStyle]:
+def class_styles(count: int) -> list[ClassStyle]:
     """``count`` distinct class styles: shape, texture and part cycle at different rates so
     that no single cue separates every pair of classes. Style i is the same object category in
-    every synthetic dataset (a shared visual world, so features transfer between them)."""
-    rng = np.random.default_rng([seed, 7_001])
+    every synthetic dataset and for every seed (a shared visual world, so features transfer
+    between datasets; the seed varies the instances)."""
     styles = []
     for c in range(count):
         styles.append(
@@ -201,7 +201,9 @@ def clutter_background(rng: np.random.Generator, height: int, width: int) -> np.
         ang = rng.uniform(0, math.pi)
         dist = np.abs(np.cos(ang) * (y - y0) - np.sin(ang) * (x - x0))
         stroke = dist < rng.uniform(0.6, 1.2)
-        image[stroke] = image[stroke] * 0.75 + 0.25 * hsv(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.8))
+        image[stroke] = image[stroke] * 0.75 + 0.25 * hsv(
+            rng.random(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.8)
+        )
     image += rng.normal(0, 0.03, size=image.shape).astype(np.float32)
     return image
 
@@ -226,7 +228,9 @@ def random_instance(
         size=float(size),
         angle=float(rng.uniform(-0.6, 0.6)),
         hue_jitter=float(rng.normal(0, 0.08)),  # around the class hue
-        saturation=float(np.clip((0.45 + 0.5 * ((style.index * 0.37) % 1.0)) + rng.normal(0, 0.12), 0.3, 1.0)),
+        saturation=float(
+            np.clip((0.45 + 0.5 * ((style.index * 0.37) % 1.0)) + rng.normal(0, 0.12), 0.3, 1.0)
+        ),
         value=float(np.clip((0.55 + 0.4 * ((style.index * 0.61) % 1.0)) + rng.normal(0, 0.1), 0.35, 1.0)),
         frequency_scale=float(rng.uniform(0.85, 1.15)),
         texture_phase=(float(rng.random()), float(rng.random())),

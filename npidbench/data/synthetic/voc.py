@@ -128,7 +128,7 @@ def _write_year(
 
 def write_voc(root: Path, spec: VocSpec, seed: int) -> dict[str, dict[str, int]]:
     """Write ``root/VOC2007`` and ``root/VOC2012`` (root plays VOCdevkit). Returns counts."""
-    styles = class_styles(len(VOC_CLASSES), seed)
+    styles = class_styles(len(VOC_CLASSES))
     # VOC2007: trainval (split in train / val halves) and test.
     ids07 = [f"{n:06d}" for n in range(1, spec.voc07_trainval + spec.voc07_test + 1)]
     split07 = {
