@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,6 +33,13 @@ def test_every_preset_loads_and_has_help(name, capsys):
 
 def test_wheel_ships_presets_and_works_without_the_checkout(tmp_path):
     pytest.importorskip("setuptools")
+    # Build from a copy of the tracked files: a build/ folder left in the checkout by an earlier
+    # build would otherwise leak stale modules into the wheel (as on a fresh clone it would not).
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     build = subprocess.run(
         [
             sys.executable,
@@ -42,7 +50,7 @@ def test_wheel_ships_presets_and_works_without_the_checkout(tmp_path):
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -59,12 +67,17 @@ def test_wheel_ships_presets_and_works_without_the_checkout(tmp_path):
         "import npidbench.tasks as t, npidbench.paths as p; "
         "print(p.preset_dir('tasks')); print(sorted(t.presets()))"
     )
+    # -S: no site processing, so the editable install's import hook cannot serve the checkout;
+    # the dependencies come from site-packages placed after the unpacked wheel.
+    import sysconfig
+
+    paths = [str(target), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     run = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, "-S", "-c", probe],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"},
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -78,3 +91,17 @@ def test_ci_runs_the_readme_test_command():
     assert match, "README needs a '### Run the tests' section with one fenced command"
     command = match.group(1).strip()
     assert command in (REPO / ".ci" / "run").read_text()
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(path.parent.relative_to(REPO).parts) for path in (REPO / "npidbench").rglob("__init__.py")
+    }
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
