@@ -301,6 +301,12 @@ def report_command(
     reference: Annotated[
         bool, typer.Option("--reference", help="Add the published NPID rows (real datasets only).")
     ] = False,
+    lowshot_plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--lowshot-plot", help="Also draw the low-shot curves (mAP vs k, min-max band): .png/.svg."
+        ),
+    ] = None,
 ) -> None:
     """Render the benchmark tables from the result records."""
     from npidbench.atomic import atomic_write_text
@@ -316,7 +322,13 @@ def report_command(
     records, problems = ResultStore(folder).load()
     for problem in problems:
         console.print(f"warning: skipped {problem}")
-    tables = build_tables(select(records, model, task, dataset), reference=reference)
+    chosen = select(records, model, task, dataset)
+    if lowshot_plot is not None:
+        from npidbench.plots import plot_lowshot
+
+        plot_lowshot(chosen, lowshot_plot)
+        console.print(f"low-shot curves: {lowshot_plot}")
+    tables = build_tables(chosen, reference=reference)
     if not tables:
         raise BadInput(f"no records to report in {folder} (run a task first, or relax the filters)")
     text = render(tables, fmt)

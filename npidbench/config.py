@@ -48,6 +48,8 @@ def parse_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        if raw.startswith("[") and raw.endswith("]"):  # a list of bare words: layers=[Feature4,Feature5]
+            return [parse_value(item.strip()) for item in raw[1:-1].split(",") if item.strip()]
         return raw  # a bare word, e.g. solver=sklearn
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 from npidbench.errors import BadInput
 
 FORMATS = ("markdown", "csv", "json", "latex", "html")
-DATASET_LABELS = {"imagenet": "ImageNet"}
+DATASET_LABELS = {"imagenet": "ImageNet", "voc07": "VOC07"}
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,32 @@ class TableSpec:
     key: str
     title: str
     columns: tuple[str, ...]
-    values: Callable[[dict[str, Any]], dict[str, float | None]]
+    values: Callable[[dict[str, Any]], dict[str, Any]]
     references: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dataset -> rows
+    # Columns that depend on the record's seeds (mean ± std over seeds); the others are
+    # deterministic and come from the latest record that has them. None: every column.
+    seeded: frozenset[str] | None = None
+
+    def is_seeded(self, column: str) -> bool:
+        return self.seeded is None or column in self.seeded
 
 
 def _knn_values(record: dict[str, Any]) -> dict[str, float | None]:
     top1 = record["metrics"].get("top1", {})
     return {f"k={k}": top1.get(str(k)) for k in (10, 20, 100, 200)}
+
+
+LOWSHOT_COLUMNS = tuple(f"k={k}" for k in (1, 2, 4, 8, 16, 32, 64, 96))
+
+
+def _voc_svm_values(record: dict[str, Any]) -> dict[str, Any]:
+    """voc-svm-full fills Best Layer and SVM, voc-lowshot the k columns, voc-svm all of them."""
+    metrics = record["metrics"]
+    values: dict[str, Any] = {"Best Layer": metrics.get("best_layer"), "SVM": metrics.get("svm")}
+    per_k = metrics.get("lowshot", {}).get("k", {})
+    for column in LOWSHOT_COLUMNS:
+        values[column] = per_k.get(column[2:], {}).get("mean")
+    return values
 
 
 # Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
@@ -60,6 +79,30 @@ TABLES: dict[str, TableSpec] = {
                     "k=20": 44.0,
                     "k=100": 43.2,
                     "k=200": 42.2,
+                }
+            ]
+        },
+    ),
+    "voc-svm": TableSpec(
+        key="voc-svm",
+        title="SVM / Low-shot SVM",
+        columns=("Best Layer", "SVM", *LOWSHOT_COLUMNS),
+        values=_voc_svm_values,
+        seeded=frozenset(LOWSHOT_COLUMNS),
+        references={
+            "voc07": [
+                {
+                    "Model": _NPID_MODEL,
+                    "Config": _NPID_CONFIG,
+                    "Best Layer": "feature5",
+                    "SVM": 76.75,
+                    **dict(
+                        zip(
+                            LOWSHOT_COLUMNS,
+                            (26.96, 35.37, 44.48, 53.89, 60.39, 66.41, 71.48, 73.39),
+                            strict=True,
+                        )
+                    ),
                 }
             ]
         },
@@ -119,9 +162,8 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
             data=data.get("fingerprint", ""),
             config=record["model"].get("config", "-"),
         )
-        seed_key = tuple(record.get("seeds") or ())
         rows = groups.setdefault(table_key, {})
-        rows.setdefault(row_key, {})[seed_key] = record  # latest record per seed wins (sorted input)
+        rows.setdefault(row_key, []).append(record)  # oldest first (sorted input)
     tables = []
     for (table, dataset, synthetic), rows in sorted(
         groups.items(), key=lambda kv: (list(TABLES).index(kv[0][0]), kv[0][1], kv[0][2])
@@ -129,11 +171,10 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
         spec = TABLES[table]
         names = _display_names(rows)
         body = []
-        for row_key, by_seed in rows.items():
-            runs = list(by_seed.values())
+        for row_key, runs in rows.items():
             cells = {"Model": names[row_key], "Config": runs[-1]["model"].get("config", "-")}
             for column in spec.columns:
-                cells[column] = _aggregate([spec.values(r).get(column) for r in runs])
+                cells[column] = _aggregate(list(_column_values(spec, column, runs).values()))
             body.append(cells)
         body.sort(key=lambda c: (c["Model"], c["Config"]))
         if reference and not synthetic:
@@ -147,6 +188,18 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
     return tables
 
 
+def _column_values(spec: TableSpec, column: str, runs: list[dict[str, Any]]) -> dict[tuple, Any]:
+    """One value per seed (a rerun with the same seed replaces the older value); columns that
+    do not depend on seeds keep only the latest value. Records without the column are skipped,
+    so the parts of a row (voc-svm-full, voc-lowshot) fill it together."""
+    values: dict[tuple, Any] = {}
+    for record in runs:
+        value = spec.values(record).get(column)
+        if value is not None:
+            values[tuple(record.get("seeds") or ()) if spec.is_seeded(column) else ()] = value
+    return values
+
+
 class RowKey(NamedTuple):
     """What makes two records different rows (ARCHITECTURE.md "Records and grouping")."""
 
@@ -158,10 +211,10 @@ class RowKey(NamedTuple):
     config: str
 
 
-def _display_names(rows: dict[RowKey, dict]) -> dict[RowKey, str]:
+def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str]:
     """Row names. Rows never merge: where several share a name, what tells them apart is added
     (short sha, branch, dataset fingerprint); protocol variants are always named."""
-    base = {key: list(by_seed.values())[-1]["model"].get("name", "?") for key, by_seed in rows.items()}
+    base = {key: runs[-1]["model"].get("name", "?") for key, runs in rows.items()}
     by_name: dict[str, list[RowKey]] = {}
     for key, name in base.items():
         by_name.setdefault(name, []).append(key)
@@ -183,17 +236,19 @@ def _display_names(rows: dict[RowKey, dict]) -> dict[RowKey, str]:
     return out
 
 
-_DEFAULT_PROTOCOLS = {"npid-knn"}
+_DEFAULT_PROTOCOLS = {"npid-knn", "voc07-svm"}
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _aggregate(values: list[float | None]) -> str:
+def _aggregate(values: list[Any]) -> str:
     present = [v for v in values if v is not None]
     if not present:
         return "-"
+    if any(isinstance(v, str) for v in present):  # e.g. Best Layer
+        return " / ".join(dict.fromkeys(str(v) for v in present))
     if len(present) == 1:
         return _fmt(present[0])
     return f"{statistics.mean(present):.2f} ± {statistics.stdev(present):.2f}"
@@ -201,7 +256,10 @@ def _aggregate(values: list[float | None]) -> str:
 
 def _markdown(frame: pd.DataFrame) -> str:
     # Cells are pre-formatted strings ("42.90 ± 0.12"): no number parsing, numbers right-aligned.
-    align = ["left", "left"] + ["right"] * (len(frame.columns) - 2)
+    align = [
+        "left" if frame[c].astype(str).str.contains("[A-Za-z]").any() else "right" for c in frame.columns
+    ]
+    align[:2] = ["left", "left"]
     return frame.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 

@@ -136,10 +136,12 @@ def run_task(request: RunRequest) -> Path | None:
         raise BadInput(
             f"feature cache location {cache_root} is a file; give a folder with --cache or NPIDBENCH_CACHE"
         )
-    checkpoint = Path(request.checkpoint)  # type: ignore[arg-type]
-    backbone = load_backbone(
-        checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
-    )
+    backbone = None
+    if request.checkpoint is not None:
+        checkpoint = Path(request.checkpoint)
+        backbone = load_backbone(
+            checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
+        )
     with distributed(device) as world:
         options = replace(options, device=world.device)
         ctx = RunContext(
@@ -148,26 +150,34 @@ def run_task(request: RunRequest) -> Path | None:
             data_root=data_root,
             cache=FeatureCache(cache_root),
             extract=options,
+            features_dir=Path(request.features_dir) if request.features_dir is not None else None,
+            previous_records=lambda: store.load()[0],
         )
         started = time.perf_counter()
         output = family.run(ctx, config)
         total = time.perf_counter() - started
     if not world.is_main:
         return None
-    display, config_name = model_names(backbone, checkpoint, request.name)
+    if backbone is not None:
+        display, config_name = model_names(backbone, Path(request.checkpoint), request.name)  # type: ignore[arg-type]
+        model = {
+            "name": display,
+            "config": config_name,
+            "sha256": backbone.sha256,
+            "branch": backbone.inspection.branch,
+            "checkpoint": backbone.provenance(),
+        }
+    else:  # --features-dir: the features' sha256 stands for the checkpoint
+        model = dict(output.model or {})
+        if request.name:
+            model["name"] = request.name
     stats = ctx.extract_stats
     record = new_record(
         task=preset.name,
         family=preset.family,
         table=preset.table,
         dataset=output.dataset,
-        model={
-            "name": display,
-            "config": config_name,
-            "sha256": backbone.sha256,
-            "branch": backbone.inspection.branch,
-            "checkpoint": backbone.provenance(),
-        },
+        model=model,
         metrics=output.metrics,
         protocol=output.protocol,
         variant=protocol_variant(preset, data_root is None, config),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ class RunContext:
     cache: FeatureCache
     extract: ExtractOptions
     extract_stats: ExtractStats = field(default_factory=ExtractStats)
+    features_dir: Path | None = None  # precomputed features instead of a backbone (SVM presets)
+    previous_records: Callable[[], list[dict[str, Any]]] = list  # the results folder's records
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TaskOutput:
     protocol: str  # the protocol variant, named in the report when it is not the default
     seeds: list[int] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None  # identity of features given without a checkpoint
 
 
 class TaskFamily(Protocol):

@@ -1,0 +1,298 @@
+"""VOC07 SVM and low-shot SVM (PROTOCOLS.md "VOC07 SVM", "VOC07 low-shot SVM").
+
+One family, three presets: ``voc-svm`` (the full SVM on every layer, the best layer, then
+low-shot on it: the whole row of the table), ``voc-svm-full`` and ``voc-lowshot``. Features come
+from a checkpoint (squash-resized images, Feature1..5) or from ``--features-dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from npidbench.backbone import FEATURE_LAYERS, LAYERS
+from npidbench.data import load_split
+from npidbench.data.images import EvalTransform
+from npidbench.errors import BadInput
+from npidbench.features import extract
+from npidbench.features_dir import CONVENTIONS, read_features_dir
+from npidbench.progress import log
+from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, cost_list, full_svm, lowshot_svm
+from npidbench.tasks.base import RunContext, TaskOutput
+
+NAME = "voc-svm"
+DESCRIPTION = "VOC07 linear SVM per layer (3-fold CV cost choice) and low-shot SVM, k = 1..96"
+TABLE = "voc-svm"
+ACCEPTS_FEATURES_DIR = True
+PARTS = ("full", "lowshot")
+SELECTIONS = ("test", "heldout")
+PROTOCOL = "voc07-svm"
+
+
+@dataclass(frozen=True)
+class Config:
+    parts: tuple[str, ...] = PARTS
+    layers: tuple[str, ...] = FEATURE_LAYERS
+    costs: str = "mms"  # cost list: mms (default), fair or vissl
+    solver: str = "batched"  # batched, or sklearn: the anchors' LinearSVC one fit at a time
+    jobs: int = 1  # sklearn solver: parallel processes (1 = the anchors' way)
+    folds: int = 3
+    lowshot_ks: tuple[int, ...] = LOWSHOT_KS
+    lowshot_samples: int = 5
+    seed: int = 0  # low-shot draws; the anchors set none
+    lowshot_layer: str = (
+        "auto"  # auto: the best layer (this run, else the latest full-SVM record), else Feature5
+    )
+    selection: str = "test"  # test: published (test-selected) choices; heldout: chosen on trainval
+    labels: str = "fair"  # --features-dir label convention: fair (1/0/-1) or voc (1/-1/0)
+    resize: int = 256  # short side 256, then squashed to size x size (no crop)
+    size: int = 224
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(p not in PARTS for p in self.parts):
+            raise ValueError(f"parts must be a list of {', '.join(PARTS)}, got {list(self.parts)}")
+        if self.costs not in USER_COSTS:
+            raise ValueError(f"costs={self.costs} is not a cost list; choose {', '.join(USER_COSTS)}")
+        if self.solver not in ("batched", "sklearn"):
+            raise ValueError(f"solver={self.solver} is not a solver; choose batched or sklearn")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection}; choose test (published) or heldout")
+        if self.labels not in CONVENTIONS:
+            raise ValueError(f"labels={self.labels}; choose fair (1/0/-1) or voc (1/-1/0)")
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if self.jobs < 1 or self.lowshot_samples < 1:
+            raise ValueError("jobs and lowshot_samples must be at least 1")
+        if not self.lowshot_ks or any(k < 1 for k in self.lowshot_ks):
+            raise ValueError(f"lowshot_ks must be positive integers, got {list(self.lowshot_ks)}")
+        if not self.layers or any(n not in LAYERS for n in self.layers):
+            raise ValueError(f"layers must be some of {', '.join(LAYERS)}, got {list(self.layers)}")
+        if self.resize < 1 or self.size < 1:
+            raise ValueError("resize and size must be at least 1 pixel")
+
+
+@dataclass
+class _Inputs:
+    """Features per layer (loaded lazily) and labels in VOC's convention, from either source."""
+
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    layers: list[str]
+    dataset: dict[str, Any]
+    model: dict[str, Any] | None
+    source: Any
+
+    def features(self, split: str, layer: str) -> np.ndarray:
+        return self.source(split, layer)
+
+
+def _from_features_dir(ctx: RunContext, config: Config, layers: list[str] | None) -> _Inputs:
+    fdir = read_features_dir(ctx.features_dir, config.labels, layers)  # type: ignore[arg-type]
+    return _Inputs(
+        train_labels=fdir.train_labels,
+        test_labels=fdir.test_labels,
+        layers=fdir.layers,
+        dataset={
+            "name": "voc07",
+            "display": f"features from {fdir.root}",
+            "synthetic": False,
+            "root": str(fdir.root),
+            "fingerprint": fdir.sha256,
+            "train": {"split": "trainval", "images": len(fdir.train_labels)},
+            "test": {"split": "test", "images": len(fdir.test_labels)},
+            "classes": fdir.train_labels.shape[1],
+            "label_convention": config.labels,
+        },
+        model={
+            "name": fdir.root.name or str(fdir.root),
+            "config": "-",
+            "sha256": fdir.sha256,
+            "branch": "",
+            "features_dir": str(fdir.root),
+            "files": fdir.files,
+        },
+        source=fdir.features,
+    )
+
+
+def _from_checkpoint(ctx: RunContext, config: Config, layers: list[str]) -> _Inputs:
+    train = load_split(ctx.preset.dataset, "trainval", ctx.data_root)
+    test = load_split(ctx.preset.dataset, "test", ctx.data_root)
+    if train.label_matrix is None or test.label_matrix is None:
+        raise BadInput(f"{train.root} has no classification labels")
+    transform = EvalTransform(config.resize, config.size, "squash")
+    cached: dict[str, Any] = {}
+    for split, part in (("trainval", train), ("test", test)):
+        feats = extract(ctx.backbone, part, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)  # type: ignore[arg-type]
+        for layer, entry in feats.items():
+            if entry.skipped:
+                raise BadInput(
+                    f"{len(entry.skipped)} unreadable images in {part.root}: the SVM protocol needs every image"
+                )
+            cached[(split, layer)] = entry.features
+    return _Inputs(
+        train_labels=train.label_matrix,
+        test_labels=test.label_matrix,
+        layers=layers,
+        dataset={
+            "name": ctx.preset.dataset,
+            "display": train.display_name,
+            "synthetic": train.synthetic,
+            "root": str(train.root),
+            "fingerprint": f"{train.fingerprint}:{test.fingerprint}",
+            "train": {"split": "trainval", "images": len(train)},
+            "test": {"split": "test", "images": len(test)},
+            "classes": train.label_matrix.shape[1],
+            "label_source": train.label_source,
+        },
+        model=None,
+        source=lambda split, layer: cached[(split, layer)],
+    )
+
+
+def _previous_best_layer(ctx: RunContext, model_sha: str, fingerprint: str) -> str | None:
+    """The best layer of the latest full-SVM record for the same features and data."""
+    found = None
+    for record in ctx.previous_records():
+        best = record.get("metrics", {}).get("best_layer")
+        if (
+            record.get("family") == NAME
+            and best
+            and record.get("model", {}).get("sha256") == model_sha
+            and record.get("dataset", {}).get("fingerprint") == fingerprint
+        ):
+            found = best  # records come oldest first: the last match is the latest
+    return found
+
+
+def _model_sha(ctx: RunContext, inputs: _Inputs) -> str:
+    return inputs.model["sha256"] if inputs.model else ctx.backbone.sha256  # type: ignore[union-attr]
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    device = ctx.extract.device
+    costs = cost_list(config.costs)
+    full = "full" in config.parts
+    explicit = None if config.lowshot_layer == "auto" else config.lowshot_layer
+    if explicit is not None and explicit not in config.layers and not full:
+        layers = [explicit]
+    elif full:
+        layers = list(config.layers)
+    else:
+        layers = None  # decided below, once the data's identity is known
+    if ctx.features_dir is not None:
+        inputs = _from_features_dir(ctx, config, None)  # every layer the directory has
+    else:
+        inputs = _from_checkpoint(ctx, config, layers or list(config.layers))
+    _check_labels(inputs)
+    metrics: dict[str, Any] = {"selection": config.selection, "cost_list": config.costs}
+    details: dict[str, Any] = {"costs": costs}
+    best: str | None = None
+    if full:
+        per_layer = {}
+
+        # Best layer: the published protocol takes the highest test mAP; heldout takes the
+        # highest mean cross-validated AP, which never looks at the test set.
+        def key(name: str) -> float:
+            result = per_layer[name]
+            return result.map if config.selection == "test" else float(result.summary()["cv_map"])
+
+        for layer in inputs.layers:
+            log(
+                f"VOC07 SVM {layer}: {train_dims(inputs, layer)} dims, {len(costs)} costs, solver {config.solver}"
+            )
+            result = full_svm(
+                inputs.features("trainval", layer),
+                inputs.train_labels,
+                inputs.features("test", layer),
+                inputs.test_labels,
+                costs,
+                solver=config.solver,
+                folds=config.folds,
+                device=device,
+                jobs=config.jobs,
+                keep_kernel="lowshot" in config.parts,
+            )
+            per_layer[layer] = result
+            log(f"  {layer}: mAP {result.map:.2f} ({result.seconds:.1f} s)")
+            # Keep only the best layer's trainval kernel so far: low-shot reuses it.
+            leader = max(per_layer, key=key)
+            for name, other in per_layer.items():
+                if name != leader:
+                    other.kernel = None
+        best = max(per_layer, key=key)
+        kernel = per_layer[best].kernel
+        metrics["layers"] = {n: r.summary() for n, r in per_layer.items()}
+        metrics["best_layer"] = best
+        metrics["svm"] = round(per_layer[best].map, 4)
+    else:
+        kernel = None
+    seeds: list[int] = []
+    if "lowshot" in config.parts:
+        layer = (
+            explicit
+            or best
+            or _previous_best_layer(ctx, _model_sha(ctx, inputs), inputs.dataset["fingerprint"])
+        )
+        if layer is None and ctx.features_dir is not None and len(inputs.layers) == 1:
+            layer = inputs.layers[0]
+        layer = layer or "Feature5"
+        if layer not in inputs.layers:
+            if ctx.features_dir is not None:
+                raise BadInput(
+                    f"{ctx.features_dir} has no layer {layer}; set lowshot_layer to one of {inputs.layers}"
+                )
+            inputs = _from_checkpoint(ctx, config, [layer])
+        log(f"VOC07 low-shot SVM on {layer}: k = {list(config.lowshot_ks)}, {config.lowshot_samples} samples")
+        try:
+            low = lowshot_svm(
+                inputs.features("trainval", layer),
+                inputs.train_labels,
+                inputs.features("test", layer),
+                inputs.test_labels,
+                costs,
+                layer=layer,
+                ks=config.lowshot_ks,
+                samples=config.lowshot_samples,
+                seed=config.seed,
+                selection=config.selection,
+                solver=config.solver,
+                device=device,
+                jobs=config.jobs,
+                kernel=kernel if layer == best else None,
+            )
+        except ValueError as exc:  # too few positives / negatives for a k
+            raise BadInput(f"{exc}: lower it with --set lowshot_ks=[...]") from exc
+        metrics["lowshot"] = {
+            "layer": layer,
+            "layer_from": "explicit" if explicit else ("this run" if best else "previous record or Feature5"),
+            "selection": config.selection,
+            "seed": config.seed,
+            "k": low.summary(),
+            "seconds": round(low.seconds, 2),
+            **low.stats,
+        }
+        seeds = [config.seed]
+    return TaskOutput(
+        metrics=metrics,
+        dataset=inputs.dataset,
+        protocol=PROTOCOL,
+        seeds=seeds,
+        details=details,
+        model=inputs.model,
+    )
+
+
+def train_dims(inputs: _Inputs, layer: str) -> int:
+    return int(inputs.features("trainval", layer).shape[1])
+
+
+def _check_labels(inputs: _Inputs) -> None:
+    for name, labels in (("trainval", inputs.train_labels), ("test", inputs.test_labels)):
+        missing = np.flatnonzero(~(labels == 1).any(axis=0))
+        if len(missing):
+            raise BadInput(
+                f"{name} labels: class {int(missing[0])} has no positive image; the SVM needs some"
+            )

@@ -1,0 +1,209 @@
+"""VOC07 SVM / low-shot protocol: batched vs the anchors' sklearn path, features directories, the
+CLI end to end, the report row and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import cli, one_error_line
+
+from npidbench.metrics import voc_ap, voc_ap_columns
+from npidbench.solvers.voc_svm import cost_list, draw_lowshot, full_svm, lowshot_svm
+
+
+def voc_like(n: int, classes: int, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features with class structure and multi-label VOC-convention labels (some difficult)."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random((n, classes)) < 0.25, 1, -1)
+    labels[rng.random((n, classes)) < 0.03] = 0
+    centres = rng.normal(size=(classes, dims))
+    x = rng.normal(size=(n, dims)) * 1.6 + (labels == 1) @ centres + 2.0
+    return x.astype(np.float32), labels.astype(np.int8)
+
+
+def test_cost_lists_follow_the_anchors():
+    assert len(cost_list("mms")) == 19 and cost_list("mms")[:4] == [1.0, 10.0, 100.0, 0.0625]
+    assert len(cost_list("fair")) == 26 and cost_list("fair")[0] == pytest.approx(1e-7)
+    assert len(cost_list("vissl")) == 11
+
+
+def test_column_ap_equals_the_one_class_ap_with_ties_and_difficult():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=(40, 30)).astype(float)  # many ties
+    labels = rng.choice([1, -1, -1, 0], size=(40, 30))
+    labels[0] = 1
+    expected = [voc_ap(scores[:, j], labels[:, j]) for j in range(30)]
+    np.testing.assert_allclose(voc_ap_columns(scores, labels), expected)
+    # and the one-class version itself on a hand-made case: + (tie of + and -) - +
+    assert voc_ap(np.array([4.0, 3, 3, 2, 1]), np.array([1, 1, -1, -1, 1])) == pytest.approx(
+        (1 + 2 / 3 + 3 / 5) / 3
+    )
+
+
+def test_batched_matches_the_sklearn_path():
+    train_x, train_y = voc_like(240, 4, 30, seed=1)
+    rng = np.random.default_rng(3)
+    pick = rng.permutation(240)
+    test_x, test_y = train_x[pick[:100]] + rng.normal(size=(100, 30)).astype(np.float32), train_y[pick[:100]]
+    costs = cost_list("vissl")
+    ours = full_svm(train_x, train_y, test_x, test_y, costs)
+    ref = full_svm(train_x, train_y, test_x, test_y, costs, solver="sklearn")
+    assert ours.map == pytest.approx(ref.map, abs=0.2)
+    # Where liblinear converges (C <= 10 here) the CV APs agree; at C = 50..1000 it stops at
+    # tol 1e-4 / max_iter short of the optimum, and the batched solver is the more converged.
+    small = [j for j, c in enumerate(costs) if c <= 10]
+    np.testing.assert_allclose(ours.cv_ap[:, small], ref.cv_ap[:, small], atol=2e-3)
+    assert sum(a == b for a, b in zip(ours.chosen_costs, ref.chosen_costs, strict=True)) >= 3
+    assert 20 < ours.map < 100
+
+
+def test_lowshot_draws_are_seeded_and_never_difficult():
+    _, labels = voc_like(400, 3, 4, seed=4)
+    a = draw_lowshot(labels, 2, 0, 7, [0, 1, 2])
+    b = draw_lowshot(labels, 2, 0, 7, [0, 1, 2])
+    c = draw_lowshot(labels, 2, 1, 7, [0, 1, 2])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    for cls, subset in enumerate(a):
+        assert len(subset) == 40 and len(set(subset)) == 40
+        assert (labels[subset[:2], cls] == 1).all() and (labels[subset[2:], cls] == -1).all()
+    with pytest.raises(ValueError, match="needs 200 positives"):
+        draw_lowshot(labels, 200, 0, 7, [0])
+
+
+@pytest.mark.parametrize("selection", ["test", "heldout"])
+def test_lowshot_batched_matches_sklearn(selection):
+    train_x, train_y = voc_like(400, 3, 20, seed=5)
+    rng = np.random.default_rng(6)
+    test_x, test_y = train_x[:150] + rng.normal(size=(150, 20)).astype(np.float32), train_y[:150]
+    kwargs = dict(layer="F", ks=(1, 4), samples=2, seed=3, selection=selection)
+    costs = cost_list("vissl")
+    ours = lowshot_svm(train_x, train_y, test_x, test_y, costs, **kwargs)
+    ref = lowshot_svm(train_x, train_y, test_x, test_y, costs, solver="sklearn", **kwargs)
+    np.testing.assert_allclose(ours.maps, ref.maps, atol=0.2)
+    summary = ours.summary()
+    assert set(summary) == {"1", "4"}
+    assert summary["4"]["min"] <= summary["4"]["mean"] <= summary["4"]["max"]
+    assert summary["4"]["cost"] in costs
+
+
+def write_features_dir(root: Path, layers: list[str] | None = None, fair: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    x, y = voc_like(480, 3, 24, seed=8)
+    rng = np.random.default_rng(9)
+    test_x = x[:200] + rng.normal(size=(200, 24)).astype(np.float32)
+
+    def convention(labels: np.ndarray) -> np.ndarray:
+        return np.select([labels == 1, labels == -1], [1, 0], -1) if fair else labels
+
+    np.save(root / "trainval_labels.npy", convention(y).astype(np.int8))
+    np.save(root / "test_labels.npy", convention(y[:200]).astype(np.int8))
+    if layers is None:
+        np.save(root / "trainval.npy", x)
+        np.save(root / "test.npy", test_x)
+    else:
+        for i, layer in enumerate(layers):
+            np.save(root / f"trainval_{layer}.npy", x * (i + 1) + i)
+            np.save(root / f"test_{layer}.npy", test_x * (i + 1) + i)
+        (root / "layers.json").write_text(json.dumps(layers))
+    return root
+
+
+SMALL = ["--set", "lowshot_ks=[1,2]", "--set", "lowshot_samples=2", "--set", "costs=vissl"]
+
+
+def test_features_dir_end_to_end_with_report_and_plot(tmp_path, results_dir, capsys):
+    fdir = write_features_dir(tmp_path / "feats", layers=["Feature4", "Feature5"])
+    # same settings for both parts: a row is one protocol variant (here: the small low-shot)
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir), *SMALL) == 0
+    full = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert set(full["metrics"]["layers"]) == {"Feature4", "Feature5"}
+    assert full["model"]["sha256"] and full["model"]["features_dir"] == str(fdir)
+    best = full["metrics"]["best_layer"]
+    # voc-lowshot takes the best layer of that record (same features, same data)
+    assert cli("run", "voc-lowshot", "--features-dir", str(fdir), *SMALL) == 0
+    low = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert low["metrics"]["lowshot"]["layer"] == best and low["seeds"] == [0]
+    assert set(low["metrics"]["lowshot"]["k"]) == {"1", "2"}
+    assert cli("report", "--lowshot-plot", str(tmp_path / "curve.svg")) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "Best Layer" in line)
+    assert [c.strip() for c in header.strip("|").split("|")][:4] == ["Model", "Config", "Best Layer", "SVM"]
+    row = next(line for line in out.splitlines() if line.startswith("| feats"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == best and cells[3] == f"{full['metrics']['svm']:.2f}"  # one row from both records
+    assert cells[4] == f"{low['metrics']['lowshot']['k']['1']['mean']:.2f}"
+    assert (tmp_path / "curve.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, results_dir, capsys):
+    args = ["--set", "layers=[Feature5]", "--set", "lowshot_ks=[1]", "--set", "lowshot_samples=1"]
+    assert cli("run", "voc-svm", str(random_checkpoint), *args, "--set", "costs=vissl") == 0
+    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert record["dataset"]["synthetic"] and record["dataset"]["train"]["images"] > 1000
+    assert record["metrics"]["best_layer"] == "Feature5"
+    assert 5 < record["metrics"]["svm"] < 100
+    assert record["metrics"]["lowshot"]["layer"] == "Feature5"
+
+
+def _corrupt(kind: str, root: Path) -> str:
+    if kind == "nan":
+        x = np.load(root / "trainval.npy")
+        x[5, 3] = np.nan
+        np.save(root / "trainval.npy", x)
+        return "trainval.npy has NaN"
+    if kind == "rows":
+        np.save(root / "test.npy", np.load(root / "test.npy")[:-1])
+        return "test.npy has 199 rows but test_labels.npy has 200"
+    if kind == "values":
+        y = np.load(root / "trainval_labels.npy")
+        y[0, 0] = 2
+        np.save(root / "trainval_labels.npy", y)
+        return "trainval_labels.npy has values [2]"
+    if kind == "shape":
+        np.save(root / "test_labels.npy", np.zeros(200, dtype=np.int8))
+        return "test_labels.npy must be an (N, C) label matrix"
+    if kind == "convention":  # VOC's 1/-1/0 given where the FAIR 1/0/-1 is expected
+        write_features_dir(root, fair=False)
+        return "try --set labels=voc"
+    if kind == "missing":
+        (root / "test.npy").unlink()
+        return "test.npy is missing"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nan", "rows", "values", "shape", "convention", "missing"])
+def test_bad_features_dir_is_one_line_naming_the_file(kind, tmp_path, results_dir, capsys):
+    fdir = write_features_dir(tmp_path / "feats")
+    message = _corrupt(kind, fdir)
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line, line
+    assert not results_dir.exists() or not list(results_dir.iterdir())
+
+
+def test_voc_convention_is_read_with_labels_voc(tmp_path, results_dir, capsys):
+    fdir = write_features_dir(tmp_path / "feats", fair=False)
+    assert (
+        cli("run", "voc-svm-full", "--features-dir", str(fdir), "--set", "labels=voc", "--set", "costs=vissl")
+        == 0
+    )
+    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert record["dataset"]["label_convention"] == "voc" and record["metrics"]["best_layer"] == "features"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("solver=liblinear", "choose batched or sklearn"),
+        ("costs=abc", "not a cost list"),
+        ("selection=val", "heldout"),
+    ],
+)
+def test_bad_settings_are_refused(setting, message, tmp_path, results_dir, capsys):
+    fdir = write_features_dir(tmp_path / "feats")
+    assert cli("run", "voc-svm", "--features-dir", str(fdir), "--set", setting) == 2
+    assert message in one_error_line(capsys.readouterr().err)
