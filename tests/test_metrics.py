@@ -61,3 +61,16 @@ def test_map_over_classes():
     labels = np.array([[1, -1], [-1, 1], [-1, 0]])
     mean, per_class = voc_map(scores, labels)
     assert per_class == [100.0, 100.0] and mean == 100.0
+
+
+def test_column_average_precision_is_sklearns_with_ties():
+    from npidbench.metrics import average_precision_columns
+
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        n = int(rng.integers(5, 60))
+        scores = rng.integers(0, 6, size=(n, 4)).astype(float) if trial % 2 else rng.normal(size=(n, 4))
+        labels = rng.choice([1, -1], size=(n, 4))
+        labels[0] = 1
+        expected = [average_precision_score(labels[:, j] == 1, scores[:, j]) for j in range(4)]
+        np.testing.assert_allclose(average_precision_columns(scores, labels), expected)

@@ -207,3 +207,10 @@ def test_bad_settings_are_refused(setting, message, tmp_path, results_dir, capsy
     fdir = write_features_dir(tmp_path / "feats")
     assert cli("run", "voc-svm", "--features-dir", str(fdir), "--set", setting) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_ties_between_costs_go_to_the_first_in_list_order():
+    from npidbench.solvers.voc_svm import choose
+
+    cv = np.array([[0.5, 0.7, 0.7, 0.1], [0.9, 0.9, 0.9, 0.9]])
+    assert choose(cv).tolist() == [1, 0]

@@ -97,6 +97,9 @@ class LayerResult:
             "ap": [round(a, 4) for a in self.ap],
             "costs": self.chosen_costs,
             "cv_map": round(100 * float(np.mean(self.cv_ap.max(axis=1))), 4),
+            # per class, per cost of the list: what the choice was made on, and the test AP
+            "cv_ap_by_cost": np.round(100 * self.cv_ap, 4).tolist(),
+            "test_ap_by_cost": np.round(self.test_ap, 4).tolist(),
             "seconds": round(self.seconds, 2),
             **self.stats,
         }

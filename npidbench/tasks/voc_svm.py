@@ -18,7 +18,7 @@ from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
 from npidbench.features import extract
 from npidbench.features_dir import CONVENTIONS, read_features_dir
-from npidbench.progress import log
+from npidbench.progress import log, make_progress
 from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, cost_list, full_svm, lowshot_svm
 from npidbench.tasks.base import RunContext, TaskOutput
 
@@ -203,18 +203,23 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             log(
                 f"VOC07 SVM {layer}: {train_dims(inputs, layer)} dims, {len(costs)} costs, solver {config.solver}"
             )
-            result = full_svm(
-                inputs.features("trainval", layer),
-                inputs.train_labels,
-                inputs.features("test", layer),
-                inputs.test_labels,
-                costs,
-                solver=config.solver,
-                folds=config.folds,
-                device=device,
-                jobs=config.jobs,
-                keep_kernel="lowshot" in config.parts,
-            )
+            with make_progress("cost") as bar:
+                # the batched solver reports each cost of the path; sklearn reports at the end
+                task = bar.add_task(f"SVM {layer}", total=len(costs))
+                result = full_svm(
+                    inputs.features("trainval", layer),
+                    inputs.train_labels,
+                    inputs.features("test", layer),
+                    inputs.test_labels,
+                    costs,
+                    solver=config.solver,
+                    folds=config.folds,
+                    device=device,
+                    jobs=config.jobs,
+                    keep_kernel="lowshot" in config.parts,
+                    progress=lambda _message, task=task: bar.advance(task),
+                )
+                bar.update(task, completed=len(costs))
             per_layer[layer] = result
             log(f"  {layer}: mAP {result.map:.2f} ({result.seconds:.1f} s)")
             # Keep only the best layer's trainval kernel so far: low-shot reuses it.
@@ -247,22 +252,25 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             inputs = _from_checkpoint(ctx, config, [layer])
         log(f"VOC07 low-shot SVM on {layer}: k = {list(config.lowshot_ks)}, {config.lowshot_samples} samples")
         try:
-            low = lowshot_svm(
-                inputs.features("trainval", layer),
-                inputs.train_labels,
-                inputs.features("test", layer),
-                inputs.test_labels,
-                costs,
-                layer=layer,
-                ks=config.lowshot_ks,
-                samples=config.lowshot_samples,
-                seed=config.seed,
-                selection=config.selection,
-                solver=config.solver,
-                device=device,
-                jobs=config.jobs,
-                kernel=kernel if layer == best else None,
-            )
+            with make_progress("k") as bar:
+                task = bar.add_task(f"low-shot {layer}", total=len(config.lowshot_ks))
+                low = lowshot_svm(
+                    inputs.features("trainval", layer),
+                    inputs.train_labels,
+                    inputs.features("test", layer),
+                    inputs.test_labels,
+                    costs,
+                    layer=layer,
+                    ks=config.lowshot_ks,
+                    samples=config.lowshot_samples,
+                    seed=config.seed,
+                    selection=config.selection,
+                    solver=config.solver,
+                    device=device,
+                    jobs=config.jobs,
+                    kernel=kernel if layer == best else None,
+                    progress=lambda _message: bar.advance(task),
+                )
         except ValueError as exc:  # too few positives / negatives for a k
             raise BadInput(f"{exc}: lower it with --set lowshot_ks=[...]") from exc
         metrics["lowshot"] = {
