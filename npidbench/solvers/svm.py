@@ -16,7 +16,7 @@ cross-validation masks and the cost differ. This module solves them as columns o
    diagonal in the eigenbasis except among the leading directions (the mean of the features
    alone carries most of the spectrum): the preconditioner inverts the leading ``head`` x
    ``head`` block exactly per column and the rest by its diagonal. On VOC07-size problems a
-   Newton step then needs 1-3 CG iterations at small costs and ~6 at C = 100.
+   Newton step then needs 1-4 CG iterations at small costs and 6-45 at C = 100.
 3. Costs are solved in increasing order, each warm-started from the previous cost's solution
    (or that solution rescaled by the cost ratio, whichever has the lower objective: at small
    costs the solution grows linearly with the cost).
