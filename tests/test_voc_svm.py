@@ -214,3 +214,32 @@ def test_ties_between_costs_go_to_the_first_in_list_order():
 
     cv = np.array([[0.5, 0.7, 0.7, 0.1], [0.9, 0.9, 0.9, 0.9]])
     assert choose(cv).tolist() == [1, 0]
+
+
+def test_an_interrupted_full_svm_resumes_at_the_next_layer(tmp_path, results_dir, capsys, monkeypatch):
+    import npidbench.tasks.voc_svm as task
+
+    fdir = write_features_dir(tmp_path / "feats", layers=["Feature4", "Feature5"])
+    real = task.full_svm
+    calls: list[int] = []
+
+    def interrupted(train_x, *args, **kwargs):
+        calls.append(train_x.shape[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(train_x, *args, **kwargs)
+
+    monkeypatch.setattr(task, "full_svm", interrupted)
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir), "--set", "costs=vissl") == 130  # Ctrl-C
+    assert not results_dir.exists() or not list(results_dir.iterdir())
+    monkeypatch.setattr(task, "full_svm", real)
+    counted: list[int] = []
+    monkeypatch.setattr(task, "full_svm", lambda x, *a, **k: counted.append(1) or real(x, *a, **k))
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir), "--set", "costs=vissl") == 0
+    assert counted == [1]  # Feature4 came from the interrupted run
+    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert set(record["metrics"]["layers"]) == {"Feature4", "Feature5"}
+    # a completed run leaves nothing behind: the next run computes both layers again
+    counted.clear()
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir), "--set", "costs=vissl") == 0
+    assert counted == [1, 1]

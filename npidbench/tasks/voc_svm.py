@@ -7,19 +7,24 @@ from a checkpoint (squash-resized images, Feature1..5) or from ``--features-dir`
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from npidbench.atomic import atomic_write_text
 from npidbench.backbone import FEATURE_LAYERS, LAYERS
+from npidbench.config import config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
 from npidbench.features import extract
 from npidbench.features_dir import CONVENTIONS, read_features_dir
 from npidbench.progress import log, make_progress
-from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, cost_list, full_svm, lowshot_svm
+from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, TrainKernel, cost_list, full_svm, lowshot_svm
 from npidbench.tasks.base import RunContext, TaskOutput
 
 NAME = "voc-svm"
@@ -191,15 +196,21 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     details: dict[str, Any] = {"costs": costs}
     best: str | None = None
     if full:
-        per_layer = {}
+        summaries: dict[str, dict[str, Any]] = {}
+        kernels: dict[str, TrainKernel] = {}
+        partial = _PartialLayers(ctx, config, _model_sha(ctx, inputs), inputs.dataset["fingerprint"], costs)
 
         # Best layer: the published protocol takes the highest test mAP; heldout takes the
         # highest mean cross-validated AP, which never looks at the test set.
         def key(name: str) -> float:
-            result = per_layer[name]
-            return result.map if config.selection == "test" else float(result.summary()["cv_map"])
+            return float(summaries[name]["mAP" if config.selection == "test" else "cv_map"])
 
         for layer in inputs.layers:
+            saved = partial.load(layer)
+            if saved is not None:
+                summaries[layer] = saved
+                log(f"  {layer}: mAP {saved['mAP']:.2f} (kept from an interrupted run)")
+                continue
             log(
                 f"VOC07 SVM {layer}: {train_dims(inputs, layer)} dims, {len(costs)} costs, solver {config.solver}"
             )
@@ -220,18 +231,17 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
                     progress=lambda _message, task=task: bar.advance(task),
                 )
                 bar.update(task, completed=len(costs))
-            per_layer[layer] = result
+            summaries[layer] = result.summary()
+            partial.save(layer, summaries[layer])
             log(f"  {layer}: mAP {result.map:.2f} ({result.seconds:.1f} s)")
             # Keep only the best layer's trainval kernel so far: low-shot reuses it.
-            leader = max(per_layer, key=key)
-            for name, other in per_layer.items():
-                if name != leader:
-                    other.kernel = None
-        best = max(per_layer, key=key)
-        kernel = per_layer[best].kernel
-        metrics["layers"] = {n: r.summary() for n, r in per_layer.items()}
+            if result.kernel is not None and max(summaries, key=key) == layer:
+                kernels = {layer: result.kernel}
+        best = max(summaries, key=key)
+        kernel = kernels.get(best)
+        metrics["layers"] = summaries
         metrics["best_layer"] = best
-        metrics["svm"] = round(per_layer[best].map, 4)
+        metrics["svm"] = summaries[best]["mAP"]
     else:
         kernel = None
     seeds: list[int] = []
@@ -283,6 +293,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             **low.stats,
         }
         seeds = [config.seed]
+    if full:
+        partial.clear()  # the record holds it all now
     return TaskOutput(
         metrics=metrics,
         dataset=inputs.dataset,
@@ -291,6 +303,37 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         details=details,
         model=inputs.model,
     )
+
+
+class _PartialLayers:
+    """Finished layers of a full SVM run, saved atomically as they complete, so that an
+    interrupted run (the sklearn solver takes hours) resumes at the next layer. Keyed by the
+    features' identity, the data, the solver settings and the cost list; removed when the run
+    completes."""
+
+    def __init__(
+        self, ctx: RunContext, config: Config, model_sha: str, fingerprint: str, costs: list[float]
+    ) -> None:
+        settings = {k: v for k, v in config_to_dict(config).items() if k in _FULL_SVM_SETTINGS}
+        identity = json.dumps([model_sha, fingerprint, settings, costs], sort_keys=True)
+        self.folder = ctx.cache.root / "voc-svm-partial" / hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+    def load(self, layer: str) -> dict[str, Any] | None:
+        path = self.folder / f"{layer}.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None  # a damaged file is recomputed
+
+    def save(self, layer: str, summary: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / f"{layer}.json", json.dumps(summary))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_FULL_SVM_SETTINGS = {"costs", "solver", "folds", "resize", "size", "labels"}
 
 
 def train_dims(inputs: _Inputs, layer: str) -> int:
