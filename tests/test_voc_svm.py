@@ -201,6 +201,7 @@ def test_voc_convention_is_read_with_labels_voc(tmp_path, results_dir, capsys):
         ("solver=liblinear", "choose batched or sklearn"),
         ("costs=abc", "not a cost list"),
         ("selection=val", "heldout"),
+        ("lowshot_layer=Feature9", "has no layer Feature9"),
     ],
 )
 def test_bad_settings_are_refused(setting, message, tmp_path, results_dir, capsys):

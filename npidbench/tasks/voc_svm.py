@@ -181,16 +181,17 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     costs = cost_list(config.costs)
     full = "full" in config.parts
     explicit = None if config.lowshot_layer == "auto" else config.lowshot_layer
-    if explicit is not None and explicit not in config.layers and not full:
-        layers = [explicit]
-    elif full:
-        layers = list(config.layers)
-    else:
-        layers = None  # decided below, once the data's identity is known
     if ctx.features_dir is not None:
         inputs = _from_features_dir(ctx, config, None)  # every layer the directory has
     else:
-        inputs = _from_checkpoint(ctx, config, layers or list(config.layers))
+        # One forward pass yields every layer: a low-shot run whose layer is only known from a
+        # previous record extracts them all (and a later full SVM finds them cached).
+        if explicit is not None and explicit not in LAYERS:
+            raise BadInput(
+                f"lowshot_layer={explicit} is not a layer; choose auto or one of {', '.join(LAYERS)}"
+            )
+        layers = [explicit] if explicit is not None and not full else list(config.layers)
+        inputs = _from_checkpoint(ctx, config, layers)
     _check_labels(inputs)
     metrics: dict[str, Any] = {"selection": config.selection, "cost_list": config.costs}
     details: dict[str, Any] = {"costs": costs}
