@@ -79,13 +79,18 @@ def test_lowshot_batched_matches_sklearn(selection):
     train_x, train_y = voc_like(400, 3, 20, seed=5)
     rng = np.random.default_rng(6)
     test_x, test_y = train_x[:150] + rng.normal(size=(150, 20)).astype(np.float32), train_y[:150]
-    kwargs = dict(layer="F", ks=(1, 4), samples=2, seed=3, selection=selection)
+    # k = 8: 160-image subsets, over a quarter of trainval: the shared-basis path
+    kwargs = dict(layer="F", ks=(1, 4, 8), samples=2, seed=3, selection=selection)
     costs = cost_list("vissl")
     ours = lowshot_svm(train_x, train_y, test_x, test_y, costs, **kwargs)
     ref = lowshot_svm(train_x, train_y, test_x, test_y, costs, solver="sklearn", **kwargs)
-    np.testing.assert_allclose(ours.maps, ref.maps, atol=0.2)
+    np.testing.assert_allclose(ours.maps[:2], ref.maps[:2], atol=0.2)  # k = 1, 4: every cost
+    # k = 8: liblinear stops short of the optimum at the largest costs (tol 1e-4 / max_iter), so
+    # compare where it converges, as in the full-SVM test
+    small = [j for j, c in enumerate(costs) if c <= 10]
+    np.testing.assert_allclose(ours.maps[2][:, small], ref.maps[2][:, small], atol=0.2)
     summary = ours.summary()
-    assert set(summary) == {"1", "4"}
+    assert set(summary) == {"1", "4", "8"}
     assert summary["4"]["min"] <= summary["4"]["mean"] <= summary["4"]["max"]
     assert summary["4"]["cost"] in costs
 

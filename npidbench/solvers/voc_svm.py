@@ -467,9 +467,7 @@ def _lowshot_batched(
     problems, size = subsets.shape
     n = gram.shape[0]
     if 4 * size > n:
-        return _lowshot_shared_basis(
-            gram, basis, cross, subsets, owner, train_labels, costs, want_train, device
-        )
+        return _lowshot_shared_basis(gram, basis, cross, subsets, owner, train_labels, costs, want_train)
     chunk = max(1, int(CHUNK_BYTES // (8 * size * size)))
     test_scores = np.zeros((cross.shape[0], problems, len(costs)))
     train_scores = np.zeros((gram.shape[0], problems, len(costs))) if want_train else None
@@ -511,7 +509,6 @@ def _lowshot_shared_basis(
     train_labels: np.ndarray,
     costs: Sequence[float],
     want_train: bool,
-    device: str,
 ) -> tuple[np.ndarray, np.ndarray | None, list[int], list[int]]:
     """All subsets as columns over the whole trainval basis; rows outside a subset weigh 0."""
     z = basis()
