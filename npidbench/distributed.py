@@ -41,3 +41,10 @@ def distributed(device: str) -> Iterator[DistInfo]:
         yield DistInfo(dist.get_rank(), dist.get_world_size(), device)
     finally:
         dist.destroy_process_group()
+
+
+def current_world(device: str) -> DistInfo:
+    """This process's rank and the world size inside ``distributed()`` (1 process outside)."""
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+    return DistInfo(0, 1, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import html
 import json
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,12 @@ import pandas as pd
 from npidbench.errors import BadInput
 
 FORMATS = ("markdown", "csv", "json", "latex", "html")
-DATASET_LABELS = {"imagenet": "ImageNet", "voc07": "VOC07"}
+DATASET_LABELS = {
+    "imagenet": "ImageNet",
+    "voc07": "VOC07",
+    "places205": "Places205",
+    "inat18": "iNaturalist2018",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class TableSpec:
     # Columns that depend on the record's seeds (mean ± std over seeds); the others are
     # deterministic and come from the latest record that has them. None: every column.
     seeded: frozenset[str] | None = None
+    config_column: str = "Config"  # the semi-supervised table says "Pretrain Config"
+    # What else tells rows of one checkpoint apart (the semi-supervised 1% and 10% splits).
+    row_part: Callable[[dict[str, Any]], str] | None = None
 
     def is_seeded(self, column: str) -> bool:
         return self.seeded is None or column in self.seeded
@@ -58,6 +67,31 @@ def _voc_svm_values(record: dict[str, Any]) -> dict[str, Any]:
     for column in LOWSHOT_COLUMNS:
         values[column] = per_k.get(column[2:], {}).get("mean")
     return values
+
+
+LINEAR_COLUMNS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
+
+
+def _linear_values(record: dict[str, Any]) -> dict[str, float | None]:
+    """Top-1 per head: the features part fills Feature1..5, the avgpool part AvgPool."""
+    top1 = record["metrics"].get("top1", {})
+    return {column: top1.get(column) for column in LINEAR_COLUMNS}
+
+
+SEMISUP_COLUMNS = ("Fine-tuned Config", "Top-1 (%)", "Top-5 (%)")
+
+
+def _semisup_values(record: dict[str, Any]) -> dict[str, Any]:
+    metrics = record["metrics"]
+    return {
+        "Fine-tuned Config": metrics.get("finetuned_config"),
+        "Top-1 (%)": metrics.get("top1"),
+        "Top-5 (%)": metrics.get("top5"),
+    }
+
+
+def _semisup_split(record: dict[str, Any]) -> str:
+    return record["dataset"].get("train", {}).get("labelled", {}).get("label", "")
 
 
 # Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
@@ -104,6 +138,48 @@ TABLES: dict[str, TableSpec] = {
                         )
                     ),
                 }
+            ]
+        },
+    ),
+    "linear": TableSpec(
+        key="linear",
+        title="Linear Evaluation",
+        columns=LINEAR_COLUMNS,
+        values=_linear_values,
+        references={
+            "imagenet": [
+                {
+                    "Model": _NPID_MODEL,
+                    "Config": _NPID_CONFIG,
+                    **dict(zip(LINEAR_COLUMNS, (14.68, 31.98, 42.85, 56.95, 58.41, 57.97), strict=True)),
+                }
+            ],
+            "places205": [
+                {
+                    "Model": _NPID_MODEL,
+                    "Config": _NPID_CONFIG,
+                    **dict(zip(LINEAR_COLUMNS[:5], (19.98, 34.86, 41.59, 48.43, 48.71), strict=True)),
+                }
+            ],
+        },
+    ),
+    "semisup": TableSpec(
+        key="semisup",
+        title="Semi-Supervised Classification",
+        columns=SEMISUP_COLUMNS,
+        values=_semisup_values,
+        config_column="Pretrain Config",
+        row_part=_semisup_split,
+        references={
+            "imagenet": [
+                {
+                    "Model": f"{_NPID_MODEL}, older OpenSelfSup checkpoint",
+                    "Pretrain Config": _NPID_CONFIG,
+                    "Fine-tuned Config": f"in1k-{pct}_lr0.01-head100",
+                    "Top-1 (%)": top1,
+                    "Top-5 (%)": top5,
+                }
+                for pct, top1, top5 in (("1pct", 27.95, 54.37), ("10pct", 57.22, 81.39))
             ]
         },
     ),
@@ -161,6 +237,7 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
             variant=record.get("variant", ""),
             data=data.get("fingerprint", ""),
             config=record["model"].get("config", "-"),
+            part=spec.row_part(record) if spec.row_part else "",
         )
         rows = groups.setdefault(table_key, {})
         rows.setdefault(row_key, []).append(record)  # oldest first (sorted input)
@@ -172,19 +249,24 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
         names = _display_names(rows)
         body = []
         for row_key, runs in rows.items():
-            cells = {"Model": names[row_key], "Config": runs[-1]["model"].get("config", "-")}
+            cells = {"Model": names[row_key], spec.config_column: runs[-1]["model"].get("config", "-")}
             for column in spec.columns:
                 cells[column] = _aggregate(list(_column_values(spec, column, runs).values()))
             body.append(cells)
-        body.sort(key=lambda c: (c["Model"], c["Config"]))
+        body.sort(key=lambda c: (c["Model"], c[spec.config_column], _natural(str(c[spec.columns[0]]))))
         if reference and not synthetic:
             body.extend(
-                {**ref, **{c: _fmt(ref.get(c)) for c in spec.columns}}
+                {
+                    **ref,
+                    **{c: ref[c] if isinstance(ref.get(c), str) else _fmt(ref.get(c)) for c in spec.columns},
+                }
                 for ref in spec.references.get(dataset, [])
             )
         label = DATASET_LABELS.get(dataset, dataset)
         title = f"{label} {spec.title}" + (" (synthetic data)" if synthetic else "")
-        tables.append(RenderedTable(title, pd.DataFrame(body, columns=["Model", "Config", *spec.columns])))
+        tables.append(
+            RenderedTable(title, pd.DataFrame(body, columns=["Model", spec.config_column, *spec.columns]))
+        )
     return tables
 
 
@@ -209,6 +291,7 @@ class RowKey(NamedTuple):
     variant: str
     data: str  # dataset content fingerprint
     config: str
+    part: str = ""  # e.g. the semi-supervised split (1% and 10% rows of one checkpoint)
 
 
 def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str]:
@@ -236,7 +319,12 @@ def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str
     return out
 
 
-_DEFAULT_PROTOCOLS = {"npid-knn", "voc07-svm"}
+_DEFAULT_PROTOCOLS = {"npid-knn", "voc07-svm", "linear-mhead", "semisup-finetune"}
+
+
+def _natural(text: str) -> tuple:
+    """Sort key that puts "1pct" before "10pct"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 def _fmt(value: float | None) -> str:

@@ -57,11 +57,12 @@ class AugmentedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index] if self.images is not None else self._decode(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, index))
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
             return self.transform(image), index
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, image index): independent streams."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**63 - 1)
@@ -69,7 +70,7 @@ def _mix(*parts: int) -> int:
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_mix(seed, epoch, 7))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch, 7))
     return torch.randperm(size, generator=generator)
 
 

@@ -1,0 +1,353 @@
+"""Linear probes on Feature1..5 + AvgPool of a frozen backbone (PROTOCOLS.md "Linear probes").
+
+Two parts, as the anchors run them: the five FeatureN heads (BN without affine + Linear) trained
+together on one forward pass per batch (mmselfsup's multi-head protocol, last epoch reported),
+and the AvgPool head as its own run with its own augmentation and optimiser (MoCo's protocol:
+lr 30, no weight decay, best epoch reported). ``mode=cached`` trains the same heads on features
+extracted once with the test transform (no augmentation): much faster, a different protocol,
+and named so in the record and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from npidbench.backbone import FEATURE_LAYERS, POOLING, MultiLayerFeatures, layer_channels
+from npidbench.config import config_to_dict
+from npidbench.data import load_split
+from npidbench.data.images import EvalTransform, normalize_batch
+from npidbench.data.splits import DatasetSplit
+from npidbench.distributed import DistInfo, current_world
+from npidbench.errors import BadInput
+from npidbench.features import extract
+from npidbench.solvers.linear import HeadSet, build_heads, topk_correct
+from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.training.augment import AUGMENTATIONS, TrainAugment, TrainImages
+from npidbench.training.batches import augmented_batches, eval_batches, row_batches, training_input
+from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
+
+NAME = "linear"
+DESCRIPTION = "Linear probes: Feature1..5 heads in one pass + the AvgPool head; top-1/top-5"
+TABLE = "linear"
+PARTS = ("features", "avgpool")
+MODES = ("augmented", "cached")
+PROTOCOLS = {"augmented": "linear-mhead", "cached": "linear-cached"}
+
+
+@dataclass(frozen=True)
+class Config:
+    parts: tuple[str, ...] = PARTS
+    mode: str = "augmented"  # cached: heads on features extracted once, no augmentation
+    batch_size: int = 256  # global batch; lrs below are for 256 and scaled linearly
+    seed: int = 0
+    resize: int = 256  # test transform: short side 256, center crop 224
+    crop: int = 224
+    train_resize: int = 256  # places augmentation: resize and center crop before the random crop
+    train_split: str = "train"
+    test_split: str = "val"
+    momentum: float = 0.9
+    gamma: float = 0.1
+    # FeatureN heads (mmselfsup 0.x multi-head protocol; ImageNet: 90 epochs, steps 30/60)
+    features_epochs: int = 90
+    features_milestones: tuple[int, ...] = (30, 60)
+    features_lr: float = 0.01
+    features_weight_decay: float = 1e-4
+    features_nesterov: bool = True
+    features_augment: str = "rrc-jitter-lighting"
+    color_jitter: float = 0.4
+    lighting: float = 0.1
+    # AvgPool head (MoCo protocol: lr 30, wd 0, 100 epochs, steps 60/80, best epoch)
+    avgpool_epochs: int = 100
+    avgpool_milestones: tuple[int, ...] = (60, 80)
+    avgpool_lr: float = 30.0
+    avgpool_weight_decay: float = 0.0
+    avgpool_augment: str = "rrc"
+    avgpool_eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if (
+            not self.parts
+            or any(p not in PARTS for p in self.parts)
+            or len(set(self.parts)) != len(self.parts)
+        ):
+            raise ValueError(f"parts must be some of {', '.join(PARTS)}, got {list(self.parts)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode}; choose augmented (the protocol) or cached (fast)")
+        for name in ("features_augment", "avgpool_augment"):
+            if getattr(self, name) not in AUGMENTATIONS:
+                raise ValueError(f"{name}={getattr(self, name)}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.batch_size < 1 or self.features_epochs < 1 or self.avgpool_epochs < 1:
+            raise ValueError("batch_size, features_epochs and avgpool_epochs must be at least 1")
+        if min(self.features_lr, self.avgpool_lr) <= 0:
+            raise ValueError("learning rates must be positive")
+        if min(self.features_weight_decay, self.avgpool_weight_decay, self.momentum) < 0:
+            raise ValueError("weight decay and momentum cannot be negative")
+        if not (1 <= self.crop <= self.resize) or self.train_resize < self.crop:
+            raise ValueError(f"need 1 <= crop <= resize and train_resize >= crop, got crop {self.crop}")
+        if self.avgpool_eval_every < 1:
+            raise ValueError("avgpool_eval_every must be at least 1")
+
+    def part(self, name: str) -> _Part:
+        if name == "features":
+            augment = TrainAugment(
+                self.features_augment, self.crop, self.train_resize, self.color_jitter, self.lighting
+            )
+            return _Part(
+                name,
+                FEATURE_LAYERS,
+                StepSchedule(self.features_epochs, self.features_milestones, self.gamma),
+                self.features_lr,
+                self.features_weight_decay,
+                self.features_nesterov,
+                augment,
+                eval_every=self.features_epochs,  # reported at the last epoch
+            )
+        augment = TrainAugment(self.avgpool_augment, self.crop, self.train_resize, 0.0, 0.0)
+        return _Part(
+            name,
+            ("AvgPool",),
+            StepSchedule(self.avgpool_epochs, self.avgpool_milestones, self.gamma),
+            self.avgpool_lr,
+            self.avgpool_weight_decay,
+            False,
+            augment,
+            eval_every=self.avgpool_eval_every,
+        )
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    layers: tuple[str, ...]
+    schedule: StepSchedule
+    lr: float
+    weight_decay: float
+    nesterov: bool
+    augment: TrainAugment
+    eval_every: int
+
+    def evaluate_at(self, epoch: int) -> bool:
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.schedule.epochs
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    dataset = ctx.preset.dataset
+    train = load_split(dataset, config.train_split, ctx.data_root)
+    test = load_split(dataset, config.test_split, ctx.data_root)
+    if len(test.classes) > len(train.classes):
+        raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
+    world = current_world(ctx.extract.device)
+    if config.batch_size % world.world_size:
+        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
+        layers = tuple(layer for name in config.parts for layer in config.part(name).layers)
+        transform = EvalTransform(config.resize, config.crop, "center-crop")
+        for split in (train, test):
+            extract(ctx.backbone, split, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)
+    states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
+    for name in config.parts:
+        part = config.part(name)
+        state = ResumeState(ctx.cache.root, _identity(ctx, config, train, part, world), world)
+        history = _train_part(ctx, config, part, train, test, world, state)
+        histories[name] = history
+        states.append(state)
+        evaluated = [line for line in history if "eval" in line]
+        if name == "features":  # mmselfsup reports the last epoch of the multi-head run
+            chosen = evaluated[-1]
+        else:  # MoCo reports the best epoch of the AvgPool run
+            chosen = max(evaluated, key=lambda line: line["eval"]["AvgPool"]["top1"])
+            metrics["avgpool_best_epoch"] = chosen["epoch"]
+        for layer in part.layers:
+            metrics["top1"][layer] = chosen["eval"][layer]["top1"]
+            metrics["top5"][layer] = chosen["eval"][layer]["top5"]
+    for state in states:
+        state.clear()
+    return TaskOutput(
+        metrics=metrics,
+        dataset={
+            "name": dataset,
+            "display": train.display_name,
+            "synthetic": train.synthetic,
+            "root": str(train.root),
+            "fingerprint": train.fingerprint,
+            "train": {"split": train.split, "images": len(train)},
+            "test": {"split": test.split, "images": len(test)},
+            "classes": len(train.classes),
+        },
+        protocol=PROTOCOLS[config.mode],
+        seeds=[config.seed],
+        details={
+            "history": histories,
+            "global_batch": config.batch_size,
+            "lr_scaled": {name: scaled_lr(config.part(name).lr, config.batch_size) for name in config.parts},
+        },
+    )
+
+
+def _identity(
+    ctx: RunContext, config: Config, train: DatasetSplit, part: _Part, world: DistInfo
+) -> dict[str, Any]:
+    """What makes two runs the same run (resume state is shared only between those)."""
+    assert ctx.backbone is not None
+    return {
+        "task": ctx.preset.name,
+        "part": part.name,
+        "checkpoint": ctx.backbone.sha256,
+        "branch": ctx.backbone.inspection.branch,
+        "config": config_to_dict(config),
+        "data": train.fingerprint,
+        "world_size": world.world_size,
+    }
+
+
+def _train_part(
+    ctx: RunContext,
+    config: Config,
+    part: _Part,
+    train: DatasetSplit,
+    test: DatasetSplit,
+    world: DistInfo,
+    state: ResumeState,
+) -> list[dict[str, Any]]:
+    assert ctx.backbone is not None
+    device = torch.device(world.device)
+    model = ctx.backbone.model
+    channels = layer_channels(model)
+    grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
+    torch.manual_seed(config.seed)  # the heads' initial weights
+    heads = build_heads(part.layers, channels, grids, len(train.classes)).to(device)
+    trainable: nn.Module = heads
+    if world.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trainable = DistributedDataParallel(heads, device_ids=ids)
+    optimizer = torch.optim.SGD(
+        heads.parameters(),
+        lr=scaled_lr(part.lr, config.batch_size),
+        momentum=config.momentum,
+        nesterov=part.nesterov,
+        weight_decay=part.weight_decay,  # the heads hold Linear layers only (BN has no affine)
+    )
+    local_batch = config.batch_size // world.world_size
+    test_transform = EvalTransform(config.resize, config.crop, "center-crop")
+    shown = part.layers[-1]
+
+    def loss_of(features: dict[str, torch.Tensor], labels: torch.Tensor) -> StepResult:
+        logits = trainable(features)
+        loss = sum(F.cross_entropy(out, labels) for out in logits.values())
+        return StepResult(loss, len(labels), topk_correct(logits[shown].detach(), labels, (1,))[1])
+
+    if config.mode == "augmented":
+        extractor = _frozen_extractor(model, part.layers, device)
+        images = TrainImages(train, part.augment, config.seed)
+        batches = augmented_batches(images, world, local_batch, ctx.extract.workers, device)
+
+        def step(batch) -> StepResult:
+            with torch.no_grad(), _autocast(device):
+                features = extractor(training_input(batch, device))
+            return loss_of(_float(features), batch.labels.to(device))
+
+        def test_features():
+            for uint8, labels in eval_batches(
+                test, test_transform, world, ctx.extract.batch_size, ctx.extract.workers
+            ):
+                with torch.no_grad(), _autocast(device):
+                    features = extractor(normalize_batch(uint8.to(device)))
+                yield _float(features), labels.to(device)
+
+        size = len(train)
+    else:
+        train_x, train_y = _cached(ctx, train, test_transform, part.layers)
+        test_x, test_y = _cached(ctx, test, test_transform, part.layers)
+        batches = row_batches(len(train_y), world, local_batch, config.seed)
+
+        def step(rows: torch.Tensor) -> StepResult:
+            return loss_of(_rows(train_x, rows, device), train_y[rows].to(device))
+
+        def test_features():
+            shard = torch.arange(world.rank, len(test_y), world.world_size)
+            for rows in shard.split(ctx.extract.batch_size):
+                yield _rows(test_x, rows, device), test_y[rows].to(device)
+
+        size = len(train_y)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, Any]:
+        heads.eval()
+        counts = torch.zeros(len(part.layers), 2, dtype=torch.float64, device=device)
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        for features, labels in test_features():
+            for i, out in enumerate(heads(features).values()):
+                hits = topk_correct(out, labels, (1, 5))
+                counts[i, 0] += hits[1]
+                counts[i, 1] += hits[5]
+            total += len(labels)
+        all_reduce_sum(counts, world)
+        all_reduce_sum(total, world)
+        heads.train()
+        n = float(total.item())
+        return {
+            layer: {"top1": round(100 * float(c[0]) / n, 3), "top5": round(100 * float(c[1]) / n, 3)}
+            for layer, c in zip(part.layers, counts, strict=True)
+        }
+
+    return fit(
+        label=f"linear {part.name}" + (" (cached)" if config.mode == "cached" else ""),
+        trainable=heads,
+        optimizer=optimizer,
+        base_lrs=[scaled_lr(part.lr, config.batch_size)],
+        schedule=part.schedule,
+        batches=batches,
+        step=step,
+        evaluate=evaluate,
+        evaluate_at=part.evaluate_at,
+        state=state,
+        world=world,
+        images_per_epoch=size,
+    )
+
+
+def _frozen_extractor(model: nn.Module, layers: tuple[str, ...], device: torch.device) -> MultiLayerFeatures:
+    """The backbone in eval mode (BN statistics frozen) without gradients: one forward pass
+    yields every head's input."""
+    extractor = MultiLayerFeatures(model, layers).to(device).eval()
+    for param in extractor.parameters():
+        param.requires_grad_(False)
+    return extractor.to(memory_format=torch.channels_last)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _float(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.float() for name, value in features.items()}
+
+
+def _cached(
+    ctx: RunContext, split: DatasetSplit, transform: EvalTransform, layers: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """Cached features (memory-mapped) of the readable images and their labels."""
+    assert ctx.backbone is not None
+    entries = extract(ctx.backbone, split, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)
+    first = entries[layers[0]]
+    keep = first.valid if first.skipped else slice(None)
+    arrays = {name: np.asarray(entry.features)[keep] for name, entry in entries.items()}
+    return arrays, torch.from_numpy(np.asarray(first.labels)[keep].astype(np.int64))
+
+
+def _rows(arrays: dict[str, np.ndarray], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    index = rows.numpy()
+    return {name: torch.from_numpy(np.ascontiguousarray(a[index])).to(device) for name, a in arrays.items()}
+
+
+def frozen_heads_for(model: nn.Module, classes: int, layers: tuple[str, ...] = FEATURE_LAYERS) -> HeadSet:
+    """The heads a probe of ``model`` trains (used by tests and benchmarks to read their sizes)."""
+    grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
+    return build_heads(layers, layer_channels(model), grids, classes)

@@ -1,0 +1,330 @@
+"""Semi-supervised ImageNet: fine-tune the whole network on 1% or 10% of the labels
+(PROTOCOLS.md "Semi-supervised ImageNet 1% / 10%"; mmselfsup 0.x / OpenSelfSup).
+
+Every grid point (base lr x head lr multiplier) fine-tunes backbone + Linear(C, classes) for 20
+epochs (lr x0.2 at 12 and 16); the published protocol picks the best point on ImageNet val
+(test-selected). ``selection=heldout`` is the honest variant: points are compared on a held-out
+part of the labelled split, and the chosen one is refitted on all of it before the val test.
+The split is a SimCLR-format list file (``split_file=``) or a seeded class-balanced draw of the
+same size; the record names which, and the report's "Fine-tuned Config" names split and point.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from npidbench.backbone import layer_channels
+from npidbench.config import config_to_dict
+from npidbench.data import load_split
+from npidbench.data.imagenet import load_imagenet_subset
+from npidbench.data.images import EvalTransform, normalize_batch
+from npidbench.data.splits import DatasetSplit
+from npidbench.distributed import DistInfo, current_world
+from npidbench.errors import BadInput
+from npidbench.progress import log
+from npidbench.solvers.linear import topk_correct
+from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.training.augment import TrainAugment, TrainImages
+from npidbench.training.batches import augmented_batches, eval_batches, training_input
+from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
+
+NAME = "semisup"
+DESCRIPTION = "Semi-supervised fine-tuning on 1% / 10% of ImageNet labels, lr x head-multiplier grid"
+TABLE = "semisup"
+SELECTIONS = ("test", "heldout")
+PROTOCOL = "semisup-finetune"
+
+
+@dataclass(frozen=True)
+class Config:
+    fraction: float = 0.01  # of the train split, when no split_file is given
+    split_file: str = ""  # a SimCLR imagenet_subsets list (one train file name per line)
+    lrs: tuple[float, ...] = (0.001, 0.01, 0.1)  # base lr grid (for batch 256)
+    head_mults: tuple[float, ...] = (1.0, 10.0, 100.0)  # head lr multiplier grid
+    lr: float | None = None  # with head_mult: one grid point instead of the grid
+    head_mult: float | None = None
+    epochs: int = 20
+    milestones: tuple[int, ...] = (12, 16)
+    gamma: float = 0.2
+    weight_decay: float = 5e-4  # 1%: 5e-4, 10%: 1e-4
+    momentum: float = 0.9
+    batch_size: int = 256  # global; lrs are for 256 and scaled linearly
+    selection: str = "test"  # test: best point on val (published); heldout: on labelled data
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    resize: int = 256  # test transform
+    crop: int = 224
+    train_split: str = "train"
+    test_split: str = "val"
+    sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if (self.lr is None) != (self.head_mult is None):
+            raise ValueError("give both lr and head_mult for one grid point, or neither for the grid")
+        if not self.lrs or not self.head_mults or min(self.lrs) <= 0 or min(self.head_mults) <= 0:
+            raise ValueError("lrs and head_mults must be non-empty lists of positive numbers")
+        if self.lr is not None and (self.lr <= 0 or self.head_mult <= 0):  # type: ignore[operator]
+            raise ValueError("lr and head_mult must be positive")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection}; choose test (published) or heldout")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+        if not 1 <= self.crop <= self.resize:
+            raise ValueError(f"need 1 <= crop <= resize, got crop {self.crop}, resize {self.resize}")
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        if self.lr is not None and self.head_mult is not None:
+            return [(self.lr, self.head_mult)]
+        return list(itertools.product(self.lrs, self.head_mults))
+
+
+def point_name(lr: float, head_mult: float) -> str:
+    return f"lr{lr:g}-head{head_mult:g}"
+
+
+def choose_point(scores: dict[str, float]) -> str:
+    """The grid point with the highest score; ties go to the first in grid order."""
+    best = max(scores.values())
+    return next(name for name, score in scores.items() if score == best)
+
+
+def balanced_draw(train: DatasetSplit, count: int, seed: int) -> list[int]:
+    """``count`` indices of ``train``, as equal per class as the class sizes allow (the extra
+    images go to randomly chosen classes), drawn with ``seed``."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(train.samples):
+        by_class.setdefault(label, []).append(index)
+    classes = sorted(by_class)
+    quota = {c: count // len(classes) for c in classes}
+    for c in rng.sample(classes, count % len(classes)):
+        quota[c] += 1
+    chosen = []
+    for c in classes:
+        chosen.extend(rng.sample(by_class[c], min(quota[c], len(by_class[c]))))
+    return sorted(chosen)
+
+
+def held_out(split: DatasetSplit, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held-out) indices of ``split``: per class, ``fraction`` of the images (at least one
+    where a class has two or more) are held out."""
+    rng = random.Random(seed + 1)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(split.samples):
+        by_class.setdefault(label, []).append(index)
+    fit_rows, held = [], []
+    for members in by_class.values():
+        take = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        picked = set(rng.sample(members, take))
+        held.extend(i for i in members if i in picked)
+        fit_rows.extend(i for i in members if i not in picked)
+    return sorted(fit_rows), sorted(held)
+
+
+def labelled_split(train: DatasetSplit, config: Config) -> tuple[DatasetSplit, dict[str, Any]]:
+    """The labelled subset and how it was made (recorded)."""
+    if config.split_file:
+        subset = load_imagenet_subset(train, Path(config.split_file).expanduser())
+        info = {"source": "list", "file": str(config.split_file)}
+    else:
+        count = max(1, round(config.fraction * len(train)))
+        subset = train.subset(balanced_draw(train, count, config.seed), f"{train.split}-draw{count}")
+        info = {"source": "class-balanced draw", "seed": config.seed}
+    percent = 100 * len(subset) / len(train)
+    label = f"in1k-{round(percent, 1):g}pct" + ("" if config.split_file else "-drawn")
+    info.update({"label": label, "images": len(subset), "percent": round(percent, 4)})
+    return subset, info
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    assert ctx.backbone is not None
+    dataset = ctx.preset.dataset
+    train = load_split(dataset, config.train_split, ctx.data_root)
+    test = load_split(dataset, config.test_split, ctx.data_root)
+    world = current_world(ctx.extract.device)
+    if config.batch_size % world.world_size:
+        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    labelled, split_info = labelled_split(train, config)
+    eval_transform = EvalTransform(config.resize, config.crop, "center-crop")
+    states: list[ResumeState] = []
+
+    def finetune(
+        lr: float, mult: float, data: DatasetSplit, judge: DatasetSplit, tag: str
+    ) -> dict[str, float]:
+        state = ResumeState(ctx.cache.root, _identity(ctx, config, data, lr, mult, tag, world), world)
+        states.append(state)
+        history = _finetune(ctx, config, lr, mult, data, judge, eval_transform, world, state, tag)
+        return history[-1]["eval"]
+
+    grid_scores: dict[str, dict[str, float]] = {}
+    if config.selection == "test":
+        for lr, mult in config.grid:
+            grid_scores[point_name(lr, mult)] = finetune(lr, mult, labelled, test, "val")
+        chosen = choose_point({name: s["top1"] for name, s in grid_scores.items()})
+        final = grid_scores[chosen]
+    else:
+        fit_rows, held_rows = held_out(labelled, config.heldout_fraction, config.seed)
+        fit_split = labelled.subset(fit_rows, f"{labelled.split}-fit")
+        held_split = labelled.subset(held_rows, f"{labelled.split}-heldout")
+        for lr, mult in config.grid:
+            grid_scores[point_name(lr, mult)] = finetune(lr, mult, fit_split, held_split, "heldout")
+        chosen = choose_point({name: s["top1"] for name, s in grid_scores.items()})
+        lr, mult = dict((point_name(a, b), (a, b)) for a, b in config.grid)[chosen]
+        log(f"semisup: {chosen} is best on the held-out images; refitting it on all {len(labelled)}")
+        final = finetune(lr, mult, labelled, test, "val")
+    for state in states:
+        state.clear()
+    return TaskOutput(
+        metrics={
+            "top1": final["top1"],
+            "top5": final["top5"],
+            "finetuned_config": f"{split_info['label']}_{chosen}",
+            "chosen": chosen,
+            "grid": grid_scores,
+        },
+        dataset={
+            "name": dataset,
+            "display": train.display_name,
+            "synthetic": train.synthetic,
+            "root": str(train.root),
+            "fingerprint": train.fingerprint,
+            "train": {"split": train.split, "images": len(train), "labelled": split_info},
+            "test": {"split": test.split, "images": len(test)},
+            "classes": len(train.classes),
+        },
+        protocol=PROTOCOL,
+        seeds=[config.seed],
+        details={
+            "selection": config.selection,
+            "selected_on": "val (test-selected, as published)"
+            if config.selection == "test"
+            else f"held-out {config.heldout_fraction:g} of the labelled split",
+            "global_batch": config.batch_size,
+            "lr_scaled": {point_name(a, b): scaled_lr(a, config.batch_size) for a, b in config.grid},
+        },
+    )
+
+
+def _identity(
+    ctx: RunContext, config: Config, data: DatasetSplit, lr: float, mult: float, tag: str, world: DistInfo
+) -> dict[str, Any]:
+    assert ctx.backbone is not None
+    return {
+        "task": ctx.preset.name,
+        "checkpoint": ctx.backbone.sha256,
+        "branch": ctx.backbone.inspection.branch,
+        "config": config_to_dict(config),
+        "point": point_name(lr, mult),
+        "judge": tag,
+        "data": data.fingerprint,
+        "images": [Path(p).name for p, _ in data.samples],
+        "world_size": world.world_size,
+    }
+
+
+class _Classifier(nn.Module):
+    """The backbone (torchvision ResNet without fc: global pooled features) + Linear head."""
+
+    def __init__(self, backbone: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(layer_channels(backbone)["AvgPool"], classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def _finetune(
+    ctx: RunContext,
+    config: Config,
+    lr: float,
+    mult: float,
+    data: DatasetSplit,
+    judge: DatasetSplit,
+    transform: EvalTransform,
+    world: DistInfo,
+    state: ResumeState,
+    tag: str,
+) -> list[dict[str, Any]]:
+    assert ctx.backbone is not None
+    device = torch.device(world.device)
+    torch.manual_seed(config.seed)  # the head's initial weights
+    model: nn.Module = _Classifier(copy.deepcopy(ctx.backbone.model), len(data.classes))
+    if config.sync_bn and world.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    wrapped: nn.Module = model
+    if world.world_size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    base = scaled_lr(lr, config.batch_size)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.backbone.parameters(), "lr": base},
+            {"params": model.head.parameters(), "lr": base * mult},
+        ],
+        lr=base,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    images = TrainImages(data, TrainAugment("rrc", config.crop, config.resize), config.seed)
+    batches = augmented_batches(
+        images, world, config.batch_size // world.world_size, ctx.extract.workers, device
+    )
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(batch) -> StepResult:
+        labels = batch.labels.to(device)
+        with amp:
+            logits = wrapped(training_input(batch, device))
+        loss = F.cross_entropy(logits.float(), labels)
+        return StepResult(loss, len(labels), topk_correct(logits.detach(), labels, (1,))[1])
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        counts = torch.zeros(3, dtype=torch.float64, device=device)
+        for uint8, labels in eval_batches(
+            judge, transform, world, ctx.extract.batch_size, ctx.extract.workers
+        ):
+            with amp:
+                logits = model(normalize_batch(uint8.to(device)))
+            hits = topk_correct(logits.float(), labels.to(device), (1, 5))
+            counts += torch.tensor([hits[1], hits[5], len(labels)], dtype=torch.float64, device=device)
+        all_reduce_sum(counts, world)
+        model.train()
+        return {
+            "top1": round(100 * float(counts[0] / counts[2]), 3),
+            "top5": round(100 * float(counts[1] / counts[2]), 3),
+        }
+
+    return fit(
+        label=f"semisup {point_name(lr, mult)}" + (" (held-out)" if tag == "heldout" else ""),
+        trainable=model,
+        optimizer=optimizer,
+        base_lrs=[base, base * mult],
+        schedule=StepSchedule(config.epochs, config.milestones, config.gamma),
+        batches=batches,
+        step=step,
+        evaluate=evaluate,
+        evaluate_at=lambda epoch: epoch + 1 == config.epochs,
+        state=state,
+        world=world,
+        images_per_epoch=len(data),
+    )

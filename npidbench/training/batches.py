@@ -1,0 +1,78 @@
+"""Batches for the supervised protocols: augmented training images, evaluation images, and
+cached feature rows, each sharded over torchrun's processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
+from npidbench.data.splits import DatasetSplit
+from npidbench.distributed import DistInfo
+from npidbench.errors import BadInput
+from npidbench.training.augment import TrainBatch, TrainImages, apply_lighting, collate_train
+from npidbench.training.loop import epoch_indices
+
+
+def augmented_batches(
+    images: TrainImages, world: DistInfo, batch_size: int, workers: int, device: torch.device
+) -> Callable[[int], Iterator[TrainBatch]]:
+    """epoch -> this rank's augmented batches (``batch_size`` per process)."""
+
+    def for_epoch(epoch: int) -> Iterator[TrainBatch]:
+        images.epoch = epoch
+        order = epoch_indices(len(images), world, images.seed, epoch)
+        loader = DataLoader(
+            images,
+            batch_size=batch_size,
+            sampler=order,
+            num_workers=0 if images.images is not None else workers,
+            collate_fn=collate_train,
+            pin_memory=device.type == "cuda",
+        )
+        for batch in loader:
+            if batch.error is not None:
+                index, reason = batch.error
+                raise BadInput(
+                    f"unreadable training image {images.split.samples[index][0]}: {reason} (replace the file)"
+                )
+            yield batch
+
+    return for_epoch
+
+
+def training_input(batch: TrainBatch, device: torch.device) -> torch.Tensor:
+    """uint8 batch -> normalised float on ``device`` with the batch's PCA lighting applied."""
+    assert batch.images is not None
+    images = normalize_batch(batch.images.to(device, non_blocking=True))
+    if batch.lighting.abs().sum() > 0:
+        images = apply_lighting(images, batch.lighting)
+    return images
+
+
+def eval_batches(
+    split: DatasetSplit, transform: EvalTransform, world: DistInfo, batch_size: int, workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share (every world-th image) of ``split`` as (uint8 images, labels)."""
+    shard = list(range(world.rank, len(split), world.world_size))
+    dataset = ImageList([split.samples[i] for i in shard], transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    for batch in loader:
+        if batch.errors:
+            index, reason = batch.errors[0]
+            raise BadInput(f"unreadable image {split.samples[shard[index]][0]}: {reason} (replace the file)")
+        yield batch.images, batch.labels
+
+
+def row_batches(
+    size: int, world: DistInfo, batch_size: int, seed: int
+) -> Callable[[int], Iterator[torch.Tensor]]:
+    """epoch -> this rank's batches of row indices into cached feature arrays."""
+
+    def for_epoch(epoch: int) -> Iterator[torch.Tensor]:
+        order = torch.tensor(epoch_indices(size, world, seed, epoch), dtype=torch.long)
+        yield from order.split(batch_size)
+
+    return for_epoch
