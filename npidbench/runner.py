@@ -192,6 +192,10 @@ def run_task(request: RunRequest) -> Path | None:
         },
         details={
             **output.details,
+            # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
+            "profile": {"name": "synthetic", "settings": preset.synthetic}
+            if data_root is None and preset.synthetic
+            else {"name": "protocol"},
             "device": options.device,
             "world_size": world.world_size,
             "workers": options.workers,

@@ -68,3 +68,42 @@ def test_torchrun_two_ranks_write_one_record_equal_to_one_process(random_checkpo
     assert single.stderr.count("cache hit") == 2
     (single_path,) = Path(tmp_path / "single").glob("*.json")
     assert json.loads(single_path.read_text())["metrics"] == distributed_record["metrics"]
+
+
+def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*command, "-m", "npidbench.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_linear_probe_and_fine_tuning(random_checkpoint, tmp_path):
+    """Two gloo ranks: DDP heads (augmented and cached) and DDP fine-tuning; one record each,
+    with the global batch and the scaled lr recorded."""
+    from helpers import tiny_imagefolder
+
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=8, split="train", seed=0)
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=4, split="val", seed=1)
+    env = {**os.environ, "NPIDBENCH_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    common = ["--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "results")]
+    small = ["resize=48", "crop=40", "batch_size=8"]
+    runs = [
+        ("linear-imagenet", [*small, "features_epochs=1", "avgpool_epochs=2", "train_resize=48"]),
+        ("linear-imagenet", [*small, "mode=cached", "parts=[avgpool]", "avgpool_epochs=2"]),
+        ("semisup-imagenet-10pct", [*small, "fraction=0.5", "epochs=2", "lr=0.01", "head_mult=10"]),
+    ]
+    for task, settings in runs:
+        sets = [part for setting in settings for part in ("--set", setting)]
+        result = _torchrun(["run", task, str(random_checkpoint), *common, *sets], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len([line for line in result.stdout.splitlines() if line.strip()]) == 1  # rank 0 only
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results").glob("*.json"))]
+    assert len(records) == 3
+    for record in records:
+        assert record["details"]["world_size"] == 2
+        assert record["details"]["global_batch"] == 8
+    linear = [r for r in records if r["family"] == "linear"]
+    assert {r["protocol"] for r in linear} == {"linear-mhead", "linear-cached"}
+    assert all(0 <= r["metrics"]["top1"]["AvgPool"] <= 100 for r in linear)
+    assert not list((tmp_path / "home").rglob("state.pth"))  # resume states cleared after the run

@@ -239,3 +239,36 @@ def test_record_says_lr_scaling_and_profile(random_checkpoint, tiny_root, tmp_pa
     assert record["details"]["global_batch"] == 8
     assert record["details"]["lr_scaled"] == {"avgpool": 30.0 * 8 / 256}
     assert set(record["metrics"]["top1"]) == {"AvgPool"}
+    assert record["details"]["profile"] == {"name": "protocol"}
+
+
+EMBEDDED_RUNS = {
+    "linear-imagenet": ["features_epochs=1", "avgpool_epochs=1"],
+    "linear-places205": ["features_epochs=1", "avgpool_epochs=1"],
+    "linear-inat18": ["features_epochs=1", "avgpool_epochs=1"],
+    "semisup-imagenet-1pct": ["epochs=1"],
+    "semisup-imagenet-10pct": ["epochs=1", "lrs=[0.01]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(EMBEDDED_RUNS))
+def test_every_preset_runs_on_the_embedded_data(random_checkpoint, tmp_path, task):
+    """Acceptance: each preset end to end on the embedded synthetic layout (epochs cut by --set)."""
+    path = run_task(
+        RunRequest(
+            task=task, checkpoint=random_checkpoint, set_options=EMBEDDED_RUNS[task], results=tmp_path / "r"
+        )
+    )
+    record = json.loads(Path(path).read_text())
+    assert record["details"]["profile"]["name"] == "synthetic"
+    assert record["details"]["profile"]["settings"]["batch_size"] == 64
+    assert record["dataset"]["synthetic"] is True
+    (table,) = build_tables([record])
+    assert table.title.endswith("(synthetic data)")
+    assert table.title.split(" (")[0] in {
+        "ImageNet Linear Evaluation",
+        "Places205 Linear Evaluation",
+        "iNaturalist2018 Linear Evaluation",
+        "ImageNet Semi-Supervised Classification",
+    }

@@ -98,3 +98,69 @@ def test_branches_variants_and_datasets_of_one_checkpoint_are_separate_rows():
     a["dataset"]["fingerprint"], b["dataset"]["fingerprint"] = "1" * 64, "2" * 64
     (table,) = build_tables([a, b])
     assert sorted(table.frame["Model"]) == ["m [data 11111111]", "m [data 22222222]"]
+
+
+def _linear_record(dataset: str, top1: dict, protocol: str = "linear-mhead", synthetic: bool = False) -> dict:
+    record = make_record(synthetic=synthetic, protocol=protocol)
+    record.update(task=f"linear-{dataset}", family="linear", table="linear", seeds=[0])
+    record["dataset"]["name"] = dataset
+    record["metrics"] = {"top1": top1, "top5": {}}
+    return record
+
+
+def _semisup_record(label: str, top1: float) -> dict:
+    record = make_record(synthetic=False, protocol="semisup-finetune")
+    record.update(task="semisup", family="semisup", table="semisup", seeds=[0])
+    record["dataset"]["train"] = {"labelled": {"label": label}}
+    record["metrics"] = {"top1": top1, "top5": top1 + 20, "finetuned_config": f"{label}_lr0.01-head100"}
+    return record
+
+
+def test_linear_and_semisup_tables_have_the_exact_headers_titles_and_references():
+    heads = {
+        name: 10.0 + i
+        for i, name in enumerate(["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"])
+    }
+    records = [
+        _linear_record("imagenet", heads),
+        _linear_record("places205", heads),
+        _linear_record("inat18", heads),
+        _semisup_record("in1k-10pct", 50.0),
+        _semisup_record("in1k-1pct", 20.0),
+    ]
+    tables = {t.title: t for t in build_tables(records, reference=True)}
+    assert sorted(tables) == [
+        "ImageNet Linear Evaluation",
+        "ImageNet Semi-Supervised Classification",
+        "Places205 Linear Evaluation",
+        "iNaturalist2018 Linear Evaluation",
+    ]
+    text = render(list(tables.values()), "markdown")
+    headers = {normalise(line) for line in text.splitlines() if line.startswith("| Model")}
+    assert headers == {
+        "| Model | Config | Feature1 | Feature2 | Feature3 | Feature4 | Feature5 | AvgPool |",
+        "| Model | Pretrain Config | Fine-tuned Config | Top-1 (%) | Top-5 (%) |",
+    }
+    imagenet = tables["ImageNet Linear Evaluation"].frame
+    assert list(imagenet.iloc[-1][2:]) == ["14.68", "31.98", "42.85", "56.95", "58.41", "57.97"]
+    places = tables["Places205 Linear Evaluation"].frame
+    assert list(places.iloc[-1][2:]) == ["19.98", "34.86", "41.59", "48.43", "48.71", "-"]
+    assert len(tables["iNaturalist2018 Linear Evaluation"].frame) == 1  # no published NPID row
+    semisup = tables["ImageNet Semi-Supervised Classification"].frame
+    assert list(semisup["Fine-tuned Config"]) == [
+        "in1k-1pct_lr0.01-head100",
+        "in1k-10pct_lr0.01-head100",
+        "in1k-1pct_lr0.01-head100",
+        "in1k-10pct_lr0.01-head100",
+    ]
+    assert list(semisup["Top-1 (%)"]) == ["20.00", "50.00", "27.95", "57.22"]
+
+
+def test_cached_linear_rows_are_marked_and_parts_fill_one_row():
+    features = _linear_record("imagenet", {f"Feature{i}": 10.0 * i for i in range(1, 6)})
+    avgpool = _linear_record("imagenet", {"AvgPool": 55.0})
+    cached = _linear_record("imagenet", {"AvgPool": 50.0}, protocol="linear-cached")
+    (table,) = build_tables([features, avgpool, cached])
+    rows = {row["Model"]: row for row in table.frame.to_dict(orient="records")}
+    assert rows["m"]["Feature1"] == "10.00" and rows["m"]["AvgPool"] == "55.00"
+    assert rows["m [linear-cached]"]["AvgPool"] == "50.00" and rows["m [linear-cached]"]["Feature1"] == "-"

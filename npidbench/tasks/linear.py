@@ -244,7 +244,7 @@ def _train_part(
         return StepResult(loss, len(labels), topk_correct(logits[shown].detach(), labels, (1,))[1])
 
     if config.mode == "augmented":
-        extractor = _frozen_extractor(model, part.layers, device)
+        extractor = frozen_extractor(model, part.layers, device)
         images = TrainImages(train, part.augment, config.seed)
         batches = augmented_batches(images, world, local_batch, ctx.extract.workers, device)
 
@@ -313,7 +313,7 @@ def _train_part(
     )
 
 
-def _frozen_extractor(model: nn.Module, layers: tuple[str, ...], device: torch.device) -> MultiLayerFeatures:
+def frozen_extractor(model: nn.Module, layers: tuple[str, ...], device: torch.device) -> MultiLayerFeatures:
     """The backbone in eval mode (BN statistics frozen) without gradients: one forward pass
     yields every head's input."""
     extractor = MultiLayerFeatures(model, layers).to(device).eval()
