@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from npidbench.backbone import FEATURE_LAYERS, build_resnet
-from npidbench.tasks.linear import frozen_extractor, frozen_heads_for
+from npidbench.tasks.linear import frozen_extractor, frozen_heads_for, sgd
 
 VARIANTS = {"five-heads": FEATURE_LAYERS, "feature5": ("Feature5",), "avgpool": ("AvgPool",)}
 
@@ -44,9 +44,7 @@ def main() -> None:
     probes = {}
     for name, layers in VARIANTS.items():
         heads = frozen_heads_for(model, args.classes, layers)
-        optimizer = torch.optim.SGD(
-            heads.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4
-        )
+        optimizer = sgd(heads.parameters(), 0.01, 0.9, True, 1e-4)  # as the task builds it
         probes[name] = (frozen_extractor(model, layers, device), heads.train(), optimizer)
     images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (args.batch,))

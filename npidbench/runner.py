@@ -80,7 +80,12 @@ def protocol_variant(preset: Preset, synthetic: bool, config: Any) -> str:
     as published. The report names variants, so changed settings never pass as the standard."""
     standard = config_to_dict(resolve_config(preset, synthetic, []))
     actual = config_to_dict(config)
-    changed = [f"{k}={actual[k]}".replace(" ", "") for k in sorted(actual) if actual[k] != standard.get(k)]
+    named = set(getattr(family_of(preset), "PROTOCOL_KEYS", ()))  # settings the protocol name says
+    changed = [
+        f"{k}={actual[k]}".replace(" ", "")
+        for k in sorted(actual)
+        if actual[k] != standard.get(k) and k not in named
+    ]
     return ",".join(changed)
 
 

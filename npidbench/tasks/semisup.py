@@ -282,6 +282,7 @@ def _finetune(
         lr=base,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        fused=True,  # one kernel for all parameters (several times faster on a CPU)
     )
     images = TrainImages(data, TrainAugment("rrc", config.crop, config.resize), config.seed)
     batches = augmented_batches(
