@@ -12,7 +12,7 @@ import torchvision
 from npidbench.backbone import MultiLayerFeatures
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import load_backbone
-from npidbench.errors import BadInput
+from npidbench.errors import BadInput, RunFailed
 from npidbench.features import ExtractOptions
 from npidbench.report import build_tables, render
 from npidbench.results import ResultStore
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
 
     monkeypatch.setattr(loop.ResumeState, "save", crash_after_first_epoch)
     ctx = _context(random_checkpoint, tiny_root, tmp_path / "b")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunFailed, match="interrupted after 1 of 3 epochs.*run the same command again"):
         linear_task.run(ctx, _config("linear-imagenet", options))
     assert len(list((tmp_path / "b" / "training").glob("*/state.pth"))) == 1
     resumed = linear_task.run(

@@ -129,6 +129,48 @@ def fit(
         optimizer.load_state_dict(saved["optimizer"])
         history, start = list(saved["history"]), int(saved["epoch"])
         log(f"{label}: resuming after epoch {start} of {schedule.epochs} ({state.folder})")
+    try:
+        return _epochs(
+            label,
+            trainable,
+            optimizer,
+            base_lrs,
+            schedule,
+            batches,
+            step,
+            evaluate,
+            evaluate_at,
+            state,
+            world,
+            images_per_epoch,
+            history,
+            start,
+        )
+    except KeyboardInterrupt:
+        saved = state.load()
+        done = int(saved["epoch"]) if saved is not None else 0
+        raise RunFailed(
+            f"{label}: interrupted after {done} of {schedule.epochs} epochs; they are saved in {state.folder}: "
+            "run the same command again to continue"
+        ) from None
+
+
+def _epochs(
+    label: str,
+    trainable: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    base_lrs: Sequence[float],
+    schedule: StepSchedule,
+    batches: Callable[[int], Iterable[Any]],
+    step: Callable[[Any], StepResult],
+    evaluate: Callable[[], dict[str, Any]] | None,
+    evaluate_at: Callable[[int], bool],
+    state: ResumeState,
+    world: DistInfo,
+    images_per_epoch: int,
+    history: list[dict[str, Any]],
+    start: int,
+) -> list[dict[str, Any]]:
     with make_progress(unit="img") as progress:
         bar = progress.add_task(
             label, total=images_per_epoch * schedule.epochs, completed=images_per_epoch * start
@@ -165,7 +207,7 @@ def fit(
             seconds = time.perf_counter() - started
             line: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "lr_factor": factor,
+                "lr_factor": round(factor, 10),
                 "loss": round(loss_sum / max(steps, 1), 5),
                 "train_top1": round(100 * correct / max(seen, 1), 3),
                 "images_per_s": round(seen * world.world_size / seconds, 1) if seconds > 0 else 0.0,
