@@ -28,6 +28,8 @@ DATASET_LABELS = {
     "voc07": "VOC07",
     "places205": "Places205",
     "inat18": "iNaturalist2018",
+    "voc12aug": "Pascal VOC 2012 + Aug",
+    "cityscapes": "Cityscapes",
 }
 
 
@@ -92,6 +94,12 @@ def _semisup_values(record: dict[str, Any]) -> dict[str, Any]:
 
 def _semisup_split(record: dict[str, Any]) -> str:
     return record["dataset"].get("train", {}).get("labelled", {}).get("label", "")
+
+
+def _segmentation_values(record: dict[str, Any]) -> dict[str, Any]:
+    """Every trial's mIoU (a list: the cell shows mean ± std over trials and seeds)."""
+    metrics = record["metrics"]
+    return {"mIOU": metrics.get("trials") or metrics.get("mIoU")}
 
 
 # Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
@@ -182,6 +190,13 @@ TABLES: dict[str, TableSpec] = {
                 for pct, top1, top5 in (("1pct", 27.95, 54.37), ("10pct", 57.22, 81.39))
             ]
         },
+    ),
+    "segmentation": TableSpec(
+        key="segmentation",
+        title="Segmentation",
+        columns=("mIOU",),
+        values=_segmentation_values,
+        references={"voc12aug": [{"Model": _NPID_MODEL, "Config": _NPID_CONFIG, "mIOU": 65.45}]},
     ),
 }
 
@@ -332,7 +347,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _aggregate(values: list[Any]) -> str:
-    present = [v for v in values if v is not None]
+    flat = [item for v in values for item in (v if isinstance(v, list) else [v])]  # trials
+    present = [v for v in flat if v is not None]
     if not present:
         return "-"
     if any(isinstance(v, str) for v in present):  # e.g. Best Layer

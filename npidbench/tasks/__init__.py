@@ -16,13 +16,14 @@ from types import ModuleType
 from npidbench.config import read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
-from npidbench.tasks import knn, linear, semisup, voc_svm
+from npidbench.tasks import knn, linear, segmentation, semisup, voc_svm
 from npidbench.tasks.base import Preset
 
 BUILTIN_FAMILIES: dict[str, ModuleType] = {
     knn.NAME: knn,
     linear.NAME: linear,
     semisup.NAME: semisup,
+    segmentation.NAME: segmentation,
     voc_svm.NAME: voc_svm,
 }
 _PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic"}

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo
 from npidbench.errors import BadInput
+from npidbench.pretrain.data import mix_seed
 from npidbench.training.augment import TrainBatch, TrainImages, apply_lighting, collate_train
 from npidbench.training.loop import epoch_indices
 
@@ -76,3 +77,49 @@ def row_batches(
         yield from order.split(batch_size)
 
     return for_epoch
+
+
+def stream_codes(size: int, seed: int, start: int, count: int) -> list[int]:
+    """Positions ``start .. start + count`` of an endless stream of seeded passes over ``size``
+    items, each as ``pass * size + index`` (iteration-based schedules: detection, segmentation)."""
+    codes = []
+    position = start
+    while position < start + count:
+        number, offset = divmod(position, size)
+        generator = torch.Generator().manual_seed(mix_seed(seed, number, 11))
+        order = torch.randperm(size, generator=generator)
+        take = min(size - offset, start + count - position)
+        codes.extend((number * size + order[offset : offset + take]).tolist())
+        position += take
+    return codes
+
+
+def window_batches(
+    dataset: Dataset,
+    size: int,
+    world: DistInfo,
+    global_batch: int,
+    iterations: int,
+    seed: int,
+    workers: int,
+    collate,
+) -> Callable[[int], Iterator]:
+    """window -> this rank's batches of the window's ``iterations`` steps: global batch g takes
+    stream positions [g * B, (g + 1) * B), rank r every world-th of them."""
+
+    def for_window(window: int) -> Iterator:
+        codes = stream_codes(size, seed, window * iterations * global_batch, iterations * global_batch)
+        local = [
+            code
+            for step in range(iterations)
+            for code in codes[step * global_batch : (step + 1) * global_batch][world.rank :: world.world_size]
+        ]
+        yield from DataLoader(
+            dataset,
+            batch_size=global_batch // world.world_size,
+            sampler=local,
+            num_workers=workers,
+            collate_fn=collate,
+        )
+
+    return for_window

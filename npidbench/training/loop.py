@@ -101,7 +101,7 @@ class ResumeState:
 class StepResult:
     loss: torch.Tensor
     images: int
-    correct: int  # top-1 hits of the head shown in the progress bar
+    correct: int | None  # top-1 hits of the head shown in the progress bar (None: no accuracy)
 
 
 def fit(
@@ -118,9 +118,13 @@ def fit(
     state: ResumeState,
     world: DistInfo,
     images_per_epoch: int,
+    lr_at: Callable[[int, int], float] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``trainable`` for the schedule's epochs; returns one history line per epoch (loss,
-    train top-1, images/s and, where ``evaluate_at(epoch)``, the evaluation's metrics)."""
+    train top-1, images/s and, where ``evaluate_at(epoch)``, the evaluation's metrics).
+
+    ``lr_at(epoch, step)``, when given, sets the lr factor at every step (warm-up, poly): the
+    iteration-based schedules treat a window of iterations as an "epoch" of this loop."""
     history: list[dict[str, Any]] = []
     start = 0
     saved = state.load()
@@ -145,6 +149,7 @@ def fit(
             images_per_epoch,
             history,
             start,
+            lr_at,
         )
     except KeyboardInterrupt:
         saved = state.load()
@@ -170,6 +175,7 @@ def _epochs(
     images_per_epoch: int,
     history: list[dict[str, Any]],
     start: int,
+    lr_at: Callable[[int, int], float] | None,
 ) -> list[dict[str, Any]]:
     with make_progress(unit="img") as progress:
         bar = progress.add_task(
@@ -182,6 +188,10 @@ def _epochs(
             started, seen, correct, loss_sum, steps = time.perf_counter(), 0, 0, 0.0, 0
             trainable.train()
             for batch in batches(epoch):
+                if lr_at is not None:
+                    factor = lr_at(epoch, steps)
+                    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                        group["lr"] = base * factor
                 result = step(batch)
                 value = float(result.loss.detach())
                 if not math.isfinite(value):
@@ -193,16 +203,14 @@ def _epochs(
                 result.loss.backward()
                 optimizer.step()
                 seen += result.images
-                correct += result.correct
+                correct += result.correct or 0
+                shown = f" acc {100 * correct / max(seen, 1):.1f}%" if result.correct is not None else ""
                 loss_sum += value
                 steps += 1
                 progress.update(
                     bar,
                     advance=result.images * world.world_size,
-                    description=(
-                        f"{label} ep {epoch + 1}/{schedule.epochs} loss {value:.3f} "
-                        f"acc {100 * correct / max(seen, 1):.1f}%"
-                    ),
+                    description=f"{label} ep {epoch + 1}/{schedule.epochs} loss {value:.3f}{shown}",
                 )
             seconds = time.perf_counter() - started
             line: dict[str, Any] = {

@@ -1,0 +1,267 @@
+"""Semantic segmentation transfer: FCN-D8 on VOC12+aug and Cityscapes (PROTOCOLS.md
+"Segmentation"; mmsegmentation's fcn_r50-d8 as mmselfsup runs it), mIoU on val.
+
+The whole network fine-tunes (SyncBN under torchrun on GPUs) for a fixed number of iterations
+with poly lr; the run is cut into windows of iterations, each saved atomically so a killed run
+resumes at the next window. ``trials=N`` repeats the run with seeds seed .. seed + N - 1 and
+records every trial's mIoU (the report shows mean ± std).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from npidbench.config import config_to_dict
+from npidbench.data import load_segmentation_split
+from npidbench.data.images import decode_error_reason, decode_rgb, normalize_batch
+from npidbench.data.splits import SegmentationSplit
+from npidbench.distributed import DistInfo, current_world
+from npidbench.errors import BadInput
+from npidbench.metrics_dense import confusion_matrix, mean_iou
+from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.training.batches import window_batches
+from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
+from npidbench.transfer.seg_data import SegAugment, SegTrainImages, collate_seg, keep_ratio_size, read_mask
+from npidbench.transfer.segmentation import FCNSegmenter, segmentation_loss, sliding_logits
+
+NAME = "segmentation"
+DESCRIPTION = "FCN-D8 semantic segmentation fine-tuning (VOC12+aug, Cityscapes); mIoU"
+TABLE = "segmentation"
+PROTOCOL = "fcn-d8"
+
+
+@dataclass(frozen=True)
+class Config:
+    iterations: int = 20_000
+    window: int = 1_000  # iterations between resume checkpoints
+    batch_size: int = 16  # global
+    reference_batch: int = 16  # the batch the protocol's lr is for (lr scales linearly)
+    lr: float = 0.01
+    min_lr: float = 1e-4
+    power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scale: tuple[int, int] = (2048, 512)  # (long, short) training and test scale
+    ratio: tuple[float, float] = (0.5, 2.0)
+    crop: int = 512
+    cat_max_ratio: float = 0.75
+    test_mode: str = "whole"  # whole image, or slide (Cityscapes)
+    slide_crop: int = 769
+    slide_stride: int = 513
+    trials: int = 1
+    seed: int = 0
+    train_split: str = "train_aug"
+    test_split: str = "val"
+    sync_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.iterations, self.window, self.batch_size, self.reference_batch, self.crop, self.trials)
+            < 1
+        ):
+            raise ValueError(
+                "iterations, window, batch_size, reference_batch, crop and trials must be at least 1"
+            )
+        if self.iterations % self.window:
+            raise ValueError(f"iterations ({self.iterations}) must be a multiple of window ({self.window})")
+        if self.test_mode not in ("whole", "slide"):
+            raise ValueError(f"test_mode={self.test_mode}; choose whole or slide")
+        if self.lr <= 0 or not 0 <= self.min_lr < self.lr:
+            raise ValueError("need lr > 0 and 0 <= min_lr < lr")
+        if (
+            len(self.scale) != 2
+            or min(self.scale) < 1
+            or len(self.ratio) != 2
+            or not 0 < self.ratio[0] <= self.ratio[1]
+        ):
+            raise ValueError("scale must be [long, short] pixels and ratio [low, high] with 0 < low <= high")
+        if self.slide_stride < 1 or self.slide_crop < 1:
+            raise ValueError("slide_crop and slide_stride must be at least 1")
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / self.reference_batch
+
+    def poly(self, iteration: int) -> float:
+        """lr factor at ``iteration``: (lr - min) * (1 - t / T)^power + min, over lr."""
+        lr = self.scaled_lr
+        min_lr = min(self.min_lr, lr)
+        return ((lr - min_lr) * (1 - iteration / self.iterations) ** self.power + min_lr) / lr
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    assert ctx.backbone is not None
+    dataset = ctx.preset.dataset
+    train = load_segmentation_split(dataset, config.train_split, ctx.data_root)
+    test = load_segmentation_split(dataset, config.test_split, ctx.data_root)
+    world = current_world(ctx.extract.device)
+    if config.batch_size % world.world_size:
+        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    trials, states = [], []
+    for trial in range(config.trials):
+        seed = config.seed + trial
+        state = ResumeState(ctx.cache.root, _identity(ctx, config, train, seed, world), world)
+        states.append(state)
+        trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
+    for state in states:
+        state.clear()
+    values = [t["mIoU"] for t in trials]
+    return TaskOutput(
+        metrics={
+            "mIoU": float(np.mean(values)),
+            "mIoU_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "trials": values,
+            "per_class_iou": trials[-1]["per_class"],
+        },
+        dataset={
+            "name": dataset,
+            "display": f"{dataset} (synthetic)" if train.synthetic else dataset,
+            "synthetic": train.synthetic,
+            "root": str(train.root),
+            "fingerprint": _fingerprint(train),
+            "train": {"split": train.split, "images": len(train)},
+            "test": {"split": test.split, "images": len(test)},
+            "classes": len(train.classes),
+        },
+        protocol=PROTOCOL,
+        seeds=[config.seed + t for t in range(config.trials)],
+        details={
+            "arch": ctx.backbone.arch,
+            "global_batch": config.batch_size,
+            "lr_scaled": config.scaled_lr,
+            "history": [t["history"] for t in trials],
+        },
+    )
+
+
+def _fingerprint(split: SegmentationSplit) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image, mask in split.pairs:
+        digest.update(f"{image}\t{mask}\n".encode())
+    return digest.hexdigest()
+
+
+def _identity(
+    ctx: RunContext, config: Config, train: SegmentationSplit, seed: int, world: DistInfo
+) -> dict[str, Any]:
+    assert ctx.backbone is not None
+    return {
+        "task": ctx.preset.name,
+        "checkpoint": ctx.backbone.sha256,
+        "branch": ctx.backbone.inspection.branch,
+        "config": config_to_dict(config),
+        "seed": seed,
+        "data": _fingerprint(train),
+        "world_size": world.world_size,
+    }
+
+
+def _train_and_test(
+    ctx: RunContext,
+    config: Config,
+    train: SegmentationSplit,
+    test: SegmentationSplit,
+    seed: int,
+    world: DistInfo,
+    state: ResumeState,
+) -> dict[str, Any]:
+    assert ctx.backbone is not None
+    device = torch.device(world.device)
+    torch.manual_seed(seed)  # the heads' initial weights
+    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.backbone.model), len(train.classes))
+    if config.sync_bn and world.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    wrapped: nn.Module = model
+    if world.world_size > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.scaled_lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        fused=True,
+    )
+    augment = SegAugment(config.scale, config.ratio, config.crop, config.cat_max_ratio)
+    images = SegTrainImages(train, augment, seed)
+    windows = config.iterations // config.window
+    batches = window_batches(
+        images, len(train), world, config.batch_size, config.window, seed, ctx.extract.workers, collate_seg
+    )
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ignore = train.ignore_index
+
+    def step(batch) -> StepResult:
+        pixels, masks, error = batch
+        if error is not None:
+            raise BadInput(f"unreadable training image {error} (replace the file)")
+        masks = masks.to(device)
+        with amp:
+            loss = segmentation_loss(wrapped, normalize_batch(pixels.to(device)), masks, ignore)
+        return StepResult(loss, len(masks), None)
+
+    history = fit(
+        label=f"{ctx.preset.name} seed {seed}",
+        trainable=model,
+        optimizer=optimizer,
+        base_lrs=[config.scaled_lr],
+        schedule=StepSchedule(windows, (), 1.0),
+        batches=batches,
+        step=step,
+        evaluate=None,
+        evaluate_at=lambda window: False,
+        state=state,
+        world=world,
+        images_per_epoch=config.window * config.batch_size,
+        lr_at=lambda window, step_in_window: config.poly(window * config.window + step_in_window),
+    )
+    miou, per_class = evaluate(model, test, config, world, device, len(train.classes))
+    return {
+        "mIoU": miou,
+        "per_class": [None if np.isnan(v) else round(float(v) * 100, 3) for v in per_class],
+        "history": history,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: FCNSegmenter,
+    split: SegmentationSplit,
+    config: Config,
+    world: DistInfo,
+    device: torch.device,
+    classes: int,
+) -> tuple[float, np.ndarray]:
+    """mIoU over ``split`` (this rank's share; confusion matrices summed over ranks)."""
+    model.eval()
+    matrix = torch.zeros(classes, classes, dtype=torch.float64, device=device)
+    for index in range(world.rank, len(split), world.world_size):
+        image_path, mask_path = split.pairs[index]
+        try:
+            image = decode_rgb(image_path)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise BadInput(f"unreadable image {image_path}: {decode_error_reason(exc)}") from exc
+        mask = read_mask(split, mask_path)
+        size = list(keep_ratio_size(image.shape[-2], image.shape[-1], config.scale))
+        resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+        batch = normalize_batch(resized.round().clamp(0, 255).to(torch.uint8).to(device))
+        if config.test_mode == "slide":
+            logits = sliding_logits(model, batch, config.slide_crop, config.slide_stride, classes)
+        else:
+            logits = model(batch)[0].float()
+        logits = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)
+        prediction = logits.argmax(dim=1)[0].cpu().numpy()
+        matrix += torch.from_numpy(confusion_matrix(prediction, mask, classes, split.ignore_index)).to(device)
+    all_reduce_sum(matrix, world)
+    model.train()
+    return mean_iou(matrix.cpu().numpy())
