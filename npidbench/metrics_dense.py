@@ -107,10 +107,12 @@ def voc_detection_summary(
     }
 
 
-def coco_ap(ground_truth: dict, detections: list[dict], iou_type: str = "bbox") -> dict[str, float]:
+def coco_ap(
+    ground_truth: dict, detections: list[dict], iou_type: str = "bbox", image_ids: list | None = None
+) -> dict[str, float]:
     """COCO AP / AP50 / AP75 (percent) with pycocotools' COCOeval. ``ground_truth`` is a COCO
     instances dict, ``detections`` COCO result dicts (image_id, category_id, score, bbox or
-    segmentation)."""
+    segmentation); ``image_ids`` restricts the evaluation to those images."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -123,6 +125,8 @@ def coco_ap(ground_truth: dict, detections: list[dict], iou_type: str = "bbox") 
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
         dt = gt.loadRes(detections)
         evaluator = COCOeval(gt, dt, iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

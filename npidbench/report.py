@@ -29,6 +29,8 @@ DATASET_LABELS = {
     "places205": "Places205",
     "inat18": "iNaturalist2018",
     "voc12aug": "Pascal VOC 2012 + Aug",
+    "voc0712": "Pascal VOC 2007 + 2012",
+    "coco": "COCO2017",
     "cityscapes": "Cityscapes",
 }
 
@@ -100,6 +102,28 @@ def _segmentation_values(record: dict[str, Any]) -> dict[str, Any]:
     """Every trial's mIoU (a list: the cell shows mean ± std over trials and seeds)."""
     metrics = record["metrics"]
     return {"mIOU": metrics.get("trials") or metrics.get("mIoU")}
+
+
+COCO_COLUMNS = ("mAP(Box)", "AP50(Box)", "AP75(Box)", "mAP(Mask)", "AP50(Mask)", "AP75(Mask)")
+
+
+def _trial_values(record: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """column -> every trial's value (a list: mean ± std over trials and seeds)."""
+    metrics = record["metrics"]
+    trials = metrics.get("trials") or [metrics]
+    out = {}
+    for column, key in keys.items():
+        values = [t.get(key) for t in trials if t.get(key) is not None]
+        out[column] = values or None
+    return out
+
+
+def _detection_voc_values(record: dict[str, Any]) -> dict[str, Any]:
+    return _trial_values(record, {"mAP": "mAP", "AP50": "AP50"})
+
+
+def _detection_coco_values(record: dict[str, Any]) -> dict[str, Any]:
+    return _trial_values(record, {column: column.replace("mAP", "AP") for column in COCO_COLUMNS})
 
 
 # Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
@@ -188,6 +212,28 @@ TABLES: dict[str, TableSpec] = {
                     "Top-5 (%)": top5,
                 }
                 for pct, top1, top5 in (("1pct", 27.95, 54.37), ("10pct", 57.22, 81.39))
+            ]
+        },
+    ),
+    "detection-voc": TableSpec(
+        key="detection-voc",
+        title="Detection",
+        columns=("mAP", "AP50"),
+        values=_detection_voc_values,
+        references={"voc0712": [{"Model": _NPID_MODEL, "Config": _NPID_CONFIG, "AP50": 79.52}]},
+    ),
+    "detection-coco": TableSpec(
+        key="detection-coco",
+        title="Detection and Instance Segmentation",
+        columns=COCO_COLUMNS,
+        values=_detection_coco_values,
+        references={
+            "coco": [
+                {
+                    "Model": _NPID_MODEL,
+                    "Config": _NPID_CONFIG,
+                    **dict(zip(COCO_COLUMNS, (38.5, 57.7, 42.0, 34.6, 54.8, 37.1), strict=True)),
+                }
             ]
         },
     ),
@@ -334,7 +380,15 @@ def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str
     return out
 
 
-_DEFAULT_PROTOCOLS = {"npid-knn", "voc07-svm", "linear-mhead", "semisup-finetune"}
+_DEFAULT_PROTOCOLS = {
+    "npid-knn",
+    "voc07-svm",
+    "linear-mhead",
+    "semisup-finetune",
+    "faster-rcnn-c4",
+    "mask-rcnn-fpn",
+    "fcn-d8",
+}
 
 
 def _natural(text: str) -> tuple:

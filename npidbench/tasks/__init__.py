@@ -16,10 +16,11 @@ from types import ModuleType
 from npidbench.config import read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
-from npidbench.tasks import knn, linear, segmentation, semisup, voc_svm
+from npidbench.tasks import detection, knn, linear, segmentation, semisup, voc_svm
 from npidbench.tasks.base import Preset
 
 BUILTIN_FAMILIES: dict[str, ModuleType] = {
+    detection.NAME: detection,
     knn.NAME: knn,
     linear.NAME: linear,
     semisup.NAME: semisup,

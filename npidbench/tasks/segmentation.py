@@ -26,6 +26,7 @@ from npidbench.data.splits import SegmentationSplit
 from npidbench.distributed import DistInfo, current_world
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
+from npidbench.pretrain.data import mix_seed
 from npidbench.tasks.base import RunContext, TaskOutput
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
@@ -201,7 +202,16 @@ def _train_and_test(
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ignore = train.ignore_index
 
+    position = {"iteration": 0}
+
+    def lr_at(window: int, step_in_window: int) -> float:
+        position["iteration"] = window * config.window + step_in_window
+        return config.poly(position["iteration"])
+
     def step(batch) -> StepResult:
+        # Dropout draws from torch's generator: seeded per iteration, a resumed run repeats
+        # the uninterrupted one.
+        torch.manual_seed(mix_seed(seed, position["iteration"], 5))
         pixels, masks, error = batch
         if error is not None:
             raise BadInput(f"unreadable training image {error} (replace the file)")
@@ -223,7 +233,7 @@ def _train_and_test(
         state=state,
         world=world,
         images_per_epoch=config.window * config.batch_size,
-        lr_at=lambda window, step_in_window: config.poly(window * config.window + step_in_window),
+        lr_at=lr_at,
     )
     miou, per_class = evaluate(model, test, config, world, device, len(train.classes))
     return {

@@ -1,0 +1,163 @@
+"""Detectors built from the checkpoint's ResNet with torchvision.models.detection parts
+(PROTOCOLS.md "Detection"; MoCo's detectron2 configs, mmdetection's Mask R-CNN FPN).
+
+- ``c4``: Faster R-CNN R50-C4: stem + res2..res4 feed the RPN (15 anchors per position) and a
+  14x14 RoIAlign; res5 (with its stride) is the box head, followed by the extra BatchNorm of
+  MoCo's Res5ROIHeadsExtraNorm, then global average pooling. Works on layer4 of any ResNet
+  (512 channels for ResNet-18/34).
+- ``fpn``: Mask R-CNN R50-FPN with BatchNorm in the FPN, the 4conv-1fc box head and the mask head
+  (mmdetection's "SyncBN in backbone, neck and heads").
+torchvision's builders freeze BN (FrozenBatchNorm2d) and the first stages; here every stage
+and every BN trains (FREEZE_AT 0), and under torchrun on GPUs BN becomes SyncBatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from npidbench.backbone import layer_channels
+
+HEADS = ("c4", "fpn")
+
+
+class C4Trunk(nn.Module):
+    """stem + res2..res4: the C4 detector's shared feature map (stride 16)."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
+        self.out_channels = layer_channels(resnet)["Feature4"]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return OrderedDict([("0", self.layer3(self.layer2(self.layer1(x))))])
+
+
+class Res5BoxHead(nn.Module):
+    """res5 on the 14x14 RoI features (stride 2 -> 7x7), extra BN (MoCo), global average pool."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        self.res5 = resnet.layer4
+        self.out_channels = layer_channels(resnet)["Feature5"]
+        self.norm = nn.BatchNorm2d(self.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.res5(x)).mean(dim=(2, 3))
+
+
+def build_detector(
+    resnet: nn.Module,
+    head: str,
+    classes: int,
+    min_size: tuple[int, ...],
+    max_size: int,
+    test_min_size: int,
+    roi_resolution: int = 14,
+) -> nn.Module:
+    """A trainable detector whose backbone weights are ``resnet``'s (``classes`` without the
+    background). ``min_size``: the short sides drawn in training; ``test_min_size`` at test."""
+    common = dict(
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=[0.485, 0.456, 0.406],  # MoCo's configs: RGB input, torchvision mean/std
+        image_std=[0.229, 0.224, 0.225],
+        box_detections_per_img=100,
+        box_score_thresh=0.05,
+    )
+    if head == "c4":
+        anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
+        trunk = C4Trunk(resnet)
+        box_head = Res5BoxHead(resnet)
+        model = FasterRCNN(
+            trunk,
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
+            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=roi_resolution, sampling_ratio=0),
+            box_head=box_head,
+            box_predictor=FastRCNNPredictor(box_head.out_channels, classes + 1),
+            # detectron2's C4 defaults: proposals before / after NMS
+            rpn_pre_nms_top_n_train=12000,
+            rpn_pre_nms_top_n_test=6000,
+            rpn_post_nms_top_n_train=2000,
+            rpn_post_nms_top_n_test=1000,
+            **common,
+        )
+    elif head == "fpn":
+        channels = layer_channels(resnet)
+        backbone = BackboneWithFPN(
+            resnet,
+            return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+            in_channels_list=[channels[f"Feature{i}"] for i in (2, 3, 4, 5)],
+            out_channels=256,
+            extra_blocks=LastLevelMaxPool(),
+            norm_layer=nn.BatchNorm2d,
+        )
+        anchors = AnchorGenerator(
+            sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5
+        )
+        model = MaskRCNN(
+            backbone,
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(256, 3, conv_depth=1),
+            box_head=FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+            box_predictor=FastRCNNPredictor(1024, classes + 1),
+            mask_head=MaskRCNNHeads(256, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
+            mask_predictor=MaskRCNNPredictor(256, 256, classes + 1),
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown detector head {head}; choose one of {', '.join(HEADS)}")
+    model.transform = _SizedTransform(
+        min_size, test_min_size, max_size, common["image_mean"], common["image_std"]
+    )
+    return model
+
+
+class _SizedTransform(GeneralizedRCNNTransform):
+    """torchvision's transform tests at ``min_size[-1]``: here the short side is drawn from the
+    training sizes in train mode and is the protocol's test size in eval mode."""
+
+    def __init__(
+        self, train_sizes: tuple[int, ...], test_size: int, max_size: int, mean: list[float], std: list[float]
+    ) -> None:
+        super().__init__(tuple(train_sizes), max_size, mean, std)
+        self.train_sizes, self.test_size = tuple(train_sizes), test_size
+
+    def train(self, mode: bool = True) -> _SizedTransform:
+        self.min_size = self.train_sizes if mode else (self.test_size,)
+        return super().train(mode)
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, batches, iterations: int, forward) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over ``iterations``
+    training batches (detectron2's PreciseBN), the weights unchanged."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or iterations < 1:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    done = 0
+    for batch in batches:
+        forward(batch)
+        done += 1
+        if done >= iterations:
+            break
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum

@@ -1,0 +1,196 @@
+"""Detection and segmentation transfer: models built from the checkpoint, conversion, end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from npidbench.backbone import build_resnet
+from npidbench.checkpoint import load_backbone
+from npidbench.checkpoint.formats import to_detectron2_name
+from npidbench.errors import RunFailed
+from npidbench.report import build_tables, render
+from npidbench.runner import RunRequest, run_task
+from npidbench.training import loop
+from npidbench.transfer.detection import build_detector
+from npidbench.transfer.segmentation import FCNSegmenter, dilate_resnet, sliding_logits
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_dilation_gives_output_stride_8_with_the_same_weights(arch):
+    torch.manual_seed(0)
+    model = build_resnet(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dilate_resnet(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        res4 = model.layer3(model.layer2(model.layer1(x)))
+        res5 = model.layer4(res4)
+    assert res4.shape[-2:] == res5.shape[-2:] == (8, 8)
+    # contract_dilation: the first block of layer4 at dilation 2, the others at 4
+    first = model.layer4[0].conv2 if arch == "resnet50" else model.layer4[0].conv1
+    later = model.layer4[1].conv2 if arch == "resnet50" else model.layer4[1].conv1
+    assert first.dilation == (2, 2) and later.dilation == (4, 4) and first.stride == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "arch, widths", [("resnet50", (2048, 512, 1024, 256)), ("resnet18", (512, 128, 256, 64))]
+)
+def test_fcn_heads_of_the_protocol(arch, widths):
+    model = FCNSegmenter(build_resnet(arch), 21)
+    main_in, main_width, aux_in, aux_width = widths
+    assert model.head.convs[0][0].in_channels == main_in and model.head.convs[0][0].out_channels == main_width
+    assert (
+        len(model.head.convs) == 2 and model.head.fuse[0].in_channels == main_in + main_width
+    )  # concat input
+    assert model.aux_head.convs[0][0].in_channels == aux_in and model.aux_head.fuse is None
+    assert model.head.classifier.out_channels == 21 and model.head.dropout.p == 0.1
+    assert FCNSegmenter.AUX_WEIGHT == 0.4
+    if arch == "resnet18":
+        main, aux = model.train()(torch.randn(2, 3, 48, 40))
+        assert main.shape == aux.shape == (2, 21, 48, 40)
+        model.eval()
+        image = torch.randn(1, 3, 40, 56)
+        whole = model(image)[0]
+        assert torch.allclose(sliding_logits(model, image, 64, 32, 21), whole)  # one window
+        assert sliding_logits(model, image, 32, 16, 21).shape == whole.shape
+
+
+def test_c4_detector_carries_the_checkpoint_weights_and_trains_every_bn(random_checkpoint):
+    loaded = load_backbone(random_checkpoint)
+    reference = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    model = build_detector(loaded.model, "c4", 20, (64, 80), 160, 80)
+    res5 = model.roi_heads.box_head.res5.state_dict()
+    assert res5.keys() and all(torch.equal(v, reference[f"layer4.{k}"]) for k, v in res5.items())
+    trunk = model.backbone.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in trunk.items())
+    assert len(trunk) + len(res5) == len(reference)  # every backbone tensor is used
+    assert model.roi_heads.box_head.norm.num_features == 512  # MoCo's extra BN after res5
+    assert not any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # FREEZE_AT 0
+    assert model.rpn.head.conv[0][0].in_channels == 256  # res4 of a ResNet-18
+    model.eval()
+    assert model.transform.min_size == (80,)
+    model.train()
+    assert model.transform.min_size == (64, 80)
+
+
+def test_fpn_detector_has_bn_in_neck_and_heads(random_checkpoint):
+    loaded = load_backbone(random_checkpoint)
+    reference = loaded.model.state_dict()
+    model = build_detector(loaded.model, "fpn", 20, (64,), 160, 64)
+    body = model.backbone.body.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in body.items())
+    for part in (model.backbone.fpn, model.roi_heads.box_head, model.roi_heads.mask_head):
+        assert any(isinstance(m, nn.BatchNorm2d) for m in part.modules())
+    assert not any(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in model.modules())
+
+
+def test_detectron2_conversion_maps_every_key_to_the_known_layout():
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    names = {to_detectron2_name(k): v.shape for k, v in state.items() if not k.startswith("fc.")}
+    assert len(names) == len(state) - 2  # every backbone key, no two onto one name
+    pattern = re.compile(
+        r"^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[1-3](\.norm)?|shortcut(\.norm)?))\.[a-z_]+$"
+    )
+    assert all(pattern.match(name) for name in names), [n for n in names if not pattern.match(n)][:3]
+    assert names["stem.conv1.weight"] == (64, 3, 7, 7)
+    assert names["stem.conv1.norm.running_var"] == (64,)
+    assert names["res2.0.shortcut.weight"] == (256, 64, 1, 1)
+    assert names["res2.0.shortcut.norm.bias"] == (256,)
+    assert names["res5.2.conv3.weight"] == (2048, 512, 1, 1)
+    assert names["res4.5.conv2.norm.weight"] == (256,)
+    assert sum(n.startswith("res4.") and n.endswith("conv1.weight") for n in names) == 6
+
+
+def _run(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dict:
+    path = run_task(
+        RunRequest(
+            task=task,
+            checkpoint=checkpoint,
+            set_options=options,
+            results=tmp_path / "r",
+            cache=tmp_path / "c",
+        )
+    )
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.slow
+def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_path, monkeypatch):
+    options = ["iterations=4", "window=2", "batch_size=2", "crop=48"]
+    straight = _run("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
+    assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
+    assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
+
+    real_save, saves = loop.ResumeState.save, []
+
+    def killed_after_first_window(self, state):
+        real_save(self, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
+    with pytest.raises(RunFailed, match="interrupted after 1 of 2"):
+        _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
+    resumed = _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
+    assert saves == [1, 2]
+    assert resumed["metrics"] == straight["metrics"]
+
+    monkeypatch.undo()
+    trials = _run("seg-voc12aug", random_checkpoint, tmp_path / "t", [*options[:-1], "crop=48", "trials=2"])
+    assert trials["seeds"] == [0, 1] and len(trials["metrics"]["trials"]) == 2
+    (table,) = build_tables([trials])
+    assert table.title == "Pascal VOC 2012 + Aug Segmentation (synthetic data)"
+    assert "±" in table.frame["mIOU"].iloc[0]
+    header = next(line for line in render([table], "markdown").splitlines() if line.startswith("| Model"))
+    assert [cell.strip() for cell in header.strip().strip("|").split("|")] == ["Model", "Config", "mIOU"]
+
+
+@pytest.mark.slow
+def test_voc_detection_end_to_end(random_checkpoint, tmp_path):
+    record = _run(
+        "det-voc0712",
+        random_checkpoint,
+        tmp_path,
+        ["iterations=2", "window=1", "batch_size=2", "test_images=4", "precise_bn=1"],
+    )
+    assert set(record["metrics"]) >= {"mAP", "AP50", "AP75", "trials"}
+    assert all(0 <= record["metrics"][k] <= 100 for k in ("mAP", "AP50", "AP75"))
+    assert record["dataset"]["test"]["images"] == 4 and record["protocol"] == "faster-rcnn-c4"
+    (table,) = build_tables([record])
+    assert table.title == "Pascal VOC 2007 + 2012 Detection (synthetic data)"
+    assert list(table.frame.columns) == ["Model", "Config", "mAP", "AP50"]
+
+
+@pytest.mark.slow
+def test_coco_mask_rcnn_end_to_end(random_checkpoint, tmp_path):
+    record = _run(
+        "det-coco",
+        random_checkpoint,
+        tmp_path,
+        ["iterations=1", "window=1", "batch_size=2", "test_images=3", "precise_bn=1"],
+    )
+    keys = {"AP(Box)", "AP50(Box)", "AP75(Box)", "AP(Mask)", "AP50(Mask)", "AP75(Mask)"}
+    assert keys <= set(record["metrics"])
+    (table,) = build_tables([record])
+    assert table.title == "COCO2017 Detection and Instance Segmentation (synthetic data)"
+    assert list(table.frame.columns) == [
+        "Model",
+        "Config",
+        "mAP(Box)",
+        "AP50(Box)",
+        "AP75(Box)",
+        "mAP(Mask)",
+        "AP50(Mask)",
+        "AP75(Mask)",
+    ]
