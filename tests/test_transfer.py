@@ -14,7 +14,7 @@ from torch import nn
 from npidbench.backbone import build_resnet
 from npidbench.checkpoint import load_backbone
 from npidbench.checkpoint.formats import to_detectron2_name
-from npidbench.errors import RunFailed
+from npidbench.errors import BadInput, RunFailed
 from npidbench.report import build_tables, render
 from npidbench.runner import RunRequest, run_task
 from npidbench.training import loop
@@ -194,3 +194,48 @@ def test_coco_mask_rcnn_end_to_end(random_checkpoint, tmp_path):
         "AP50(Mask)",
         "AP75(Mask)",
     ]
+
+
+def test_detectron2_config_follows_mocos_c4_config(tmp_path):
+    from npidbench.runner import resolve_config
+    from npidbench.tasks import get_preset
+    from npidbench.transfer.detectron2_backend import config_pairs
+
+    config = resolve_config(get_preset("det-voc0712"), False, [])
+    flat = config_pairs(config, "c4", 50, 20, tmp_path / "w.pkl", ("a", "b"), ("c",), tmp_path)
+    pairs = dict(zip(flat[::2], flat[1::2], strict=True))
+    assert pairs["MODEL.RESNETS.STRIDE_IN_1X1"] is False and pairs["MODEL.RESNETS.NORM"] == "SyncBN"
+    assert pairs["MODEL.BACKBONE.FREEZE_AT"] == 0 and pairs["INPUT.FORMAT"] == "RGB"
+    assert pairs["MODEL.ROI_HEADS.NAME"] == "Res5ROIHeadsExtraNorm"
+    assert pairs["MODEL.PIXEL_MEAN"] == [123.675, 116.28, 103.53]
+    assert (pairs["SOLVER.MAX_ITER"], pairs["SOLVER.STEPS"], pairs["SOLVER.WARMUP_ITERS"]) == (
+        24000,
+        (18000, 22000),
+        100,
+    )
+    assert (pairs["SOLVER.IMS_PER_BATCH"], pairs["SOLVER.BASE_LR"]) == (16, 0.02)
+    assert pairs["INPUT.MIN_SIZE_TRAIN"] == tuple(range(480, 801, 32)) and pairs["INPUT.MIN_SIZE_TEST"] == 800
+    assert pairs["TEST.PRECISE_BN.ENABLED"] is True and pairs["MODEL.MASK_ON"] is False
+    fpn = dict(
+        zip(*[iter(config_pairs(config, "fpn", 50, 80, tmp_path, ("a",), ("b",), tmp_path))] * 2, strict=True)
+    )
+    assert (
+        fpn["MODEL.FPN.NORM"] == fpn["MODEL.ROI_BOX_HEAD.NORM"] == fpn["MODEL.ROI_MASK_HEAD.NORM"] == "SyncBN"
+    )
+    assert fpn["MODEL.MASK_ON"] is True
+    with pytest.raises(BadInput, match="ResNet-18.*torchvision backend"):
+        config_pairs(config, "c4", 18, 20, tmp_path, ("a",), ("b",), tmp_path)
+
+
+def test_asking_for_detectron2_without_it_says_how_to_install(random_checkpoint, tmp_path):
+    try:
+        import detectron2  # noqa: F401
+
+        pytest.skip("detectron2 is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(
+        BadInput, match=r"backend=detectron2: detectron2 is not installed.*pip install 'git\+https"
+    ):
+        _run("det-voc0712", random_checkpoint, tmp_path, ["backend=detectron2"])
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from npidbench.checkpoint.own import export_backbone
 from npidbench.config import config_to_dict
-from npidbench.data import load_detection_split
+from npidbench.data import dataset_root, load_detection_split
 from npidbench.data.images import decode_error_reason, decode_rgb
 from npidbench.data.splits import DetectionSplit
+from npidbench.data.voc import find_year_dir
 from npidbench.distributed import DistInfo, current_world
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import GroundTruth, coco_ap, voc_detection_summary
@@ -36,6 +38,7 @@ from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit
 from npidbench.transfer.det_data import DetectionImages, collate_detection
 from npidbench.transfer.detection import HEADS, build_detector, precise_bn
+from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
 
 NAME = "detection"
 DESCRIPTION = "Detection fine-tuning: Faster R-CNN C4 (VOC07+12), Mask R-CNN FPN (COCO); AP"
@@ -45,6 +48,7 @@ TABLE = "detection-voc"
 @dataclass(frozen=True)
 class Config:
     head: str = "c4"  # c4 (Faster R-CNN R50-C4) or fpn (Mask R-CNN R50-FPN)
+    backend: str = "torchvision"  # or detectron2 (MoCo's configs), used only where it is installed
     iterations: int = 24_000
     window: int = 1_000  # iterations between resume checkpoints
     batch_size: int = 16  # global
@@ -74,6 +78,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"head={self.head}; choose one of {', '.join(HEADS)}")
+        if self.backend not in ("torchvision", "detectron2"):
+            raise ValueError(f"backend={self.backend}; choose torchvision (built in) or detectron2")
         if (
             min(
                 self.iterations,
@@ -123,6 +129,8 @@ def _splits(ctx: RunContext, config: Config) -> tuple[DetectionSplit, DetectionS
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
     assert ctx.backbone is not None
+    if config.backend == "detectron2":
+        require_detectron2()  # before any work: one line saying how to install it
     train, test = _splits(ctx, config)
     world = current_world(ctx.extract.device)
     if config.batch_size % world.world_size:
@@ -134,7 +142,10 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         seed = config.seed + trial
         state = ResumeState(ctx.cache.root, _identity(ctx, config, train, seed, world), world)
         states.append(state)
-        trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
+        if config.backend == "detectron2":
+            trials.append({"metrics": _with_detectron2(ctx, config, train, test, seed, state), "history": []})
+        else:
+            trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
     for state in states:
         state.clear()
     keys = [k for k in trials[0]["metrics"]]
@@ -158,11 +169,75 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         seeds=[config.seed + t for t in range(config.trials)],
         details={
             "arch": ctx.backbone.arch,
-            "backend": "torchvision",
+            "backend": config.backend,
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
             "history": [t["history"] for t in trials],
         },
+    )
+
+
+def _with_detectron2(
+    ctx: RunContext,
+    config: Config,
+    train: DetectionSplit,
+    test: DetectionSplit,
+    seed: int,
+    state: ResumeState,
+) -> dict[str, float]:
+    """One trial with detectron2: the backbone converted to its names (MoCo's convention), the
+    splits registered under npidbench names, detectron2's trainer (resumable from its own
+    checkpoints in the run's folder)."""
+    assert ctx.backbone is not None
+    output = state.folder / "detectron2"
+    output.mkdir(parents=True, exist_ok=True)
+    weights = export_backbone(ctx.backbone.model, "detectron2", output / "backbone.pkl")
+    depth = int(ctx.backbone.arch.removeprefix("resnet"))
+    if train.dataset == "coco":
+        data = {
+            "train": [
+                (
+                    f"npidbench_coco_{train.split}",
+                    train.root / "annotations" / f"instances_{train.split}.json",
+                    train.root / train.split,
+                )
+            ],
+            "test": [
+                (
+                    f"npidbench_coco_{test.split}",
+                    test.root / "annotations" / f"instances_{test.split}.json",
+                    test.root / test.split,
+                )
+            ],
+        }
+    else:
+        root07, _ = dataset_root("voc07", ctx.data_root)
+        train_parts = [("2007", find_year_dir(root07, "2007"))]
+        if ctx.preset.dataset == "voc0712":
+            root12, _ = dataset_root("voc12", ctx.data_root)
+            train_parts.append(("2012", find_year_dir(root12, "2012")))
+        data = {
+            "train": [
+                (f"npidbench_voc{y}_{config.train_split}", d, config.train_split, y) for y, d in train_parts
+            ],
+            "test": [
+                (
+                    f"npidbench_voc2007_{config.test_split}",
+                    find_year_dir(root07, "2007"),
+                    config.test_split,
+                    "2007",
+                )
+            ],
+        }
+    return run_detectron2(
+        replace(config, seed=seed),
+        config.head,
+        depth,
+        weights,
+        train.dataset,
+        data,
+        output,
+        list(train.classes),
     )
 
 
