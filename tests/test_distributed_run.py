@@ -107,3 +107,25 @@ def test_torchrun_linear_probe_and_fine_tuning(random_checkpoint, tmp_path):
     assert {r["protocol"] for r in linear} == {"linear-mhead", "linear-cached"}
     assert all(0 <= r["metrics"]["top1"]["AvgPool"] <= 100 for r in linear)
     assert not list((tmp_path / "home").rglob("state.pth"))  # resume states cleared after the run
+
+
+@pytest.mark.slow
+def test_torchrun_segmentation_and_detection(random_checkpoint, tmp_path):
+    """Two gloo ranks fine-tune FCN-D8 and Faster R-CNN C4 (DDP over the windowed iterations,
+    evaluation sharded and summed); one record each."""
+    env = {**os.environ, "NPIDBENCH_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    runs = [
+        ("seg-cityscapes", ["iterations=2", "window=1", "batch_size=2"]),
+        ("det-voc0712", ["iterations=2", "window=1", "batch_size=2", "test_images=4", "precise_bn=1"]),
+    ]
+    for task, settings in runs:
+        sets = [part for setting in settings for part in ("--set", setting)]
+        result = _torchrun(
+            ["run", task, str(random_checkpoint), "--results", str(tmp_path / "results"), *sets], env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results").glob("*.json"))]
+    assert sorted(r["task"] for r in records) == ["det-voc0712", "seg-cityscapes"]
+    assert all(r["details"]["world_size"] == 2 and r["details"]["global_batch"] == 2 for r in records)
+    seg = next(r for r in records if r["task"] == "seg-cityscapes")
+    assert len(seg["metrics"]["per_class_iou"]) == 19 and 0 <= seg["metrics"]["mIoU"] <= 100
