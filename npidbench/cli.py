@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from npidbench import __version__
-from npidbench.errors import BadInput, NpidbenchError
+from npidbench.errors import BadInput, NpidbenchError, RunFailed
 from npidbench.progress import console
 
 app = typer.Typer(
@@ -220,28 +220,43 @@ def run_command(
         ),
     ] = False,
 ) -> None:
-    """Run one benchmark and print the path of the record it wrote."""
+    """Run one benchmark and print the path of the record it wrote (`run all CKPT`: every
+    benchmark whose data is present, one record path per line, a summary on stderr)."""
     from npidbench.runner import RunRequest, run_task
 
-    path = run_task(
-        RunRequest(
-            task=task,
-            checkpoint=checkpoint,
-            features_dir=features_dir,
-            data_root=data_root,
-            set_options=list(set_options or []),
-            name=name,
-            results=results,
-            device=device,
-            workers=workers,
-            batch_size=batch_size,
-            cache=cache,
-            arch=arch,
-            branch=branch,
-            trust_pickle=trust_pickle,
-            skip_corrupt=skip_corrupt,
-        )
+    request = RunRequest(
+        task=task,
+        checkpoint=checkpoint,
+        features_dir=features_dir,
+        data_root=data_root,
+        set_options=list(set_options or []),
+        name=name,
+        results=results,
+        device=device,
+        workers=workers,
+        batch_size=batch_size,
+        cache=cache,
+        arch=arch,
+        branch=branch,
+        trust_pickle=trust_pickle,
+        skip_corrupt=skip_corrupt,
     )
+    if task == "all":
+        from npidbench.suite import print_summary, run_all
+
+        result = run_all(request)
+        for outcome in result.outcomes:
+            if outcome.record is not None:
+                stdout.print(str(outcome.record))
+        if not _is_secondary_rank():
+            print_summary(result)
+        if result.failed:
+            raise RunFailed(
+                f"{len(result.failed)} of {len(result.outcomes)} tasks failed ({', '.join(o.task for o in result.failed)}); "
+                "the other records are written"
+            )
+        return
+    path = run_task(request)
     if path is not None:  # under torchrun only rank 0 writes (and prints) the record
         stdout.print(str(path))
 

@@ -27,7 +27,7 @@ BUILTIN_FAMILIES: dict[str, ModuleType] = {
     segmentation.NAME: segmentation,
     voc_svm.NAME: voc_svm,
 }
-_PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic"}
+_PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic", "in_all"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,6 +58,7 @@ def load_preset(path: Path) -> Preset:
         config=data.get("config", {}),
         synthetic=data.get("synthetic", {}),
         path=path,
+        in_all=bool(data.get("in_all", True)),
     )
 
 

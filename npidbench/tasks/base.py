@@ -24,6 +24,7 @@ class Preset:
     config: dict[str, Any]
     synthetic: dict[str, Any]  # overrides applied on the embedded synthetic data
     path: Path
+    in_all: bool = True  # run by `npidbench run all` (false for parts of another preset, options)
 
 
 @dataclass

@@ -1,0 +1,100 @@
+"""``npidbench run all``: every preset whose data is present, one after the other, sharing the
+feature cache; a failed task is reported and the others go on; a summary at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.table import Table
+
+from npidbench.data import dataset_root
+from npidbench.errors import BadInput, NpidbenchError
+from npidbench.progress import console, log
+from npidbench.runner import RunRequest, run_task
+from npidbench.tasks import presets
+from npidbench.tasks.base import Preset
+
+# Datasets a preset reads beyond its own (VOC07+12 detection trains on VOC2012 too).
+_EXTRA_DATASETS = {"voc0712": ("voc07", "voc12")}
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    status: str  # ran, skipped, failed
+    seconds: float = 0.0
+    record: Path | None = None
+    reason: str = ""
+
+
+@dataclass
+class SuiteResult:
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TaskOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def suite_presets() -> list[Preset]:
+    """The presets ``run all`` runs: all of them except those marked ``in_all = false`` (parts of
+    another preset, or an alternative protocol)."""
+    return [p for p in presets().values() if p.in_all]
+
+
+def missing_data(preset: Preset, data_root: Path | None) -> str | None:
+    """Why ``preset`` cannot run on ``data_root`` (None: its data is present)."""
+    if data_root is None:
+        return None  # the embedded synthetic suite has every dataset
+    for name in _EXTRA_DATASETS.get(preset.dataset, (preset.dataset,)):
+        try:
+            dataset_root(name, data_root)
+        except BadInput as exc:
+            return str(exc)
+    return None
+
+
+def run_all(request: RunRequest) -> SuiteResult:
+    """Run every suite preset with ``request``'s checkpoint and options (its ``task`` ignored)."""
+    if request.checkpoint is None:
+        raise BadInput("`run all` needs a checkpoint (CKPT)")
+    if request.set_options:
+        raise BadInput("`run all` takes no --set (settings differ per task): run a task alone to change one")
+    result = SuiteResult()
+    chosen = suite_presets()
+    for number, preset in enumerate(chosen, start=1):
+        reason = missing_data(preset, Path(request.data_root) if request.data_root is not None else None)
+        if reason is not None:
+            result.outcomes.append(TaskOutcome(preset.name, "skipped", reason=reason))
+            continue
+        log(f"[{number}/{len(chosen)}] {preset.name}")
+        started = time.perf_counter()
+        try:
+            record = run_task(replace(request, task=preset.name))
+        except NpidbenchError as exc:
+            outcome = TaskOutcome(preset.name, "failed", reason=" ".join(str(exc).split()))
+        except Exception as exc:  # noqa: BLE001 - one task's crash must not lose the others' records
+            outcome = TaskOutcome(
+                preset.name, "failed", reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            )
+        else:
+            outcome = TaskOutcome(preset.name, "ran", record=record)
+        outcome.seconds = time.perf_counter() - started
+        result.outcomes.append(outcome)
+    return result
+
+
+def print_summary(result: SuiteResult) -> None:
+    """What ran, what was skipped or failed and why, time per task (on stderr)."""
+    table = Table(title="npidbench run all", title_justify="left")
+    for column in ("task", "status", "time", "record / reason"):
+        table.add_column(column)
+    for o in result.outcomes:
+        detail = str(o.record) if o.record is not None else o.reason
+        table.add_row(o.task, o.status, f"{o.seconds:.0f} s" if o.status != "skipped" else "-", detail)
+    total = sum(o.seconds for o in result.outcomes)
+    ran = sum(o.status == "ran" for o in result.outcomes)
+    table.caption = f"{ran} ran, {len(result.failed)} failed, {len(result.outcomes) - ran - len(result.failed)} skipped in {total:.0f} s"
+    console.print(table)

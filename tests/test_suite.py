@@ -1,0 +1,76 @@
+"""`npidbench run all`: what runs, what is skipped and why, a failure does not stop the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from npidbench import suite
+from npidbench.cli import main
+from npidbench.errors import BadInput, RunFailed
+from npidbench.runner import RunRequest
+
+from helpers import tiny_imagefolder
+
+
+def test_suite_runs_each_protocol_once():
+    names = [p.name for p in suite.suite_presets()]
+    assert "voc-svm" in names and "voc-svm-full" not in names and "voc-lowshot" not in names
+    assert "det-coco" in names and "det-coco-c4" not in names
+    assert {"knn", "linear-imagenet", "semisup-imagenet-1pct", "seg-cityscapes", "det-voc0712"} <= set(names)
+
+
+def test_skips_missing_data_and_survives_a_failure(tmp_path, monkeypatch, capsys):
+    tiny_imagefolder(tmp_path / "data" / "imagenet", split="train")
+    tiny_imagefolder(tmp_path / "data" / "imagenet", split="val")
+    calls = []
+
+    def fake_run_task(request: RunRequest):
+        calls.append(request.task)
+        if request.task == "linear-imagenet":
+            raise RunFailed("the loss became nan in epoch 3")
+        if request.task == "semisup-imagenet-1pct":
+            raise ValueError("something unexpected")
+        return tmp_path / f"{request.task}.json"
+
+    monkeypatch.setattr(suite, "run_task", fake_run_task)
+    checkpoint = tmp_path / "ckpt.pth"
+    checkpoint.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "run",
+                "all",
+                str(checkpoint),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--results",
+                str(tmp_path / "r"),
+            ]
+        )
+    assert exit_info.value.code == 1
+    imagenet_tasks = [p.name for p in suite.suite_presets() if p.dataset == "imagenet"]
+    assert calls == imagenet_tasks  # the others were skipped: their data is absent
+    out, err = capsys.readouterr()
+    printed = out.split()
+    assert printed == [
+        str(tmp_path / f"{t}.json")
+        for t in imagenet_tasks
+        if t not in ("linear-imagenet", "semisup-imagenet-1pct")
+    ]
+    assert "skipped" in err and "failed" in err and "2 of" in err
+    assert "voc07 not found under --data-root" in " ".join(err.split())
+
+
+def test_run_all_refuses_set_options_and_needs_a_checkpoint(tmp_path):
+    with pytest.raises(BadInput, match="no --set"):
+        suite.run_all(RunRequest(task="all", checkpoint=tmp_path / "c.pth", set_options=["epochs=1"]))
+    with pytest.raises(BadInput, match="needs a checkpoint"):
+        suite.run_all(RunRequest(task="all"))
+
+
+def test_missing_data_names_the_dataset(tmp_path):
+    (tmp_path / "VOCdevkit" / "VOC2007").mkdir(parents=True)
+    det = next(p for p in suite.suite_presets() if p.name == "det-voc0712")
+    reason = suite.missing_data(det, tmp_path)
+    assert reason is not None and "voc12" in reason
+    assert suite.missing_data(det, None) is None
