@@ -8,6 +8,7 @@ keys are refused with the list of valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -121,6 +122,8 @@ def coerce(value: Any, hint: Any, key: str, origin: str = "--set") -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadInput(f"{origin}: {key}={value!r} is not a number")
+        if not math.isfinite(value):
+            raise BadInput(f"{origin}: {key}={value!r} is not a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from npidbench.checkpoint import load_backbone
 from npidbench.data import dataset_root
 from npidbench.errors import BadInput, NpidbenchError
 from npidbench.progress import console, log
@@ -62,6 +63,10 @@ def run_all(request: RunRequest) -> SuiteResult:
         raise BadInput("`run all` needs a checkpoint (CKPT)")
     if request.set_options:
         raise BadInput("`run all` takes no --set (settings differ per task): run a task alone to change one")
+    # A wrong checkpoint is one bad input (exit 2), not a failure of every task.
+    load_backbone(
+        request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
+    )
     result = SuiteResult()
     chosen = suite_presets()
     for number, preset in enumerate(chosen, start=1):

@@ -34,7 +34,7 @@ def test_comma_lists_and_ints_as_floats():
         ("temperature=hot", "not a number"),
         ("ks=[0]", "positive"),
         ("temperature=-1", "positive number"),
-        ("temperature=nan", "positive number"),
+        ("temperature=nan", "not a finite number"),
         ("crop=-1", "at least 1"),
         ("crop=300", "cannot exceed"),
         ("layer=Feature1", "AvgPool"),
@@ -43,3 +43,11 @@ def test_comma_lists_and_ints_as_floats():
 def test_bad_values_are_refused_with_the_key(item, message):
     with pytest.raises(BadInput, match=message):
         build_config(knn.Config, parse_set_options([item]))
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_numbers_are_refused(raw):
+    from npidbench.tasks import semisup
+
+    with pytest.raises(BadInput, match="not a finite number"):
+        build_config(semisup.Config, parse_set_options([f"lrs=[0.01,{raw}]"]))

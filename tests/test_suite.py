@@ -33,6 +33,7 @@ def test_skips_missing_data_and_survives_a_failure(tmp_path, monkeypatch, capsys
         return tmp_path / f"{request.task}.json"
 
     monkeypatch.setattr(suite, "run_task", fake_run_task)
+    monkeypatch.setattr(suite, "load_backbone", lambda *args, **kwargs: None)
     checkpoint = tmp_path / "ckpt.pth"
     checkpoint.write_bytes(b"x")
     with pytest.raises(SystemExit) as exit_info:
@@ -66,6 +67,14 @@ def test_run_all_refuses_set_options_and_needs_a_checkpoint(tmp_path):
         suite.run_all(RunRequest(task="all", checkpoint=tmp_path / "c.pth", set_options=["epochs=1"]))
     with pytest.raises(BadInput, match="needs a checkpoint"):
         suite.run_all(RunRequest(task="all"))
+
+
+def test_a_wrong_checkpoint_is_one_bad_input_not_a_failure_per_task(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "all", str(tmp_path / "nope.pth"), "--results", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1 and "not found" in err
 
 
 def test_missing_data_names_the_dataset(tmp_path):
