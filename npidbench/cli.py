@@ -322,11 +322,15 @@ def report_command(
             "--lowshot-plot", help="Also draw the low-shot curves (mAP vs k, min-max band): .png/.svg."
         ),
     ] = None,
+    linear_plot: Annotated[
+        Path | None,
+        typer.Option("--linear-plot", help="Also draw the linear probes' top-1 per layer: .png/.svg."),
+    ] = None,
 ) -> None:
     """Render the benchmark tables from the result records."""
     from npidbench.atomic import atomic_write_text
     from npidbench.paths import results_dir
-    from npidbench.report import FORMATS, build_tables, render, select
+    from npidbench.report import FORMATS, TABLES, build_tables, render, select
     from npidbench.results import ResultStore
 
     if fmt not in FORMATS:
@@ -343,10 +347,20 @@ def report_command(
 
         plot_lowshot(chosen, lowshot_plot)
         console.print(f"low-shot curves: {lowshot_plot}")
+    if linear_plot is not None:
+        from npidbench.plots import plot_linear
+
+        plot_linear(chosen, linear_plot)
+        console.print(f"linear probes per layer: {linear_plot}")
     tables = build_tables(chosen, reference=reference)
     if not tables:
         raise BadInput(f"no records to report in {folder} (run a task first, or relax the filters)")
-    text = render(tables, fmt)
+    if fmt == "html":  # the self-contained page: tables, plots, provenance
+        from npidbench.report_html import render_page
+
+        text = render_page(tables, [r for r in chosen if r.get("table") in TABLES])
+    else:
+        text = render(tables, fmt)
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
