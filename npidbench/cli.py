@@ -7,6 +7,7 @@ bad input (usage errors too), 1 for a failed run; ``npidbench --debug ...`` show
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -361,6 +362,11 @@ def report_command(
         text = render_page(tables, [r for r in chosen if r.get("table") in TABLES])
     else:
         text = render(tables, fmt)
+    if fmt == "markdown" and out is not None:  # the plots written beside the report, linked
+        for caption, plot in (("Low-shot SVM", lowshot_plot), ("Linear probes per layer", linear_plot)):
+            if plot is not None:
+                link = os.path.relpath(plot.resolve(), out.resolve().parent)
+                text += f"\n### {caption}\n\n![{caption}]({link})\n"
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:

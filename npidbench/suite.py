@@ -97,7 +97,7 @@ def print_summary(result: SuiteResult) -> None:
     for column in ("task", "status", "time", "record / reason"):
         table.add_column(column)
     for o in result.outcomes:
-        detail = str(o.record) if o.record is not None else o.reason
+        detail = o.record.name if o.record is not None else o.reason
         table.add_row(o.task, o.status, f"{o.seconds:.0f} s" if o.status != "skipped" else "-", detail)
     total = sum(o.seconds for o in result.outcomes)
     ran = sum(o.status == "ran" for o in result.outcomes)
