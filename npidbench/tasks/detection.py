@@ -12,6 +12,7 @@ box (and mask) AP / AP50 / AP75 with pycocotools. ``trials=N`` repeats with seed
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -242,8 +243,6 @@ def _with_detectron2(
 
 
 def _fingerprint(split: DetectionSplit) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for image in split.images:
         digest.update(f"{image.path}\t{image.boxes.tobytes().hex()}\t{image.labels.tolist()}\n".encode())

@@ -10,6 +10,7 @@ records every trial's mIoU (the report shows mean ± std).
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,8 +145,6 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
 
 
 def _fingerprint(split: SegmentationSplit) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for image, mask in split.pairs:
         digest.update(f"{image}\t{mask}\n".encode())
