@@ -111,7 +111,7 @@ BAD_INPUTS = [
     (["data", "synth", "--root", "{ckpt}"], "already exists"),
     (["run", "knn", "{ckpt}", "--results", "{text}"], "is a file"),
     (["run", "knn", "{ckpt}", "--cache", "{text}"], "is a file"),
-    (["run", "knn", "{ckpt}", "--set", "temperature=nan"], "positive number"),
+    (["run", "knn", "{ckpt}", "--set", "temperature=nan"], "not a finite number"),
     (["convert", "{ckpt}", "--to", "torchvision", "--out", "{tmp}", "--force"], "is a folder"),
     (["cache", "clear", "--checkpoint", ""], "needs a sha256 prefix"),
 ]
