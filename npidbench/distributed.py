@@ -48,3 +48,30 @@ def current_world(device: str) -> DistInfo:
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     return DistInfo(0, 1, device)
+
+
+def check_global_batch(batch_size: int, world: DistInfo) -> None:
+    """A global batch must split evenly over torchrun's processes."""
+    if batch_size % world.world_size:
+        from npidbench.errors import BadInput
+
+        raise BadInput(f"batch_size {batch_size} is not divisible by the {world.world_size} processes")
+
+
+def prepare_for_training(
+    model: torch.nn.Module, world: DistInfo, sync_bn: bool, channels_last: bool = True
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model on this rank's device, what to call in training steps): BatchNorm becomes
+    SyncBatchNorm under torchrun on GPUs (SyncBN has no CPU kernel), and the model is wrapped in
+    DistributedDataParallel when there are several processes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(world.device)
+    if sync_bn and world.world_size > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world.world_size == 1:
+        return model, model
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import LoadedBackbone
+from npidbench.config import config_to_dict
+from npidbench.data.splits import DatasetSplit
 from npidbench.features import ExtractOptions, ExtractStats
 
 
@@ -61,3 +63,33 @@ class TaskFamily(Protocol):
     Config: type
 
     def run(self, ctx: RunContext, config: Any) -> TaskOutput: ...
+
+
+def run_identity(ctx: RunContext, config: Any, world_size: int, **parts: Any) -> dict[str, Any]:
+    """What makes two training runs the same run (their resume state is shared only between
+    those): the task, the checkpoint, the settings, the world size, and ``parts`` (the data,
+    the seed, the grid point...)."""
+    assert ctx.backbone is not None
+    return {
+        "task": ctx.preset.name,
+        "checkpoint": ctx.backbone.sha256,
+        "branch": ctx.backbone.inspection.branch,
+        "config": config_to_dict(config),
+        "world_size": world_size,
+        **parts,
+    }
+
+
+def split_record(name: str, train: DatasetSplit, test: DatasetSplit, **extra: Any) -> dict[str, Any]:
+    """The record's ``dataset`` entry for a classification train / test pair."""
+    return {
+        "name": name,
+        "display": train.display_name,
+        "synthetic": train.synthetic,
+        "root": str(train.root),
+        "fingerprint": train.fingerprint,
+        "train": {"split": train.split, "images": len(train)},
+        "test": {"split": test.split, "images": len(test)},
+        "classes": len(train.classes),
+        **extra,
+    }

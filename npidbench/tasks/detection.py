@@ -21,20 +21,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from npidbench.checkpoint.own import export_backbone
-from npidbench.config import config_to_dict
 from npidbench.data import dataset_root, load_detection_split
 from npidbench.data.images import decode_error_reason, decode_rgb
 from npidbench.data.splits import DetectionSplit
 from npidbench.data.voc import find_year_dir
-from npidbench.distributed import DistInfo, current_world
+from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import GroundTruth, coco_ap, voc_detection_summary
 from npidbench.pretrain.data import mix_seed
 from npidbench.progress import log
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tasks.base import RunContext, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit
 from npidbench.transfer.det_data import DetectionImages, collate_detection
@@ -134,14 +132,14 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         require_detectron2()  # before any work: one line saying how to install it
     train, test = _splits(ctx, config)
     world = current_world(ctx.extract.device)
-    if config.batch_size % world.world_size:
-        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    check_global_batch(config.batch_size, world)
     if config.head == "fpn" and train.dataset != "coco":
         raise BadInput("head=fpn trains Mask R-CNN and needs instance masks: use it with det-coco")
     trials, states = [], []
     for trial in range(config.trials):
         seed = config.seed + trial
-        state = ResumeState(ctx.cache.root, _identity(ctx, config, train, seed, world), world)
+        identity = run_identity(ctx, config, world.world_size, seed=seed, data=_fingerprint(train))
+        state = ResumeState(ctx.cache.root, identity, world)
         states.append(state)
         if config.backend == "detectron2":
             trials.append({"metrics": _with_detectron2(ctx, config, train, test, seed, state), "history": []})
@@ -249,21 +247,6 @@ def _fingerprint(split: DetectionSplit) -> str:
     return digest.hexdigest()
 
 
-def _identity(
-    ctx: RunContext, config: Config, train: DetectionSplit, seed: int, world: DistInfo
-) -> dict[str, Any]:
-    assert ctx.backbone is not None
-    return {
-        "task": ctx.preset.name,
-        "checkpoint": ctx.backbone.sha256,
-        "branch": ctx.backbone.inspection.branch,
-        "config": config_to_dict(config),
-        "seed": seed,
-        "data": _fingerprint(train),
-        "world_size": world.world_size,
-    }
-
-
 def _train_and_test(
     ctx: RunContext,
     config: Config,
@@ -287,12 +270,7 @@ def _train_and_test(
     )
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     model.rpn._post_nms_top_n = {"training": config.proposals_train, "testing": config.proposals_test}
-    if config.sync_bn and world.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    wrapped: nn.Module = model
-    if world.world_size > 1:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, wrapped = prepare_for_training(model, world, config.sync_bn, channels_last=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params, lr=config.scaled_lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
@@ -309,11 +287,6 @@ def _train_and_test(
         ctx.extract.workers,
         collate_detection,
     )
-    position = {"iteration": 0}
-
-    def lr_at(window: int, step: int) -> float:
-        position["iteration"] = window * config.window + step
-        return config.lr_factor(position["iteration"])
 
     def losses(batch) -> torch.Tensor:
         images, targets, error = batch
@@ -324,9 +297,6 @@ def _train_and_test(
         return sum(wrapped(images, targets).values())
 
     def step(batch) -> StepResult:
-        # Proposal and RoI sampling draw from torch's generator: seed it per iteration so that
-        # a resumed run repeats the uninterrupted one.
-        torch.manual_seed(mix_seed(seed, position["iteration"], 5))
         return StepResult(losses(batch), len(batch[0]), None)
 
     history = fit(
@@ -342,7 +312,9 @@ def _train_and_test(
         state=state,
         world=world,
         images_per_epoch=config.window * config.batch_size,
-        lr_at=lr_at,
+        iterations_per_epoch=config.window,
+        lr_at=config.lr_factor,
+        step_seed=seed,  # proposal and RoI sampling: a resumed run repeats the uninterrupted one
     )
     if config.precise_bn:
         log(f"precise BN over {config.precise_bn} training batches")

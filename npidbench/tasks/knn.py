@@ -18,7 +18,7 @@ from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
 from npidbench.features import extract
 from npidbench.solvers.knn import weighted_knn
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tasks.base import RunContext, TaskOutput, split_record
 
 NAME = "knn"
 DESCRIPTION = "Weighted kNN (NPID) on L2-normalised AvgPool features; top-1/top-5 per k"
@@ -86,17 +86,9 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "top1": {str(k): v for k, v in result.top1.items()},
             "top5": {str(k): v for k, v in result.top5.items()},
         },
-        dataset={
-            "name": dataset,
-            "display": train.display_name,
-            "synthetic": train.synthetic,
-            "root": str(train.root),
-            "fingerprint": train.fingerprint,
-            "train": {"split": train.split, "images": len(train)},
-            "test": {"split": test.split, "images": len(test)},
-            "classes": len(train.classes),
-            "skipped": [s["path"] for s in train_feats.skipped + test_feats.skipped],
-        },
+        dataset=split_record(
+            dataset, train, test, skipped=[s["path"] for s in train_feats.skipped + test_feats.skipped]
+        ),
         protocol="npid-knn",
     )
 

@@ -17,18 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from npidbench.backbone import FEATURE_LAYERS, POOLING, MultiLayerFeatures, layer_channels
-from npidbench.config import config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform, normalize_batch
 from npidbench.data.splits import DatasetSplit
-from npidbench.distributed import DistInfo, current_world
+from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.features import extract
 from npidbench.solvers.linear import HeadSet, build_heads, topk_correct
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
 from npidbench.training.augment import AUGMENTATIONS, TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, eval_batches, row_batches, training_input
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
@@ -145,8 +143,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     if len(test.classes) > len(train.classes):
         raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
     world = current_world(ctx.extract.device)
-    if config.batch_size % world.world_size:
-        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    check_global_batch(config.batch_size, world)
     if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
         layers = tuple(layer for name in config.parts for layer in config.part(name).layers)
         transform = EvalTransform(config.resize, config.crop, "center-crop")
@@ -155,7 +152,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
     for name in config.parts:
         part = config.part(name)
-        state = ResumeState(ctx.cache.root, _identity(ctx, config, train, part, world), world)
+        identity = run_identity(ctx, config, world.world_size, part=part.name, data=train.fingerprint)
+        state = ResumeState(ctx.cache.root, identity, world)
         history = _train_part(ctx, config, part, train, test, world, state)
         histories[name] = history
         states.append(state)
@@ -172,16 +170,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         state.clear()
     return TaskOutput(
         metrics=metrics,
-        dataset={
-            "name": dataset,
-            "display": train.display_name,
-            "synthetic": train.synthetic,
-            "root": str(train.root),
-            "fingerprint": train.fingerprint,
-            "train": {"split": train.split, "images": len(train)},
-            "test": {"split": test.split, "images": len(test)},
-            "classes": len(train.classes),
-        },
+        dataset=split_record(dataset, train, test),
         protocol=PROTOCOLS[config.mode],
         seeds=[config.seed],
         details={
@@ -190,22 +179,6 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "lr_scaled": {name: scaled_lr(config.part(name).lr, config.batch_size) for name in config.parts},
         },
     )
-
-
-def _identity(
-    ctx: RunContext, config: Config, train: DatasetSplit, part: _Part, world: DistInfo
-) -> dict[str, Any]:
-    """What makes two runs the same run (resume state is shared only between those)."""
-    assert ctx.backbone is not None
-    return {
-        "task": ctx.preset.name,
-        "part": part.name,
-        "checkpoint": ctx.backbone.sha256,
-        "branch": ctx.backbone.inspection.branch,
-        "config": config_to_dict(config),
-        "data": train.fingerprint,
-        "world_size": world.world_size,
-    }
 
 
 def _train_part(
@@ -223,11 +196,12 @@ def _train_part(
     channels = layer_channels(model)
     grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
     torch.manual_seed(config.seed)  # the heads' initial weights
-    heads = build_heads(part.layers, channels, grids, len(train.classes)).to(device)
-    trainable: nn.Module = heads
-    if world.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        trainable = DistributedDataParallel(heads, device_ids=ids)
+    heads, trainable = prepare_for_training(
+        build_heads(part.layers, channels, grids, len(train.classes)),
+        world,
+        sync_bn=False,
+        channels_last=False,
+    )
     # The heads hold Linear layers only (BN has no affine): weight decay applies to all of them.
     optimizer = sgd(
         heads.parameters(),

@@ -18,17 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from npidbench.config import config_to_dict
 from npidbench.data import load_segmentation_split
 from npidbench.data.images import decode_error_reason, decode_rgb, normalize_batch
 from npidbench.data.splits import SegmentationSplit
-from npidbench.distributed import DistInfo, current_world
+from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
-from npidbench.pretrain.data import mix_seed
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tasks.base import RunContext, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
 from npidbench.transfer.seg_data import SegAugment, SegTrainImages, collate_seg, keep_ratio_size, read_mask
@@ -105,12 +102,12 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     train = load_segmentation_split(dataset, config.train_split, ctx.data_root)
     test = load_segmentation_split(dataset, config.test_split, ctx.data_root)
     world = current_world(ctx.extract.device)
-    if config.batch_size % world.world_size:
-        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    check_global_batch(config.batch_size, world)
     trials, states = [], []
     for trial in range(config.trials):
         seed = config.seed + trial
-        state = ResumeState(ctx.cache.root, _identity(ctx, config, train, seed, world), world)
+        identity = run_identity(ctx, config, world.world_size, seed=seed, data=_fingerprint(train))
+        state = ResumeState(ctx.cache.root, identity, world)
         states.append(state)
         trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
     for state in states:
@@ -151,21 +148,6 @@ def _fingerprint(split: SegmentationSplit) -> str:
     return digest.hexdigest()
 
 
-def _identity(
-    ctx: RunContext, config: Config, train: SegmentationSplit, seed: int, world: DistInfo
-) -> dict[str, Any]:
-    assert ctx.backbone is not None
-    return {
-        "task": ctx.preset.name,
-        "checkpoint": ctx.backbone.sha256,
-        "branch": ctx.backbone.inspection.branch,
-        "config": config_to_dict(config),
-        "seed": seed,
-        "data": _fingerprint(train),
-        "world_size": world.world_size,
-    }
-
-
 def _train_and_test(
     ctx: RunContext,
     config: Config,
@@ -179,12 +161,7 @@ def _train_and_test(
     device = torch.device(world.device)
     torch.manual_seed(seed)  # the heads' initial weights
     model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.backbone.model), len(train.classes))
-    if config.sync_bn and world.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    wrapped: nn.Module = model
-    if world.world_size > 1:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, wrapped = prepare_for_training(model, world, config.sync_bn)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.scaled_lr,
@@ -201,16 +178,7 @@ def _train_and_test(
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     ignore = train.ignore_index
 
-    position = {"iteration": 0}
-
-    def lr_at(window: int, step_in_window: int) -> float:
-        position["iteration"] = window * config.window + step_in_window
-        return config.poly(position["iteration"])
-
     def step(batch) -> StepResult:
-        # Dropout draws from torch's generator: seeded per iteration, a resumed run repeats
-        # the uninterrupted one.
-        torch.manual_seed(mix_seed(seed, position["iteration"], 5))
         pixels, masks, error = batch
         if error is not None:
             raise BadInput(f"unreadable training image {error} (replace the file)")
@@ -232,7 +200,9 @@ def _train_and_test(
         state=state,
         world=world,
         images_per_epoch=config.window * config.batch_size,
-        lr_at=lr_at,
+        iterations_per_epoch=config.window,
+        lr_at=config.poly,
+        step_seed=seed,  # dropout: a resumed run repeats the uninterrupted one
     )
     miou, per_class = evaluate(model, test, config, world, device, len(train.classes))
     return {

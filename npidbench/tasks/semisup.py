@@ -21,19 +21,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from npidbench.backbone import layer_channels
-from npidbench.config import config_to_dict
 from npidbench.data import load_split
 from npidbench.data.imagenet import load_imagenet_subset
 from npidbench.data.images import EvalTransform, normalize_batch
 from npidbench.data.splits import DatasetSplit
-from npidbench.distributed import DistInfo, current_world
-from npidbench.errors import BadInput
+from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
 from npidbench.training.augment import TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, eval_batches, training_input
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
@@ -157,8 +154,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     train = load_split(dataset, config.train_split, ctx.data_root)
     test = load_split(dataset, config.test_split, ctx.data_root)
     world = current_world(ctx.extract.device)
-    if config.batch_size % world.world_size:
-        raise BadInput(f"batch_size {config.batch_size} is not divisible by the {world.world_size} processes")
+    check_global_batch(config.batch_size, world)
     labelled, split_info = labelled_split(train, config)
     eval_transform = EvalTransform(config.resize, config.crop, "center-crop")
     states: list[ResumeState] = []
@@ -166,7 +162,16 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     def finetune(
         lr: float, mult: float, data: DatasetSplit, judge: DatasetSplit, tag: str
     ) -> dict[str, float]:
-        state = ResumeState(ctx.cache.root, _identity(ctx, config, data, lr, mult, tag, world), world)
+        identity = run_identity(
+            ctx,
+            config,
+            world.world_size,
+            point=point_name(lr, mult),
+            judge=tag,
+            data=data.fingerprint,
+            images=[Path(p).name for p, _ in data.samples],
+        )
+        state = ResumeState(ctx.cache.root, identity, world)
         states.append(state)
         history = _finetune(ctx, config, lr, mult, data, judge, eval_transform, world, state, tag)
         return history[-1]["eval"]
@@ -197,16 +202,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "chosen": chosen,
             "grid": grid_scores,
         },
-        dataset={
-            "name": dataset,
-            "display": train.display_name,
-            "synthetic": train.synthetic,
-            "root": str(train.root),
-            "fingerprint": train.fingerprint,
-            "train": {"split": train.split, "images": len(train), "labelled": split_info},
-            "test": {"split": test.split, "images": len(test)},
-            "classes": len(train.classes),
-        },
+        dataset=_with_labelled(split_record(dataset, train, test), split_info),
         protocol=PROTOCOL,
         seeds=[config.seed],
         details={
@@ -220,21 +216,9 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     )
 
 
-def _identity(
-    ctx: RunContext, config: Config, data: DatasetSplit, lr: float, mult: float, tag: str, world: DistInfo
-) -> dict[str, Any]:
-    assert ctx.backbone is not None
-    return {
-        "task": ctx.preset.name,
-        "checkpoint": ctx.backbone.sha256,
-        "branch": ctx.backbone.inspection.branch,
-        "config": config_to_dict(config),
-        "point": point_name(lr, mult),
-        "judge": tag,
-        "data": data.fingerprint,
-        "images": [Path(p).name for p, _ in data.samples],
-        "world_size": world.world_size,
-    }
+def _with_labelled(record: dict[str, Any], split_info: dict[str, Any]) -> dict[str, Any]:
+    record["train"]["labelled"] = split_info  # how the labelled subset was made
+    return record
 
 
 class _Classifier(nn.Module):
@@ -267,12 +251,7 @@ def _finetune(
     device = torch.device(world.device)
     torch.manual_seed(config.seed)  # the head's initial weights
     model: nn.Module = _Classifier(copy.deepcopy(ctx.backbone.model), len(data.classes))
-    if config.sync_bn and world.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    wrapped: nn.Module = model
-    if world.world_size > 1:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, wrapped = prepare_for_training(model, world, config.sync_bn)
     base = scaled_lr(lr, config.batch_size)
     optimizer = torch.optim.SGD(
         [

@@ -29,6 +29,7 @@ from torch.utils.data import DistributedSampler
 from npidbench.atomic import atomic_write, atomic_write_text
 from npidbench.distributed import DistInfo
 from npidbench.errors import RunFailed
+from npidbench.pretrain.data import mix_seed
 from npidbench.progress import log, make_progress
 
 REFERENCE_BATCH = 256  # the protocols' batch: lr is given for it and scaled linearly (Goyal et al. 2017)
@@ -118,13 +119,17 @@ def fit(
     state: ResumeState,
     world: DistInfo,
     images_per_epoch: int,
-    lr_at: Callable[[int, int], float] | None = None,
+    iterations_per_epoch: int = 0,
+    lr_at: Callable[[int], float] | None = None,
+    step_seed: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``trainable`` for the schedule's epochs; returns one history line per epoch (loss,
     train top-1, images/s and, where ``evaluate_at(epoch)``, the evaluation's metrics).
 
-    ``lr_at(epoch, step)``, when given, sets the lr factor at every step (warm-up, poly): the
-    iteration-based schedules treat a window of iterations as an "epoch" of this loop."""
+    Iteration-based schedules treat a window of ``iterations_per_epoch`` iterations as an "epoch"
+    of this loop: ``lr_at(iteration)`` then sets the lr factor at every step (warm-up, poly), and
+    with ``step_seed`` torch's generator is seeded per iteration (RoI sampling, dropout), so that
+    a resumed run repeats the uninterrupted one."""
     history: list[dict[str, Any]] = []
     start = 0
     saved = state.load()
@@ -134,23 +139,64 @@ def fit(
         history, start = list(saved["history"]), int(saved["epoch"])
         log(f"{label}: resuming after epoch {start} of {schedule.epochs} ({state.folder})")
     try:
-        return _epochs(
-            label,
-            trainable,
-            optimizer,
-            base_lrs,
-            schedule,
-            batches,
-            step,
-            evaluate,
-            evaluate_at,
-            state,
-            world,
-            images_per_epoch,
-            history,
-            start,
-            lr_at,
-        )
+        with make_progress(unit="img") as progress:
+            bar = progress.add_task(
+                label, total=images_per_epoch * schedule.epochs, completed=images_per_epoch * start
+            )
+            for epoch in range(start, schedule.epochs):
+                factor = schedule.factor(epoch)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+                started, seen, correct, loss_sum, steps = time.perf_counter(), 0, 0, 0.0, 0
+                trainable.train()
+                for batch in batches(epoch):
+                    iteration = epoch * iterations_per_epoch + steps
+                    if lr_at is not None:
+                        factor = lr_at(iteration)
+                        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                            group["lr"] = base * factor
+                    if step_seed is not None:
+                        torch.manual_seed(mix_seed(step_seed, iteration, 5))
+                    result = step(batch)
+                    value = float(result.loss.detach())
+                    if not math.isfinite(value):
+                        raise RunFailed(
+                            f"{label}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
+                            "with --set and run again (finished epochs are kept and resumed)"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    result.loss.backward()
+                    optimizer.step()
+                    seen += result.images
+                    correct += result.correct or 0
+                    shown = f" acc {100 * correct / max(seen, 1):.1f}%" if result.correct is not None else ""
+                    loss_sum += value
+                    steps += 1
+                    progress.update(
+                        bar,
+                        advance=result.images * world.world_size,
+                        description=f"{label} ep {epoch + 1}/{schedule.epochs} loss {value:.3f}{shown}",
+                    )
+                seconds = time.perf_counter() - started
+                line: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "lr_factor": round(factor, 10),
+                    "loss": round(loss_sum / max(steps, 1), 5),
+                    "train_top1": round(100 * correct / max(seen, 1), 3),
+                    "images_per_s": round(seen * world.world_size / seconds, 1) if seconds > 0 else 0.0,
+                }
+                if evaluate is not None and evaluate_at(epoch):
+                    line["eval"] = evaluate()
+                history.append(line)
+                state.save(
+                    {
+                        "epoch": epoch + 1,
+                        "model": trainable.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                    }
+                )
+        return history
     except KeyboardInterrupt:
         saved = state.load()
         done = int(saved["epoch"]) if saved is not None else 0
@@ -158,77 +204,3 @@ def fit(
             f"{label}: interrupted after {done} of {schedule.epochs} epochs; they are saved in {state.folder}: "
             "run the same command again to continue"
         ) from None
-
-
-def _epochs(
-    label: str,
-    trainable: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    base_lrs: Sequence[float],
-    schedule: StepSchedule,
-    batches: Callable[[int], Iterable[Any]],
-    step: Callable[[Any], StepResult],
-    evaluate: Callable[[], dict[str, Any]] | None,
-    evaluate_at: Callable[[int], bool],
-    state: ResumeState,
-    world: DistInfo,
-    images_per_epoch: int,
-    history: list[dict[str, Any]],
-    start: int,
-    lr_at: Callable[[int, int], float] | None,
-) -> list[dict[str, Any]]:
-    with make_progress(unit="img") as progress:
-        bar = progress.add_task(
-            label, total=images_per_epoch * schedule.epochs, completed=images_per_epoch * start
-        )
-        for epoch in range(start, schedule.epochs):
-            factor = schedule.factor(epoch)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            started, seen, correct, loss_sum, steps = time.perf_counter(), 0, 0, 0.0, 0
-            trainable.train()
-            for batch in batches(epoch):
-                if lr_at is not None:
-                    factor = lr_at(epoch, steps)
-                    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                        group["lr"] = base * factor
-                result = step(batch)
-                value = float(result.loss.detach())
-                if not math.isfinite(value):
-                    raise RunFailed(
-                        f"{label}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
-                        "with --set and run again (finished epochs are kept and resumed)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                optimizer.step()
-                seen += result.images
-                correct += result.correct or 0
-                shown = f" acc {100 * correct / max(seen, 1):.1f}%" if result.correct is not None else ""
-                loss_sum += value
-                steps += 1
-                progress.update(
-                    bar,
-                    advance=result.images * world.world_size,
-                    description=f"{label} ep {epoch + 1}/{schedule.epochs} loss {value:.3f}{shown}",
-                )
-            seconds = time.perf_counter() - started
-            line: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr_factor": round(factor, 10),
-                "loss": round(loss_sum / max(steps, 1), 5),
-                "train_top1": round(100 * correct / max(seen, 1), 3),
-                "images_per_s": round(seen * world.world_size / seconds, 1) if seconds > 0 else 0.0,
-            }
-            if evaluate is not None and evaluate_at(epoch):
-                line["eval"] = evaluate()
-            history.append(line)
-            state.save(
-                {
-                    "epoch": epoch + 1,
-                    "model": trainable.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                }
-            )
-    return history
