@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from npidbench.checkpoint import load_backbone
+from npidbench.distributed import DistInfo
 from npidbench.errors import BadInput, RunFailed
 from npidbench.pretrain import train as train_module
 from npidbench.pretrain.recipe import Recipe
@@ -148,7 +149,9 @@ def test_resume_refuses_a_changed_recipe(data_root, tmp_path):
     assert torch.load(path, weights_only=True)["meta"]["epochs"] == 2
 
 
-def _rank_main(rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str, dtype: torch.dtype
+) -> None:
     os.environ.update(
         {
             "WORLD_SIZE": str(world),
@@ -159,26 +162,49 @@ def _rank_main(rank: int, world: int, port: int, recipe: Recipe, out: str, data_
         }
     )
     torch.set_num_threads(1)
-    pretrain(recipe, Path(out), Path(data_root))
+    pretrain(recipe, Path(out), Path(data_root), dtype=dtype)
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(data_root, tmp_path):
+    """The runs are equivalent, not merely close: in float64 they agree to ~1e-15 on any CPU.
+
+    In float32 they differ by the kernels' summation order (1 thread per rank vs 2 in one
+    process, batch 4 vs 8 blocking): about 2e-7 relative on one AMD EPYC, beyond 1e-4 on another
+    after 3 steps. float64 leaves that noise ~1e-16 and the bound can be tight everywhere."""
     # BatchNorm in eval mode: per-rank batch statistics would differ from one process's.
     recipe = replace(TINY, epochs=1, batch_size=8, knn_every=0, freeze_bn=True)
     single = tmp_path / "single"
-    pretrain(recipe, single, data_root)
+    pretrain(recipe, single, data_root, dtype=torch.float64)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(
-        _rank_main, args=(2, port, recipe, str(tmp_path / "double"), str(data_root)), nprocs=2, join=True
+        _rank_main,
+        args=(2, port, recipe, str(tmp_path / "double"), str(data_root), torch.float64),
+        nprocs=2,
+        join=True,
     )
     a, b = load_resume(single), load_resume(tmp_path / "double")
     assert a["global_step"] == b["global_step"] == 3 and b["world_size"] == 2
-    assert a["z"] == pytest.approx(b["z"], rel=1e-6)
-    torch.testing.assert_close(a["bank"], b["bank"], rtol=1e-4, atol=1e-5)
+    assert a["bank"].dtype == torch.float64 and a["model"]["backbone.conv1.weight"].dtype == torch.float64
+    assert a["z"] == pytest.approx(b["z"], rel=1e-12)
+    torch.testing.assert_close(a["bank"], b["bank"], rtol=1e-9, atol=1e-12)
     for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_weight_decay_covers_every_parameter_unless_the_recipe_excludes_norm_and_bias(data_root, tmp_path):
+    """lemniscate and mmselfsup: SGD(model.parameters(), weight_decay=1e-4), BN and biases too."""
+    world = DistInfo(rank=0, world_size=1, device="cpu")
+    paper = train_module._Trainer(replace(TINY, knn_every=0), tmp_path / "a", data_root, world)
+    groups = [g for g in paper.optimizer.param_groups if g["weight_decay"] > 0]
+    assert sum(len(g["params"]) for g in groups) == len(list(paper.model.parameters()))
+    assert replace(TINY).norm_bias_decay  # the paper's default
+    excluded = train_module._Trainer(
+        replace(TINY, knn_every=0, norm_bias_decay=False), tmp_path / "b", data_root, world
+    )
+    undecayed = [p for g in excluded.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert undecayed and all(p.ndim == 1 for p in undecayed)
 
 
 @pytest.mark.gpu

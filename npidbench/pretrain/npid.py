@@ -20,6 +20,12 @@ from torch import nn
 NCE_EPS = 1e-7  # lemniscate's NCECriterion
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 (autocast outputs) up to float32; float32 and float64 unchanged (the exactness
+    checks train in float64)."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 class EmbeddingModel(nn.Module):
     """Backbone -> global average pool -> Linear(., dim) -> L2 normalise (NPID's network)."""
 
@@ -29,21 +35,26 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Linear(in_features, dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+        return F.normalize(at_least_fp32(self.head(self.backbone(images))), dim=1)
 
 
 class MemoryBank(nn.Module):
     """N x dim normalised features, one per training image, kept as a module buffer."""
 
     def __init__(
-        self, size: int, dim: int = 128, init: str = "lemniscate", generator: torch.Generator | None = None
+        self,
+        size: int,
+        dim: int = 128,
+        init: str = "lemniscate",
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         if init == "lemniscate":  # uniform in +-1/sqrt(dim/3), not normalised
             bound = 1.0 / math.sqrt(dim / 3)
-            bank = torch.rand(size, dim, generator=generator) * 2 * bound - bound
+            bank = torch.rand(size, dim, generator=generator, dtype=dtype) * 2 * bound - bound
         elif init == "mmselfsup":  # randn, then L2-normalised
-            bank = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
+            bank = F.normalize(torch.randn(size, dim, generator=generator, dtype=dtype), dim=1)
         else:
             raise ValueError(f"bank_init must be lemniscate or mmselfsup, got {init!r}")
         self.register_buffer("bank", bank)
@@ -126,10 +137,11 @@ def nce_loss(scores: torch.Tensor, z: torch.Tensor, temperature: float, bank_siz
         -(1/B) sum_b [ log(P_pos / (P_pos + K P_n + eps)) + sum_k log(K P_n / (P_neg,k + K P_n + eps)) ]
     """
     k = scores.shape[1] - 1
-    log_z = torch.log(z).float()
+    scores = at_least_fp32(scores)
+    log_z = torch.log(z).to(scores.dtype)
     mass = k / bank_size + NCE_EPS  # K P_n + eps
-    p = torch.exp(scores.float() / temperature - log_z)  # at most ~e^18 here: float32 is ample
-    positive = scores[:, 0].float() / temperature - log_z - torch.log(p[:, 0] + mass)
+    p = torch.exp(scores / temperature - log_z)  # at most ~e^18 here: float32 is ample
+    positive = scores[:, 0] / temperature - log_z - torch.log(p[:, 0] + mass)
     negative = math.log(k / bank_size) - torch.log(p[:, 1:] + mass)
     return -(positive.sum() + negative.sum()) / scores.shape[0]
 

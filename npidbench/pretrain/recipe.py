@@ -35,6 +35,9 @@ class Recipe:
     lr_batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # lemniscate and mmselfsup decay every parameter (SGD over model.parameters()); false keeps
+    # BatchNorm weights and biases out of the decay (a named departure, recorded with the run).
+    norm_bias_decay: bool = True
     lr_schedule: str = "step"  # step (the paper) or cosine
     lr_steps: tuple[int, ...] = (120, 160)
     lr_gamma: float = 0.1

@@ -80,9 +80,18 @@ class _StopRequest:
 
 
 def pretrain(
-    recipe: Recipe, out_dir: Path, data_root: Path | None = None, device: str = "cpu", resume: bool = False
+    recipe: Recipe,
+    out_dir: Path,
+    data_root: Path | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Run ``recipe`` into ``out_dir``; returns the checkpoint to evaluate (``last.pth``)."""
+    """Run ``recipe`` into ``out_dir``; returns the checkpoint to evaluate (``last.pth``).
+
+    ``dtype`` is for exactness checks from Python only (float64: the 2-process run equals the
+    1-process one to ~1e-15, where float32 kernels differ by CPU and thread count); the CLI
+    always trains in float32 (bf16 autocast on CUDA with ``amp``)."""
     out_dir = Path(out_dir)
     resume_file = out_dir / "resume.pth"
     if resume and not resume_file.exists():
@@ -95,7 +104,7 @@ def pretrain(
     if recipe.epochs == 0:
         return _write_initial(recipe, out_dir)
     with distributed(device) as world:
-        trainer = _Trainer(recipe, out_dir, data_root, world)
+        trainer = _Trainer(recipe, out_dir, data_root, world, dtype)
         if resume:
             trainer.load_resume(resume_file)
         return trainer.run()
@@ -130,8 +139,15 @@ def _write_initial(recipe: Recipe, out_dir: Path) -> Path:
 
 
 class _Trainer:
-    def __init__(self, recipe: Recipe, out_dir: Path, data_root: Path | None, world: DistInfo) -> None:
-        self.recipe, self.out_dir, self.world = recipe, out_dir, world
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: Path,
+        data_root: Path | None,
+        world: DistInfo,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.recipe, self.out_dir, self.world, self.dtype = recipe, out_dir, world, dtype
         self.device = torch.device(world.device)
         self.train_split = _pool(
             load_split(recipe.dataset, recipe.train_split, data_root), recipe.pool_per_class
@@ -152,7 +168,7 @@ class _Trainer:
         model = EmbeddingModel(backbone, layer_channels(backbone)["AvgPool"], recipe.feature_dim)
         if recipe.sync_bn and world.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        self.model = model.to(self.device, dtype).to(memory_format=torch.channels_last)
         self.ddp = (
             DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -165,12 +181,14 @@ class _Trainer:
             recipe.feature_dim,
             recipe.bank_init,
             torch.Generator().manual_seed(recipe.seed),
+            dtype,
         ).to(self.device)
         self.z = torch.tensor(-1.0, dtype=torch.float64, device=self.device)  # estimated on the first step
         self.lr = recipe.scaled_lr(recipe.batch_size)
         decay, no_decay = [], []
         for param in self.model.parameters():
-            (no_decay if param.ndim <= 1 else decay).append(param)  # no decay on norm layers and biases
+            # 1-d parameters are BatchNorm weights and biases: decayed unless the recipe says not
+            (no_decay if param.ndim <= 1 and not recipe.norm_bias_decay else decay).append(param)
         self.optimizer = torch.optim.SGD(
             [
                 {"params": decay, "weight_decay": recipe.weight_decay},
@@ -198,6 +216,8 @@ class _Trainer:
             raise BadInput(
                 f"--resume with a different recipe than {path} was made with: {'; '.join(changed)}"
             )
+        if saved.get("dtype", "torch.float32") != str(self.dtype):
+            raise BadInput(f"{path} was made in {saved.get('dtype')}; resume it in the same precision")
         if saved["world_size"] != self.world.world_size:
             raise BadInput(
                 f"{path} was made with {saved['world_size']} processes; resume with the same number"
@@ -223,6 +243,7 @@ class _Trainer:
             "version": 1,
             "recipe": self.recipe.to_dict(),
             "world_size": self.world.world_size,
+            "dtype": str(self.dtype),
             "epoch": self.state.epoch,
             "step": self.state.step,
             "global_step": self.state.global_step,
@@ -249,6 +270,7 @@ class _Trainer:
             "world_size": self.world.world_size,
             "global_batch": self.recipe.batch_size,
             "lr_scaled": self.lr,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "recipe_settings": self.recipe.to_dict(),
             "monitor": self.state.history[-1] if self.state.history else {},
         }
@@ -372,7 +394,7 @@ class _Trainer:
 
     def step(self, images: torch.Tensor, indices: torch.Tensor) -> float:
         recipe, world = self.recipe, self.world
-        images = normalize_batch(images.to(self.device, non_blocking=True))
+        images = normalize_batch(images.to(self.device, non_blocking=True), self.dtype)
         indices = indices.to(self.device)
         autocast = torch.autocast(
             "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and recipe.amp
@@ -405,7 +427,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        all_indices, all_features = self._gather(indices, features.detach().float())
+        all_indices, all_features = self._gather(indices, features.detach())
         self.bank.update(all_indices, all_features, recipe.bank_momentum)
         return value
 
@@ -455,7 +477,7 @@ class _Trainer:
             with torch.autocast(
                 "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.recipe.amp
             ):
-                features.append(self.model(normalize_batch(batch.images.to(self.device))).float())
+                features.append(self.model(normalize_batch(batch.images.to(self.device), self.dtype)))
             labels.append(batch.labels)
         self.model.train()
         k = min(self.recipe.knn_k, len(self.train_split))
