@@ -266,7 +266,10 @@ def run_command(
 def pretrain_command(
     recipe: Annotated[
         str | None,
-        typer.Argument(help="Recipe name (pretrain/*.toml) or a .toml path; default the embedded one."),
+        typer.Argument(
+            help="Recipe name (pretrain/*.toml) or a .toml path; default: the embedded CPU-sized one on the "
+            "embedded data, the paper's (npid_resnet50_8xb32-steplr-200e_in1k) with a real --data-root."
+        ),
     ] = None,
     set_options: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe setting: key=value (repeatable).")
@@ -290,7 +293,7 @@ def pretrain_command(
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
     path = pretrain(
-        load_recipe(recipe, list(set_options or [])), out, data_root, check_device(device), resume
+        load_recipe(recipe, list(set_options or []), data_root), out, data_root, check_device(device), resume
     )
     if not _is_secondary_rank():
         stdout.print(str(path))

@@ -238,3 +238,19 @@ def _rank_main_cuda(rank: int, world: int, port: int, recipe: Recipe, out: str, 
         }
     )
     pretrain(recipe, Path(out), Path(data_root), device="cuda")
+
+
+def test_no_recipe_on_real_data_is_the_papers_not_the_cpu_sized_one(data_root, tmp_path):
+    from npidbench.cli import main
+    from npidbench.data.synthetic import ensure_suite
+    from npidbench.pretrain.recipe import DEFAULT_RECIPE, PAPER_RECIPE, load_recipe
+
+    assert load_recipe(None, []).name == DEFAULT_RECIPE  # the embedded data
+    assert load_recipe(None, [], ensure_suite()).name == DEFAULT_RECIPE  # a synthetic suite on disk
+    assert load_recipe(None, [], data_root).name == PAPER_RECIPE  # real data
+    assert load_recipe(DEFAULT_RECIPE, [], data_root).name == DEFAULT_RECIPE  # named: as asked
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", "--data-root", str(data_root), "--set", "epochs=0", "--out", str(tmp_path / "r")])
+    assert done.value.code in (0, None)
+    meta = torch.load(tmp_path / "r" / "last.pth", weights_only=True)["meta"]
+    assert meta["recipe"] == PAPER_RECIPE and torch.load(tmp_path / "r" / "last.pth")["arch"] == "resnet50"

@@ -16,8 +16,10 @@ from npidbench.checkpoint.arch import SUPPORTED_ARCHS
 from npidbench.config import build_config, config_to_dict, parse_set_options, read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
+from npidbench.progress import log
 
-DEFAULT_RECIPE = "npid_resnet18_synthetic"
+DEFAULT_RECIPE = "npid_resnet18_synthetic"  # for the embedded synthetic data
+PAPER_RECIPE = "npid_resnet50_8xb32-steplr-200e_in1k"  # for real data
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,26 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in preset_dir("pretrain").glob("*.toml"))
 
 
-def load_recipe(name_or_path: str | None, set_options: list[str]) -> Recipe:
-    """A recipe by shipped name or TOML path, with --set overrides applied."""
-    name = name_or_path or DEFAULT_RECIPE
+def default_recipe(data_root: Path | None) -> str:
+    """The recipe used when none is named: the CPU-sized embedded one on the embedded data, the
+    paper's on real data (the embedded recipe's 56 px, 32-image pool would silently undertrain a
+    real ImageNet run)."""
+    if data_root is None:
+        return DEFAULT_RECIPE
+    from npidbench.data import dataset_root
+
+    _, synthetic = dataset_root(Recipe.dataset, Path(data_root))
+    return DEFAULT_RECIPE if synthetic else PAPER_RECIPE
+
+
+def load_recipe(name_or_path: str | None, set_options: list[str], data_root: Path | None = None) -> Recipe:
+    """A recipe by shipped name or TOML path, with --set overrides applied; with no name, the
+    default for the data at ``data_root`` (said on the console)."""
+    name = name_or_path
+    if name is None:
+        name = default_recipe(data_root)
+        where = "the embedded synthetic data" if name == DEFAULT_RECIPE else f"the real data in {data_root}"
+        log(f"no recipe given: {name} for {where} (name one to choose: {', '.join(recipe_names())})")
     path = Path(name)
     if not (path.suffix == ".toml" and path.exists()):
         path = preset_dir("pretrain") / f"{name}.toml"
