@@ -17,6 +17,7 @@ import torch
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import LoadedBackbone, load_backbone
 from npidbench.config import build_config, config_to_dict, parse_set_options
+from npidbench.data import reads_synthetic_data
 from npidbench.distributed import distributed
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions
@@ -123,7 +124,10 @@ def run_task(request: RunRequest) -> Path | None:
     if request.features_dir is not None and not getattr(family, "ACCEPTS_FEATURES_DIR", False):
         raise BadInput(f"{preset.name} needs a checkpoint (CKPT); --features-dir is for the SVM presets")
     data_root = Path(request.data_root) if request.data_root is not None else None
-    config = resolve_config(preset, data_root is None, request.set_options)
+    # The [synthetic] profile follows the data actually read: never for a user's --features-dir,
+    # and also for a synthetic suite given as --data-root (npidbench data synth).
+    synthetic = request.features_dir is None and reads_synthetic_data(preset.dataset, data_root)
+    config = resolve_config(preset, synthetic, request.set_options)
     device = check_device(request.device)
     if request.batch_size is not None and request.batch_size < 1:
         raise BadInput(f"--batch-size must be at least 1, got {request.batch_size}")
@@ -185,7 +189,7 @@ def run_task(request: RunRequest) -> Path | None:
         model=model,
         metrics=output.metrics,
         protocol=output.protocol,
-        variant=protocol_variant(preset, data_root is None, config),
+        variant=protocol_variant(preset, synthetic, config),
         config=config_to_dict(config),
         seeds=output.seeds,
         timings={
@@ -199,7 +203,7 @@ def run_task(request: RunRequest) -> Path | None:
             **output.details,
             # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
             "profile": {"name": "synthetic", "settings": preset.synthetic}
-            if data_root is None and preset.synthetic
+            if synthetic and preset.synthetic
             else {"name": "protocol"},
             "device": options.device,
             "world_size": world.world_size,

@@ -10,15 +10,12 @@ from pathlib import Path
 from rich.table import Table
 
 from npidbench.checkpoint import load_backbone
-from npidbench.data import dataset_root
+from npidbench.data import dataset_parts, dataset_root
 from npidbench.errors import BadInput, NpidbenchError
 from npidbench.progress import console, log
 from npidbench.runner import RunRequest, run_task
 from npidbench.tasks import presets
 from npidbench.tasks.base import Preset
-
-# Datasets a preset reads beyond its own (VOC07+12 detection trains on VOC2012 too).
-_EXTRA_DATASETS = {"voc0712": ("voc07", "voc12")}
 
 
 @dataclass
@@ -49,7 +46,7 @@ def missing_data(preset: Preset, data_root: Path | None) -> str | None:
     """Why ``preset`` cannot run on ``data_root`` (None: its data is present)."""
     if data_root is None:
         return None  # the embedded synthetic suite has every dataset
-    for name in _EXTRA_DATASETS.get(preset.dataset, (preset.dataset,)):
+    for name in dataset_parts(preset.dataset):
         try:
             dataset_root(name, data_root)
         except BadInput as exc:

@@ -249,3 +249,27 @@ def test_an_interrupted_full_svm_resumes_at_the_next_layer(tmp_path, results_dir
     counted.clear()
     assert cli("run", "voc-svm-full", "--features-dir", str(fdir), "--set", "costs=vissl") == 0
     assert counted == [1, 1]
+
+
+def test_features_dir_runs_the_published_protocol_not_the_synthetic_profile(tmp_path, results_dir, capsys):
+    """A user's real features: 5 low-shot samples, 256/224 extraction settings, no [synthetic]."""
+    fdir = write_features_dir(tmp_path / "feats")
+    assert cli("run", "voc-svm-full", "--features-dir", str(fdir)) == 0
+    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert record["details"]["profile"] == {"name": "protocol"}
+    assert record["config"]["lowshot_samples"] == 5 and record["config"]["resize"] == 256
+    assert record["variant"] == "" and record["dataset"]["synthetic"] is False
+
+
+def test_the_synthetic_profile_follows_the_data_read(tmp_path):
+    from npidbench.data import reads_synthetic_data
+    from npidbench.data.synthetic import ensure_suite
+
+    from helpers import tiny_imagefolder
+
+    assert reads_synthetic_data("voc07", None)  # the embedded suite
+    assert reads_synthetic_data("voc0712", ensure_suite())  # a suite written by `data synth`
+    tiny_imagefolder(tmp_path / "imagenet", classes=2, per_class=2, split="train")
+    (tmp_path / "imagenet" / "val").mkdir()
+    assert not reads_synthetic_data("imagenet", tmp_path)  # real data
+    assert not reads_synthetic_data("voc07", tmp_path)  # absent: the task reports it

@@ -98,6 +98,27 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+# Datasets a preset's dataset name stands for (VOC07+12 detection trains on VOC2012 too).
+_DATASET_PARTS = {"voc0712": ("voc07", "voc12")}
+
+
+def dataset_parts(name: str) -> tuple[str, ...]:
+    """The datasets (keys of DATASETS) that a preset's ``dataset`` reads."""
+    return _DATASET_PARTS.get(name, (name,))
+
+
+def reads_synthetic_data(dataset: str, data_root: Path | None) -> bool:
+    """Whether a run of ``dataset`` under ``data_root`` reads the synthetic suite: with no root
+    (the embedded suite), or a root written by ``npidbench data synth``. Missing data: False (the
+    task reports it)."""
+    if data_root is None:
+        return True
+    try:
+        return all(dataset_root(part, data_root)[1] for part in dataset_parts(dataset))
+    except BadInput:
+        return False
+
+
 def dataset_root(name: str, data_root: Path | None) -> tuple[Path, bool]:
     """(root folder of dataset ``name``, whether it is the embedded synthetic data)."""
     info = DATASETS.get(name)
@@ -166,8 +187,10 @@ __all__ = [
     "DatasetSplit",
     "DetectionSplit",
     "SegmentationSplit",
+    "dataset_parts",
     "dataset_root",
     "load_detection_split",
     "load_segmentation_split",
     "load_split",
+    "reads_synthetic_data",
 ]
