@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from npidbench.data.imagenet import load_imagefolder, read_subset_list
+from npidbench.data.imagenet import load_imagefolder, read_subset_list, simclr_subset
+from npidbench.data.splits import DatasetSplit
 from npidbench.errors import BadInput
 from npidbench.report import build_tables
 from npidbench.results import ResultStore
@@ -17,10 +20,10 @@ from npidbench.runner import RunRequest, resolve_config, run_task
 from npidbench.tasks import get_preset
 from npidbench.tasks.semisup import Config, balanced_draw, choose_point, held_out, labelled_split
 
-from conftest import fixture_path
+from conftest import FIXTURES, fixture_path
 from helpers import tiny_imagefolder
 
-SMALL = ["resize=48", "crop=40", "batch_size=8", "epochs=2", "milestones=[1]"]
+SMALL = ["resize=48", "crop=40", "batch_size=8", "epochs=2", "milestones=[1]", "split=drawn"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,42 @@ def test_list_file_selects_exactly_its_images(tiny_root, tmp_path):
 def test_simclr_one_percent_list_has_the_published_size():
     names = read_subset_list(fixture_path("simclr", "imagenet_subsets", "1percent.txt"))
     assert len(names) == 12811 and len(set(names)) == 12811
+
+
+@pytest.mark.parametrize(
+    ("fraction", "count", "sha256"),
+    [
+        (0.01, 12811, "71e82a48ba78252683ae334c4d019ebd5c6e855b9599c1389fbe83eb9549cf17"),
+        (0.1, 128116, "6d09de11e7bdaf5b1f3b1f249b6183695f97310cdd20f0c03e7235b6b9392091"),
+    ],
+)
+def test_the_shipped_simclr_lists_are_simclrs(fraction, count, sha256):
+    """google-research/simclr imagenet_subsets @ 383d414, byte for byte once decompressed."""
+    shipped = simclr_subset(fraction)
+    text = lzma.decompress(shipped.read_bytes())
+    assert hashlib.sha256(text).hexdigest() == sha256
+    assert len(read_subset_list(shipped)) == count
+    original = FIXTURES / "simclr" / "imagenet_subsets" / f"{shipped.name[:-3]}"
+    if original.exists():
+        assert original.read_bytes() == text
+    with pytest.raises(BadInput, match="split=drawn"):
+        simclr_subset(0.05)
+
+
+def test_real_imagenet_uses_simclrs_list_by_default():
+    """Every published 1% / 10% number uses SimCLR's list: the default on real data; the draw is
+    an option (split=drawn) and the synthetic profile's choice."""
+    names = read_subset_list(simclr_subset(0.01))
+    extra = [f"{n.split('_')[0]}_9{i}.JPEG" for i, n in enumerate(names)]  # not on the list
+    samples = [(f"/in/train/{n.split('_')[0]}/{n}", 0) for n in names + extra]
+    train = DatasetSplit("imagenet", "train", Path("/in"), samples, ["c"], False, lambda: "x")
+    subset, info = labelled_split(train, Config())
+    assert sorted(Path(p).name for p, _ in subset.samples) == sorted(names)
+    assert info["source"] == "simclr" and info["label"] == "in1k-1pct"
+    assert resolve_config(get_preset("semisup-imagenet-10pct"), False, []).split == "simclr"
+    assert resolve_config(get_preset("semisup-imagenet-1pct"), True, []).split == "drawn"
+    drawn, info = labelled_split(train, Config(split="drawn"))
+    assert info["source"] == "class-balanced draw" and info["label"].endswith("-drawn")
 
 
 def test_grid_run_picks_the_best_point_and_names_it(random_checkpoint, tiny_root, tmp_path):

@@ -10,7 +10,9 @@ INaturalist indexes the whole train_val2018 tree and cannot give the official tr
 from __future__ import annotations
 
 import json
+import lzma
 import os
+from importlib import resources
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
@@ -57,11 +59,32 @@ def load_imagefolder(
     )
 
 
+# SimCLR's lists by label fraction, shipped xz-compressed (npidbench/data/subsets/SOURCE.md).
+SIMCLR_SUBSETS = {0.01: "1percent.txt.xz", 0.1: "10percent.txt.xz"}
+
+
+def simclr_subset(fraction: float) -> Path:
+    """The shipped SimCLR list of ``fraction`` (0.01 or 0.1) of the ImageNet train labels."""
+    name = SIMCLR_SUBSETS.get(fraction)
+    if name is None:
+        raise BadInput(
+            f"SimCLR's imagenet_subsets exist for fraction 0.01 and 0.1, not {fraction:g}: use "
+            "--set split=drawn for a seeded class-balanced draw, or split_file=LIST"
+        )
+    return Path(str(resources.files("npidbench.data").joinpath("subsets", name)))
+
+
 def read_subset_list(path: Path) -> list[str]:
-    """A SimCLR imagenet_subsets file: one train file name per line (``n04235860_14959.JPEG``)."""
-    if not Path(path).exists():
+    """A SimCLR imagenet_subsets file: one train file name per line (``n04235860_14959.JPEG``);
+    ``.xz`` files are decompressed (the shipped copies)."""
+    path = Path(path)
+    if not path.exists():
         raise BadInput(f"subset list {path} not found")
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
+    except (lzma.LZMAError, UnicodeDecodeError) as exc:
+        raise BadInput(f"subset list {path} is not a text list of file names: {exc}") from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     bad = next((n for n in names if "_" not in n or not n.split("_")[0]), None)
     if bad is not None:
         raise BadInput(f"{path}: {bad!r} is not an ImageNet train file name (<synset>_<number>.JPEG)")
@@ -79,7 +102,8 @@ def load_imagenet_subset(train: DatasetSplit, list_file: Path) -> DatasetSplit:
             f"{len(missing)} of the {len(names)} images in {list_file} are not in {train.root / train.split} "
             f"(first: {synset}/{missing[0]})"
         )
-    return train.subset([index[n] for n in names], f"{train.split}-{Path(list_file).stem}")
+    stem = Path(list_file).name.split(".")[0]  # 1percent.txt.xz -> 1percent
+    return train.subset([index[n] for n in names], f"{train.split}-{stem}")
 
 
 # --- Places205 ------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ Every grid point (base lr x head lr multiplier) fine-tunes backbone + Linear(C, 
 epochs (lr x0.2 at 12 and 16); the published protocol picks the best point on ImageNet val
 (test-selected). ``selection=heldout`` is the honest variant: points are compared on a held-out
 part of the labelled split, and the chosen one is refitted on all of it before the val test.
-The split is a SimCLR-format list file (``split_file=``) or a seeded class-balanced draw of the
-same size; the record names which, and the report's "Fine-tuned Config" names split and point.
+The split is SimCLR's 1% / 10% list (shipped; every published number uses it), a list file of the
+same format (``split_file=``) or, as a named option, a seeded class-balanced draw of the same size
+(``split=drawn``); the record names which, and the report's "Fine-tuned Config" names split and
+point.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from npidbench.backbone import layer_channels
 from npidbench.data import load_split
-from npidbench.data.imagenet import load_imagenet_subset
+from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
 from npidbench.data.images import EvalTransform, normalize_batch
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
@@ -39,13 +41,15 @@ NAME = "semisup"
 DESCRIPTION = "Semi-supervised fine-tuning on 1% / 10% of ImageNet labels, lr x head-multiplier grid"
 TABLE = "semisup"
 SELECTIONS = ("test", "heldout")
+SPLITS = ("simclr", "drawn")
 PROTOCOL = "semisup-finetune"
 
 
 @dataclass(frozen=True)
 class Config:
-    fraction: float = 0.01  # of the train split, when no split_file is given
-    split_file: str = ""  # a SimCLR imagenet_subsets list (one train file name per line)
+    fraction: float = 0.01  # of the train split: 0.01 or 0.1 for SimCLR's lists
+    split: str = "simclr"  # simclr: SimCLR's list for `fraction` (shipped); drawn: seeded draw
+    split_file: str = ""  # another list in SimCLR's format (one train file name per line)
     lrs: tuple[float, ...] = (0.001, 0.01, 0.1)  # base lr grid (for batch 256)
     head_mults: tuple[float, ...] = (1.0, 10.0, 100.0)  # head lr multiplier grid
     lr: float | None = None  # with head_mult: one grid point instead of the grid
@@ -68,6 +72,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split}; choose simclr (SimCLR's list, published) or drawn")
         if (self.lr is None) != (self.head_mult is None):
             raise ValueError("give both lr and head_mult for one grid point, or neither for the grid")
         if not self.lrs or not self.head_mults or min(self.lrs) <= 0 or min(self.head_mults) <= 0:
@@ -137,13 +143,19 @@ def labelled_split(train: DatasetSplit, config: Config) -> tuple[DatasetSplit, d
     """The labelled subset and how it was made (recorded)."""
     if config.split_file:
         subset = load_imagenet_subset(train, Path(config.split_file).expanduser())
-        info = {"source": "list", "file": str(config.split_file)}
+        info: dict[str, Any] = {"source": "list", "file": str(config.split_file)}
+    elif config.split == "simclr":
+        listed = simclr_subset(config.fraction)
+        subset = load_imagenet_subset(train, listed)
+        info = {"source": "simclr", "file": f"google-research/simclr imagenet_subsets/{listed.name[:-3]}"}
     else:
         count = max(1, round(config.fraction * len(train)))
         subset = train.subset(balanced_draw(train, count, config.seed), f"{train.split}-draw{count}")
         info = {"source": "class-balanced draw", "seed": config.seed}
     percent = 100 * len(subset) / len(train)
-    label = f"in1k-{round(percent, 1):g}pct" + ("" if config.split_file else "-drawn")
+    # SimCLR's lists are named by their nominal fraction (12,811 of 1,281,167 is 0.99996%).
+    shown = 100 * config.fraction if info["source"] == "simclr" else round(percent, 1)
+    label = f"in1k-{shown:g}pct" + ("-drawn" if info["source"] == "class-balanced draw" else "")
     info.update({"label": label, "images": len(subset), "percent": round(percent, 4)})
     return subset, info
 
