@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from npidbench.solvers.knn import nearest_neighbours, weighted_knn
+from npidbench.solvers.knn import nearest_neighbours, rank_classes, weighted_knn
 
 
 def test_weighted_vote_exact_scores():
@@ -95,3 +95,52 @@ def test_small_temperature_does_not_overflow():
     query = torch.tensor([[1.0, 0.01]])
     result = weighted_knn(train, labels, query, torch.tensor([0]), ks=(3,), temperature=0.001)
     assert result.top1[3] == 100.0
+
+
+def test_top5_ties_go_to_the_lower_class_index_as_lemniscates_sort():
+    """k = 1: one class gets the vote, the other nine score 0; lemniscate's top-5 fills in the
+    four lowest-numbered of them (torch's CPU sort keeps the lower index first)."""
+    train = torch.eye(10)
+    labels = torch.arange(10)
+    queries = torch.eye(10)[[7, 7, 0]]  # nearest: class 7, 7, 0
+    targets = torch.tensor([3, 4, 4])  # top-5 = [7, 0, 1, 2, 3], [7, 0, 1, 2, 3], [0, 1, 2, 3, 4]
+    result = weighted_knn(train, labels, queries, targets, ks=(1,), num_classes=10)
+    assert result.top5[1] == pytest.approx(200 / 3)  # the first and the third
+    tied = torch.tensor([[0.0, 2.0, 2.0, 1.0, 2.0]])
+    assert rank_classes(tied).tolist() == [[1, 2, 4, 3, 0]]
+
+
+def _lemniscate_knn(train, train_y, test, test_y, k, t, classes):
+    """lemniscate's kNN as its paper and code describe it, written out here: cosine similarities,
+    the k largest, weights exp(s / T) summed per class through a one-hot matrix, classes ranked by
+    a sort in which equal scores keep the lower class index first."""
+    train = torch.nn.functional.normalize(train, dim=1)
+    test = torch.nn.functional.normalize(test, dim=1)
+    sims, idx = (test @ train.T).topk(k, dim=1)
+    one_hot = torch.nn.functional.one_hot(train_y[idx], classes).float()
+    probs = (one_hot * (sims / t).exp()[..., None]).sum(dim=1)
+    top1 = top5 = 0
+    for row, target in zip(probs.tolist(), test_y.tolist(), strict=True):
+        order = sorted(range(classes), key=lambda c: (-row[c], c))
+        top1 += order[0] == target
+        top5 += target in order[:5]
+    return 100.0 * top1 / len(test_y), 100.0 * top5 / len(test_y)
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_equals_lemniscates_knn_on_random_cases(case):
+    rng = np.random.default_rng(case)
+    classes = int(rng.integers(2, 12))
+    dim = int(rng.integers(2, 16))
+    train = torch.from_numpy(rng.normal(size=(int(rng.integers(20, 120)), dim)).astype(np.float32))
+    train_y = torch.from_numpy(rng.integers(0, classes, len(train)))
+    if case % 3 == 0:  # duplicated images (same label): tied similarities and tied class scores
+        train, train_y = torch.cat([train, train[::2]]), torch.cat([train_y, train_y[::2]])
+    test = torch.from_numpy(rng.normal(size=(60, dim)).astype(np.float32))
+    test_y = torch.from_numpy(rng.integers(0, classes, 60))
+    ks = (1, 2, 5, min(20, len(train)))
+    result = weighted_knn(train, train_y, test, test_y, ks=ks, temperature=0.07, num_classes=classes)
+    for k in ks:
+        assert (result.top1[k], result.top5[k]) == _lemniscate_knn(
+            train, train_y, test, test_y, k, 0.07, classes
+        ), k

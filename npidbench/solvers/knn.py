@@ -76,6 +76,26 @@ def nearest_neighbours(
     return best_sim, best_idx
 
 
+# exp(s / T) stays finite in float32 for s / T <= 80 even summed over k = 200 neighbours.
+_MAX_EXPONENT = 80.0
+
+
+def neighbour_weights(similarities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """exp(s / T), as lemniscate computes it (cosine s <= 1, so finite for T >= 1 / 80). At a
+    smaller T it would overflow: then relative to the nearest neighbour, exp((s - s_1) / T), the
+    same ranking and vote up to rounding."""
+    if 1.0 / temperature <= _MAX_EXPONENT:
+        return (similarities / temperature).exp()
+    return ((similarities - similarities[:, :1]) / temperature).exp()
+
+
+def rank_classes(scores: torch.Tensor) -> torch.Tensor:
+    """Class indices by decreasing score, equal scores in increasing class order: lemniscate
+    ranks with torch's CPU sort, which keeps the lower class first (topk promises no order). It
+    decides top-5 whenever fewer than five classes got a vote (k = 1, small k)."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
 def weighted_knn(
     train_features: np.ndarray | torch.Tensor,
     train_labels: np.ndarray | torch.Tensor,
@@ -108,14 +128,12 @@ def weighted_knn(
         queries = l2_normalize(_as_tensor(test_features[start : start + query_block], device))
         targets = test_y[start : start + queries.shape[0]].to(device)
         sims, idx = nearest_neighbours(train_features, queries, k_max, block_bytes)
-        # exp(s / T) relative to the nearest neighbour: the same ranking and vote, and no
-        # float32 overflow at small T (exp(1 / 0.01) is inf).
-        weights = ((sims - sims[:, :1]) / temperature).exp()
+        weights = neighbour_weights(sims, temperature)
         neighbour_labels = train_y[idx]
         for k in ks:
             scores = torch.zeros(queries.shape[0], classes, device=device)
             scores.scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
-            top = scores.topk(min(5, classes), dim=1).indices
+            top = rank_classes(scores)[:, : min(5, classes)]
             hits = top == targets[:, None]
             correct1[k] += int(hits[:, 0].sum())
             correct5[k] += int(hits.any(dim=1).sum())
