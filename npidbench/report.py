@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from npidbench.errors import BadInput
+from npidbench.precision import FP32
 
 FORMATS = ("markdown", "csv", "json", "latex", "html")
 DATASET_LABELS = {
@@ -299,6 +300,7 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
             data=data.get("fingerprint", ""),
             config=record["model"].get("config", "-"),
             part=spec.row_part(record) if spec.row_part else "",
+            precision=record.get("details", {}).get("precision", FP32),
         )
         rows = groups.setdefault(table_key, {})
         rows.setdefault(row_key, []).append(record)  # oldest first (sorted input)
@@ -353,6 +355,7 @@ class RowKey(NamedTuple):
     data: str  # dataset content fingerprint
     config: str
     part: str = ""  # e.g. the semi-supervised split (1% and 10% rows of one checkpoint)
+    precision: str = "fp32"  # bf16 autocast changes the numbers: its rows are kept apart, named
 
 
 def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str]:
@@ -376,6 +379,8 @@ def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str
             parts.append(f"[{key.protocol}]")
         if key.variant:
             parts.append(f"[{key.variant}]")
+        if key.precision != FP32:
+            parts.append("[bf16]")
         out[key] = " ".join(parts)
     return out
 

@@ -22,6 +22,7 @@ from npidbench.distributed import distributed
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions
 from npidbench.paths import feature_cache_dir, results_dir
+from npidbench.precision import FP32
 from npidbench.results import ResultStore, check_results_folder, new_record
 from npidbench.tasks import family_of, get_preset
 from npidbench.tasks.base import Preset, RunContext
@@ -200,6 +201,8 @@ def run_task(request: RunRequest) -> Path | None:
             "cache_hit": stats.cache_hit,
         },
         details={
+            # Forward passes in fp32 unless the family says otherwise (bf16 autocast on CUDA).
+            "precision": FP32,
             **output.details,
             # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
             "profile": {"name": "synthetic", "settings": preset.synthetic}

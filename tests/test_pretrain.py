@@ -59,6 +59,7 @@ def test_run_writes_checkpoint_monitor_and_resume(data_root, tmp_path):
     meta = loaded.inspection.meta
     assert loaded.inspection.format == "npidbench" and loaded.arch == "resnet18"
     assert meta["recipe"] == "tiny" and meta["epochs"] == 2 and meta["lr_scaled"] == pytest.approx(0.05)
+    assert meta["precision"] == "fp32"  # bf16 autocast only on CUDA with amp
     lines = [json.loads(line) for line in (tmp_path / "run" / "monitor.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and all("knn_top1" in line for line in lines)
     state = load_resume(tmp_path / "run")

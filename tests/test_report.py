@@ -164,3 +164,11 @@ def test_cached_linear_rows_are_marked_and_parts_fill_one_row():
     rows = {row["Model"]: row for row in table.frame.to_dict(orient="records")}
     assert rows["m"]["Feature1"] == "10.00" and rows["m"]["AvgPool"] == "55.00"
     assert rows["m [linear-cached]"]["AvgPool"] == "50.00" and rows["m [linear-cached]"]["Feature1"] == "-"
+
+
+def test_bf16_rows_are_kept_apart_and_named():
+    fp32, bf16 = make_record(top1=10), make_record(top1=11)
+    fp32["details"] = {"precision": "fp32"}
+    bf16["details"] = {"precision": "bf16-autocast"}
+    (table,) = build_tables([fp32, bf16])
+    assert sorted(table.frame["Model"]) == ["m", "m [bf16]"]

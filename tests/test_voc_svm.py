@@ -152,6 +152,8 @@ def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, resu
     assert record["metrics"]["best_layer"] == "Feature5"
     assert 5 < record["metrics"]["svm"] < 100
     assert record["metrics"]["lowshot"]["layer"] == "Feature5"
+    # precision and solver are part of how the number was made: named in the record
+    assert record["details"]["precision"] == "fp32" and record["details"]["solver"].startswith("npidbench batched")
 
 
 def _corrupt(kind: str, root: Path) -> str:

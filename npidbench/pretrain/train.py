@@ -31,6 +31,7 @@ from npidbench.data.images import EvalTransform, ImageList, collate, normalize_b
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, distributed
 from npidbench.errors import BadInput, RunFailed
+from npidbench.precision import autocast, precision_name
 from npidbench.pretrain.data import AugmentedImages, ShardSampler
 from npidbench.pretrain.npid import (
     EmbeddingModel,
@@ -270,7 +271,9 @@ class _Trainer:
             "world_size": self.world.world_size,
             "global_batch": self.recipe.batch_size,
             "lr_scaled": self.lr,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": precision_name(self.device, self.recipe.amp)
+            if self.dtype == torch.float32
+            else str(self.dtype).removeprefix("torch."),
             "recipe_settings": self.recipe.to_dict(),
             "monitor": self.state.history[-1] if self.state.history else {},
         }
@@ -396,10 +399,7 @@ class _Trainer:
         recipe, world = self.recipe, self.world
         images = normalize_batch(images.to(self.device, non_blocking=True), self.dtype)
         indices = indices.to(self.device)
-        autocast = torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and recipe.amp
-        )
-        with autocast:
+        with autocast(self.device, recipe.amp):
             features = self.ddp(images)
         noise_all = draw_noise(
             recipe.batch_size,
@@ -474,9 +474,7 @@ class _Trainer:
             if batch.errors:
                 index, reason = batch.errors[0]
                 raise BadInput(f"unreadable image {self.val_split.samples[index][0]}: {reason}")
-            with torch.autocast(
-                "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.recipe.amp
-            ):
+            with autocast(self.device, self.recipe.amp):
                 features.append(self.model(normalize_batch(batch.images.to(self.device), self.dtype)))
             labels.append(batch.labels)
         self.model.train()

@@ -25,6 +25,7 @@ from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.features import extract
+from npidbench.precision import autocast, precision_name
 from npidbench.solvers.linear import HeadSet, build_heads, topk_correct
 from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
 from npidbench.training.augment import AUGMENTATIONS, TrainAugment, TrainImages
@@ -69,6 +70,7 @@ class Config:
     avgpool_weight_decay: float = 0.0
     avgpool_augment: str = "rrc"
     avgpool_eval_every: int = 1
+    amp: bool = True  # bf16 autocast of the frozen forward on CUDA (recorded); false: fp32
 
     def __post_init__(self) -> None:
         if (
@@ -174,6 +176,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         protocol=PROTOCOLS[config.mode],
         seeds=[config.seed],
         details={
+            # cached features come from the fp32 extractor (npidbench.features)
+            "precision": precision_name(ctx.extract.device, config.amp and config.mode == "augmented"),
             "history": histories,
             "global_batch": config.batch_size,
             "lr_scaled": {name: scaled_lr(config.part(name).lr, config.batch_size) for name in config.parts},
@@ -225,7 +229,7 @@ def _train_part(
         batches = augmented_batches(images, world, local_batch, ctx.extract.workers, device)
 
         def step(batch) -> StepResult:
-            with torch.no_grad(), _autocast(device):
+            with torch.no_grad(), autocast(device, config.amp):
                 features = extractor(training_input(batch, device))
             return loss_of(_float(features), batch.labels.to(device))
 
@@ -233,7 +237,7 @@ def _train_part(
             for uint8, labels in eval_batches(
                 test, test_transform, world, ctx.extract.batch_size, ctx.extract.workers
             ):
-                with torch.no_grad(), _autocast(device):
+                with torch.no_grad(), autocast(device, config.amp):
                     features = extractor(normalize_batch(uint8.to(device)))
                 yield _float(features), labels.to(device)
 
@@ -305,10 +309,6 @@ def frozen_extractor(model: nn.Module, layers: tuple[str, ...], device: torch.de
     for param in extractor.parameters():
         param.requires_grad_(False)
     return extractor.to(memory_format=torch.channels_last)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _float(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

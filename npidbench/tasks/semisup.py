@@ -30,6 +30,7 @@ from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
 from npidbench.data.images import EvalTransform, normalize_batch
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
+from npidbench.precision import autocast, precision_name
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
 from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
@@ -68,6 +69,7 @@ class Config:
     train_split: str = "train"
     test_split: str = "val"
     sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs
+    amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -218,6 +220,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         protocol=PROTOCOL,
         seeds=[config.seed],
         details={
+            "precision": precision_name(ctx.extract.device, config.amp),
             "selection": config.selection,
             "selected_on": "val (test-selected, as published)"
             if config.selection == "test"
@@ -279,7 +282,7 @@ def _finetune(
     batches = augmented_batches(
         images, world, config.batch_size // world.world_size, ctx.extract.workers, device
     )
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = autocast(device, config.amp)
 
     def step(batch) -> StepResult:
         labels = batch.labels.to(device)

@@ -36,6 +36,14 @@ SELECTIONS = ("test", "heldout")
 PROTOCOL = "voc07-svm"
 
 
+# The solver is part of how a number was made (both reach liblinear's objective; benchmarks/).
+SOLVERS = {
+    "batched": "npidbench batched truncated-Newton on the trainval Gram matrix (float64), "
+    "every class x cost x fold at once",
+    "sklearn": "sklearn LinearSVC (liblinear, dual), one fit per class x cost x fold",
+}
+
+
 @dataclass(frozen=True)
 class Config:
     parts: tuple[str, ...] = PARTS
@@ -194,7 +202,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         inputs = _from_checkpoint(ctx, config, layers)
     _check_labels(inputs)
     metrics: dict[str, Any] = {"selection": config.selection, "cost_list": config.costs}
-    details: dict[str, Any] = {"costs": costs}
+    details: dict[str, Any] = {"costs": costs, "solver": SOLVERS[config.solver]}
     best: str | None = None
     if full:
         summaries: dict[str, dict[str, Any]] = {}
