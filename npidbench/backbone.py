@@ -39,12 +39,17 @@ POOLING = {
 }
 
 
-def build_resnet(arch: str, cifar_stem: bool = False) -> nn.Module:
-    """A randomly initialised torchvision ResNet without its classifier (fc = Identity)."""
+def build_resnet(arch: str, cifar_stem: bool = False, *, stem_padding: int = 1) -> nn.Module:
+    """A randomly initialised torchvision ResNet without its classifier (fc = Identity).
+
+    ``stem_padding`` is the padding of the CIFAR stem's 3x3 conv (ignored for the standard
+    stem): the shapes are the same either way, only the framework that wrote a file knows it.
+    """
     model = torchvision.models.get_model(arch, weights=None)
     if cifar_stem:
-        # solo-learn's CIFAR variant: 3x3 stride-1 conv1 and no max-pool.
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        # CIFAR variant: 3x3 stride-1 conv1 and no max-pool. solo-learn builds it with
+        # padding=2 (solo/methods/base.py); the common CIFAR ResNets use padding=1.
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
         model.maxpool = nn.Identity()
     model.fc = nn.Identity()
     return model

@@ -108,17 +108,24 @@ def inspect_command(
 ) -> None:
     """Detected format, architecture, branch, loaded / missing / ignored keys, sha256.
 
-    Exits with code 2 when the backbone does not load completely."""
-    from npidbench.checkpoint import inspect_checkpoint
+    Exits with code 2 when the backbone does not load completely; with --json a JSON object
+    (with ``error``) is printed for every refusal, unreadable files included."""
+    from npidbench.checkpoint import failed_inspection, inspect_checkpoint
 
-    info, _ = inspect_checkpoint(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    try:
+        info, _ = inspect_checkpoint(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    except BadInput as exc:
+        if not as_json:
+            raise
+        # What was found before the refusal (format, branches), or the bare file facts.
+        info = getattr(exc, "inspection", None) or failed_inspection(checkpoint, _one_line(str(exc)))
+        stdout.print_json(json.dumps(info.to_json(), default=str))
+        raise
     if as_json:
         stdout.print_json(json.dumps(info.to_json(), default=str))
     else:
         _print_inspection(info)
     if not info.complete:
-        if as_json:
-            raise typer.Exit(2)
         raise BadInput(f"{checkpoint}: {info.error}")
 
 
@@ -129,6 +136,7 @@ def _print_inspection(info) -> None:
         ("container", info.container),
         ("format", info.format),
         ("arch", (info.arch or "?") + (" (CIFAR stem)" if info.cifar_stem else "")),
+        ("stem", info.stem if info.arch else "?"),
         ("branch", f"{info.branch} (of {', '.join(info.branches) or 'none'})"),
         ("loaded", f"{len(info.loaded)} tensors"),
         ("missing", f"{len(info.missing)}" + (f": {', '.join(info.missing[:5])}" if info.missing else "")),

@@ -50,6 +50,14 @@ class ExtractStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def _stem_suffix(cifar_stem: bool, padding: int | None) -> str:
+    """The stem is part of the network: solo-learn's padding-2 CIFAR stem gives other features
+    than the padding-1 one of the same file read before (keys of padding 1 unchanged)."""
+    if not cifar_stem:
+        return ""
+    return "-cifar" if padding in (None, 1) else f"-cifar-pad{padding}"
+
+
 def feature_keys(
     backbone: LoadedBackbone, split: DatasetSplit, transform: EvalTransform, layers: Sequence[str]
 ) -> list[FeatureKey]:
@@ -58,7 +66,7 @@ def feature_keys(
         FeatureKey(
             checkpoint_sha256=info.sha256,
             branch=info.branch or "",
-            arch=backbone.arch + ("-cifar" if info.cifar_stem else ""),
+            arch=backbone.arch + _stem_suffix(info.cifar_stem, info.stem_padding),
             dataset=split.dataset,
             dataset_fingerprint=split.fingerprint,
             split=split.split,

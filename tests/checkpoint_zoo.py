@@ -17,19 +17,26 @@ import torchvision
 from npidbench.checkpoint.formats import to_detectron2_name
 
 
-def random_resnet(arch: str = "resnet18", seed: int = 0, cifar: bool = False) -> torch.nn.Module:
+def random_resnet(
+    arch: str = "resnet18", seed: int = 0, cifar: bool = False, stem_padding: int = 1, **kwargs
+) -> torch.nn.Module:
+    """A torchvision ResNet with random weights and BN statistics; ``kwargs`` go to the builder."""
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(arch, weights=None)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
     if cifar:
-        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, stem_padding, bias=False)
         model.maxpool = torch.nn.Identity()
+    _randomise_statistics(model)
+    return model
+
+
+def _randomise_statistics(model: torch.nn.Module) -> None:
     # Make BN statistics non-trivial so that a wrong buffer mapping is caught.
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
             module.num_batches_tracked.fill_(7)
-    return model
 
 
 def backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,6 +73,39 @@ def make_unimportable_module_object(tmp: Path, module_name: str, class_name: str
         return cls
     finally:
         sys.path.remove(str(pkg_root))
+
+
+def _solo_learn_cfg(tmp: Path, method: str):
+    """solo-learn's hyper_parameters hold an omegaconf DictConfig (not importable here)."""
+    cls = make_unimportable_module_object(
+        tmp,
+        "omegaconf.dictconfig",
+        "DictConfig",
+        """
+        class DictConfig:
+            def __init__(self, content=None):
+                self.content = content
+    """,
+    )
+    return cls({"method": method})
+
+
+def _sequential_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision names as in nn.Sequential(*resnet.children()[:-1]) (lightly's examples)."""
+    seq_names = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+    return {seq_names[k.split(".")[0]] + k[len(k.split(".")[0]) :]: v for k, v in state.items()}
+
+
+def _dino_head(
+    dim: int, prefix: str, mlp: str, hidden: int = 64, bottleneck: int = 32
+) -> dict[str, torch.Tensor]:
+    """A DINO projection head: an MLP (``mlp`` in solo-learn, ``layers`` in lightly) then a
+    weight-normed last layer (weight_g / weight_v)."""
+    return {
+        **_head(dim, [hidden, bottleneck], f"{prefix}{mlp}."),
+        f"{prefix}last_layer.weight_g": torch.ones(100, 1),
+        f"{prefix}last_layer.weight_v": torch.randn(100, bottleneck),
+    }
 
 
 def forget_module(module_name: str) -> None:
@@ -229,17 +269,7 @@ def build(fmt: str, model: torch.nn.Module, tmp: Path, other: torch.nn.Module | 
             },
         }
     elif fmt == "solo-learn":
-        cls = make_unimportable_module_object(
-            tmp,
-            "omegaconf.dictconfig",
-            "DictConfig",
-            """
-            class DictConfig:
-                def __init__(self, content=None):
-                    self.content = content
-        """,
-        )
-        hp = cls({"method": "byol"})
+        hp = _solo_learn_cfg(tmp, "byol")
         obj = {
             "epoch": 400,
             "global_step": 1000,
@@ -256,9 +286,43 @@ def build(fmt: str, model: torch.nn.Module, tmp: Path, other: torch.nn.Module | 
         torch.save(obj, path)
         forget_module("omegaconf.dictconfig")
         return path
+    elif fmt == "solo-learn-dino":
+        # solo-learn's DINO (solo/methods/dino.py): online backbone + head, momentum_backbone +
+        # momentum_head, the online classifier; Lightning's top-level keys.
+        obj = {
+            "epoch": 400,
+            "global_step": 1000,
+            "pytorch-lightning_version": "2.0.0",
+            "hyper_parameters": {"cfg": _solo_learn_cfg(tmp, "dino")},
+            "state_dict": {
+                **_prefixed(bb, "backbone."),
+                **_dino_head(dim, "head.", "mlp"),
+                **_prefixed(bb_other, "momentum_backbone."),
+                **_dino_head(dim, "momentum_head.", "mlp"),
+                "classifier.weight": torch.randn(10, dim),
+                "classifier.bias": torch.randn(10),
+            },
+        }
+        torch.save(obj, path)
+        forget_module("omegaconf.dictconfig")
+        return path
+    elif fmt == "lightly-dino":
+        # lightly's DINO example: student_backbone / teacher_backbone are each
+        # nn.Sequential(*resnet.children()[:-1]), with student_head / teacher_head.
+        obj = {
+            "epoch": 100,
+            "global_step": 500,
+            "pytorch-lightning_version": "2.1.0",
+            "hyper_parameters": {},
+            "state_dict": {
+                **_prefixed(_sequential_names(bb_other), "student_backbone."),
+                **_dino_head(dim, "student_head.", "layers"),
+                **_prefixed(_sequential_names(bb), "teacher_backbone."),
+                **_dino_head(dim, "teacher_head.", "layers"),
+            },
+        }
     elif fmt == "lightly":
-        seq_names = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
-        seq = {seq_names[k.split(".")[0]] + k[len(k.split(".")[0]) :]: v for k, v in bb.items()}
+        seq = _sequential_names(bb)
         obj = {
             "epoch": 100,
             "pytorch-lightning_version": "2.1.0",
@@ -329,8 +393,115 @@ FORMATS = {
     "mmselfsup": ("mmselfsup", "main"),
     "mmselfsup-moco": ("mmselfsup", "encoder_q"),
     "solo-learn": ("solo-learn", "main"),
+    "solo-learn-dino": ("solo-learn", "main"),  # solo-learn evaluates the online backbone
     "lightly": ("lightly", "main"),
+    "lightly-dino": ("lightly", "teacher"),  # DINO evaluates the teacher
     "detectron2": ("detectron2", "main"),
     "npidbench": ("npidbench", "main"),
     "safetensors": ("torchvision", "main"),
+}
+
+
+# ResNet variants that reuse torchvision's key names but are other networks. Each is built from
+# torchvision modules renamed as the framework names them (key names checked against timm's
+# resnet.py / layers/squeeze_excite.py and mmpretrain's models/backbones/resnet.py).
+
+
+class _TimmSE(torch.nn.Module):
+    """timm's SEModule parameters: fc1 / fc2 are 1x1 convs with bias (rd = channels / 16)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        reduced = max(8, int(channels / 16 + 4) // 8 * 8)  # timm make_divisible(channels / 16, 8)
+        self.fc1 = torch.nn.Conv2d(channels, reduced, 1)
+        self.fc2 = torch.nn.Conv2d(reduced, channels, 1)
+
+
+class _ConvModule(torch.nn.Module):
+    """mmcv's ConvModule as mmpretrain's deep stem uses it: ``conv`` then ``bn``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c_out)
+
+
+def _mmpretrain_resnet(avg_down: bool, seed: int = 0) -> torch.nn.Module:
+    """mmpretrain ResNetV1c (deep_stem) or ResNetV1d (deep_stem + avg_down), depth 50."""
+    model = random_resnet("resnet50", seed=seed)
+    del model.conv1, model.bn1
+    # stem_channels=64: ConvModule(3, 32, s2), ConvModule(32, 32), ConvModule(32, 64)
+    model.stem = torch.nn.Sequential(_ConvModule(3, 32), _ConvModule(32, 32), _ConvModule(32, 64))
+    if avg_down:
+        # ResLayer: an AvgPool before the 1x1 conv only where the stride is 2 (layer2..4).
+        for layer in (model.layer2, model.layer3, model.layer4):
+            conv, norm = layer[0].downsample
+            pool = torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+            layer[0].downsample = torch.nn.Sequential(pool, conv, norm)
+    _randomise_statistics(model)
+    return model
+
+
+def build_variant(name: str, tmp: Path) -> Path:
+    """Save one of VARIANTS as its framework does; returns the file path."""
+    path = tmp / f"{name}.pth"
+    if name == "timm-seresnet50":
+        model = random_resnet("resnet50", seed=4)
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in layer:
+                block.se = _TimmSE(block.conv3.out_channels)  # timm Bottleneck: self.se after bn3
+        obj = {
+            "epoch": 90,
+            "arch": "seresnet50",
+            "version": 2,
+            "state_dict": model.state_dict(),
+            "optimizer": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(model="seresnet50"),
+        }
+    elif name in ("mmpretrain-resnetv1d", "mmpretrain-resnetv1c"):
+        model = _mmpretrain_resnet(avg_down=name.endswith("v1d"))
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        obj = {
+            "meta": {"mmpretrain_version": "1.0.0", "epoch": 100},
+            "state_dict": {
+                **_prefixed(state, "backbone."),
+                "head.fc.weight": torch.randn(1000, 2048),
+                "head.fc.bias": torch.randn(1000),
+            },
+        }
+    elif name == "timm-resnet50-gn":
+        # timm resnet50_gn: norm_layer=GroupNorm (32 groups): weight and bias, no statistics.
+        model = random_resnet("resnet50", seed=5, norm_layer=lambda c: torch.nn.GroupNorm(32, c))
+        obj = model.state_dict()
+    elif name == "timm-resnet26":
+        # timm resnet26: Bottleneck blocks (2, 2, 2, 2) with torchvision's stem and names.
+        torch.manual_seed(6)
+        model = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [2, 2, 2, 2])
+        _randomise_statistics(model)
+        obj = model.state_dict()
+    elif name == "timm-resnet18-blurpool":
+        # timm aa_layer=BlurPool2d registers a fixed ``filt`` buffer as block.aa (anti-aliasing).
+        model = random_resnet("resnet18", seed=7)
+        blur = torch.nn.Module()
+        blur.register_buffer("filt", torch.ones(128, 1, 3, 3) / 9)
+        model.layer2[0].aa = blur
+        obj = model.state_dict()
+    else:
+        raise KeyError(name)
+    torch.save(obj, path)
+    return path
+
+
+VARIANTS = {
+    # name: what the one-line refusal must say
+    "timm-seresnet50": (
+        "squeeze-excitation modules (layer1.0.se.*): a SE-ResNet such as timm seresnet50, not a torchvision ResNet"
+    ),
+    "mmpretrain-resnetv1d": "mmpretrain ResNetV1d (deep stem + average-pool shortcut",
+    "mmpretrain-resnetv1c": "mmpretrain ResNetV1c (deep stem",
+    "timm-resnet50-gn": "GroupNorm ResNet (no BatchNorm statistics; timm resnet50_gn)",
+    "timm-resnet26": (
+        "a Bottleneck ResNet with blocks (2, 2, 2, 2) (timm resnet26): no torchvision ResNet has this depth"
+    ),
+    "timm-resnet18-blurpool": "that a torchvision resnet18 does not have (layer2.0.aa.*)",
 }

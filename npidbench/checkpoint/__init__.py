@@ -5,12 +5,15 @@
     ('moco-v2', 'resnet50', 'encoder_q')
 
 Strict means every backbone parameter and buffer is filled from the file (MoCo main_lincls's
-habit); anything else (heads, projectors, momentum encoders, memory banks, queues, optimiser
-state) is listed as ignored and never loaded. Never falls back to random weights (USERS.md 1).
+habit) and the backbone's own modules hold nothing the built network lacks (a squeeze-excitation
+block dropped silently is another network); anything outside the backbone (heads, projectors,
+momentum encoders, memory banks, queues, optimiser state) is listed as ignored and never loaded.
+Never falls back to random weights (USERS.md 1).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from npidbench.backbone import build_resnet
-from npidbench.checkpoint.arch import infer_arch, parse_arch
+from npidbench.checkpoint.arch import foreign_tensors_message, infer_arch, parse_arch
 from npidbench.checkpoint.formats import (
     Branch,
     default_branch,
@@ -29,8 +32,15 @@ from npidbench.checkpoint.formats import (
     looks_like_vit,
     to_torchvision_name,
 )
-from npidbench.checkpoint.reading import RawCheckpoint, read_checkpoint
+from npidbench.checkpoint.reading import RawCheckpoint, file_sha256, read_checkpoint
 from npidbench.errors import BadInput
+
+# The CIFAR stem's conv1 padding per format. solo-learn builds nn.Conv2d(3, 64, kernel_size=3,
+# stride=1, padding=2, bias=False) with maxpool = Identity (solo/methods/base.py, also in its
+# older "encoder" releases); other CIFAR ResNets pad by 1. Shapes cannot tell them apart.
+_CIFAR_STEM_PADDING = {"solo-learn": 2}
+_DEFAULT_CIFAR_PADDING = 1
+STANDARD_STEM_PADDING = 3  # torchvision's 7x7 stride-2 conv1
 
 # Absent from files written before torch 0.4.1 (lemniscate) and from detectron2's FrozenBN; it
 # only matters for BatchNorm with momentum=None, so it may be defaulted to 0 (and is reported).
@@ -42,16 +52,18 @@ class Inspection:
     """Everything known about a checkpoint, whether or not its backbone loads completely."""
 
     path: str
-    sha256: str
-    container: str
-    format: str
+    sha256: str | None
+    container: str | None
+    format: str | None
     arch: str | None
     cifar_stem: bool
     branch: str | None
     branches: list[str]
+    stem_padding: int | None = None  # conv1 padding of the network built (3: torchvision's stem)
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # inside the backbone, not in the network
     defaulted: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     skipped_objects: list[str] = field(default_factory=list)
@@ -62,8 +74,43 @@ class Inspection:
     def complete(self) -> bool:
         return self.error is None
 
+    @property
+    def stem(self) -> str:
+        """The stem variant in words, e.g. ``CIFAR stem (3x3 stride 1, padding 2, no max-pool)``."""
+        if not self.cifar_stem:
+            return "standard stem (7x7 stride 2, padding 3, max-pool)"
+        return f"CIFAR stem (3x3 stride 1, padding {self.stem_padding}, no max-pool)"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class CheckpointRefused(BadInput):
+    """A refusal after the file was read: carries what was found, for ``inspect --json``."""
+
+    def __init__(self, message: str, inspection: Inspection) -> None:
+        super().__init__(message)
+        self.inspection = inspection
+
+
+def failed_inspection(path: str | Path, error: str) -> Inspection:
+    """The inspection of a file that could not be read at all (missing, empty, corrupt...)."""
+    path = Path(path)
+    try:
+        sha256 = file_sha256(path) if path.is_file() else None
+    except OSError:
+        sha256 = None
+    return Inspection(
+        path=str(path),
+        sha256=sha256,
+        container=None,
+        format=None,
+        arch=None,
+        cifar_stem=False,
+        branch=None,
+        branches=[],
+        error=error,
+    )
 
 
 @dataclass
@@ -90,6 +137,7 @@ class LoadedBackbone:
             "format": info.format,
             "arch": info.arch,
             "cifar_stem": info.cifar_stem,
+            "stem_padding": info.stem_padding,
             "branch": info.branch,
             "defaulted": info.defaulted,
             "skipped_objects": info.skipped_objects,
@@ -106,7 +154,8 @@ def inspect_checkpoint(
     """Analyse a checkpoint. Returns the inspection and, when complete, the backbone tensors.
 
     Problems with the backbone (missing keys, wrong arch) end up in ``Inspection.error`` so that
-    ``inspect`` can still show what was found; unreadable files raise BadInput.
+    ``inspect`` can still show what was found; unreadable files raise BadInput, an unknown or
+    ambiguous branch raises CheckpointRefused (a BadInput carrying the inspection so far).
     """
     raw = read_checkpoint(path, trust_pickle=trust_pickle)
     flat = flatten(raw.obj)
@@ -129,7 +178,12 @@ def inspect_checkpoint(
         info.error = _no_backbone_message(keys, fmt)
         info.ignored = keys
         return info, None
-    chosen = _choose_branch(branches, branch, fmt)
+    try:
+        chosen = _choose_branch(branches, branch, fmt)
+    except BadInput as exc:
+        info.error = str(exc)
+        info.ignored = keys
+        raise CheckpointRefused(str(exc), info) from None
     info.branch = chosen.name
     caffe_input = _caffe_style_detectron2(flat, chosen)
     if caffe_input:
@@ -154,7 +208,10 @@ def inspect_checkpoint(
         info.error = str(exc)
         return info, None
     info.arch, info.cifar_stem = spec.name, spec.cifar_stem
-    expected = build_resnet(spec.name, spec.cifar_stem).state_dict()
+    info.stem_padding = (
+        _CIFAR_STEM_PADDING.get(fmt, _DEFAULT_CIFAR_PADDING) if spec.cifar_stem else STANDARD_STEM_PADDING
+    )
+    expected = _build(info).state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for name, target in expected.items():
         source = state.get(name)
@@ -168,11 +225,15 @@ def inspect_checkpoint(
             info.mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
         else:
             loaded[name] = source.to(target.dtype) if source.is_floating_point() else source
-    extra = [name for name in state if name not in expected]
-    info.ignored.extend(chosen.prefix + name for name in extra)
+    # Tensors inside conv1/bn1/layer1..4 that the network lacks are part of another network
+    # (SE blocks, attention, extra norms): never dropped silently, unlike heads outside.
+    info.unexpected = [name for name in state if name not in expected]
     info.loaded = [name for name in expected if name in loaded and name not in info.defaulted]
     if info.missing or info.mismatched:
         info.error = _incomplete_message(info, chosen)
+        return info, None
+    if info.unexpected:
+        info.error = foreign_tensors_message(info.unexpected, spec.name)
         return info, None
     return info, loaded
 
@@ -187,10 +248,16 @@ def load_backbone(
     info, tensors = inspect_checkpoint(path, arch=arch, branch=branch, trust_pickle=trust_pickle)
     if tensors is None:
         raise BadInput(f"{path}: {info.error}")
-    model = build_resnet(info.arch or "", info.cifar_stem)
+    model = _build(info)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return LoadedBackbone(model, info)
+
+
+def _build(info: Inspection) -> nn.Module:
+    """The network an inspection describes, stem variant included."""
+    padding = info.stem_padding if info.cifar_stem and info.stem_padding else _DEFAULT_CIFAR_PADDING
+    return build_resnet(info.arch or "", info.cifar_stem, stem_padding=padding)
 
 
 def _caffe_style_detectron2(flat: dict[str, torch.Tensor], branch: Branch) -> str | None:
@@ -234,7 +301,7 @@ def _branch_state(flat: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[s
         name = to_torchvision_name(key[len(branch.prefix) :], branch.naming)
         if name is None:
             continue
-        if name.startswith("fc.") or name.split(".")[0] not in _BACKBONE_ROOTS:
+        if name.startswith("fc.") or not _inside_backbone(name, branch.naming):
             continue  # the classifier or a head nested under the same prefix: ignored
         state[name] = tensor
         used.add(key)
@@ -242,6 +309,15 @@ def _branch_state(flat: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[s
 
 
 _BACKBONE_ROOTS = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+# mmpretrain's deep stem (ResNetV1c/V1d: a Sequential of ConvModules) replaces conv1/bn1; it is
+# kept so that the layout is named instead of being reported as a ResNet missing its stem.
+_DEEP_STEM = re.compile(r"^stem\.\d+\.")
+
+
+def _inside_backbone(name: str, naming: str) -> bool:
+    if name.split(".")[0] in _BACKBONE_ROOTS:
+        return True
+    return naming == "torchvision" and bool(_DEEP_STEM.match(name))
 
 
 def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:

@@ -3,7 +3,12 @@
 The depth comes from the block type and the number of blocks per stage, the width from the
 channels of the stem and first block, the CIFAR-style stem (solo-learn's 3x3 stride-1 conv1
 without max-pool) from conv1's kernel. Width-multiplied ResNets (SimCLR/SwAV x2/x4 widen every
-layer, stem included) are not torchvision models and are named and refused.
+layer, stem included) are not torchvision models and are named and refused, and so are the
+variants that reuse torchvision's names for another network: deep stems (timm ResNet-C/D,
+mmpretrain ResNetV1c/V1d), average-pool shortcuts, GroupNorm, squeeze-excitation, and complete
+layouts of a depth torchvision does not build (timm resnet26). A layout with gaps or a missing
+stage is a damaged file instead: it maps to the smallest torchvision ResNet containing it, so
+that the strict load names the missing keys.
 """
 
 from __future__ import annotations
@@ -48,20 +53,20 @@ _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
     """The torchvision ResNet whose layout these (torchvision-named) tensors follow.
 
-    When a stage has fewer blocks than any known depth (keys renamed or missing), the smallest
+    ResNet variants that share torchvision's names but are other networks (deep stems, average-
+    pool shortcuts, GroupNorm, squeeze-excitation, depths torchvision does not build) are named
+    and refused. When a stage has gaps or a stage is missing (keys renamed or lost), the smallest
     architecture that contains the blocks present is returned, so that the strict load can name
     the missing keys instead of failing on an unknown layout.
 
     Raises:
         BadInput: width-multiplied or otherwise non-torchvision layouts.
     """
+    variant = non_torchvision_variant(state)
+    if variant:
+        raise BadInput(variant)
     conv1 = state.get("conv1.weight")
-    if conv1 is None and "conv1.0.weight" in state:
-        raise BadInput(
-            "the backbone has a deep stem (conv1.0/conv1.1/..., timm's ResNet-C/D such as "
-            "resnet50d); it is not a torchvision ResNet and cannot be evaluated yet"
-        )
-    block = "bottleneck" if any(k.endswith(".conv3.weight") for k in state) else "basic"
+    block = _block_type(state)
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[0] != 64:
         multiplier = conv1.shape[0] / 64
         depth = _depth_guess(state, block)
@@ -71,12 +76,7 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
             "cannot evaluate it yet"
         )
     cifar_stem = conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 3
-    counts = [0, 0, 0, 0]
-    for key in state:
-        match = _BLOCK_KEY.match(key)
-        if match:
-            stage, index = int(match[1]) - 1, int(match[2])
-            counts[stage] = max(counts[stage], index + 1)
+    counts = _block_counts(state)
     inner, groups = 64, 1
     first = state.get("layer1.0.conv1.weight")
     second = state.get("layer1.0.conv2.weight")
@@ -86,6 +86,16 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
     exact = _KNOWN.get((block, tuple(counts), inner, groups))
     if exact:
         return ArchSpec(exact, cifar_stem)
+    if _layout_complete(state, block, counts) and not any(
+        (b, tuple(counts)) == (block, layout) for b, layout, _, _ in _KNOWN
+    ):
+        # Every stage complete and contiguous: a deliberate depth, not a damaged file.
+        hint = _OTHER_DEPTHS.get((block, tuple(counts)))
+        raise BadInput(
+            f"a {block.capitalize()} ResNet with blocks {tuple(counts)}"
+            f"{f' ({hint})' if hint else ''}: no torchvision ResNet has this depth "
+            f"({', '.join(SUPPORTED_ARCHS)}); npidbench cannot evaluate it"
+        )
     fits = [
         (sum(layout), name)
         for (b, layout, w, g), name in _KNOWN.items()
@@ -102,12 +112,144 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
     )
 
 
-def _depth_guess(state: dict[str, torch.Tensor], block: str) -> str:
+# Depths other libraries build with torchvision's names (timm resnet.py: resnet26 is Bottleneck
+# (2, 2, 2, 2), resnet200 Bottleneck (3, 24, 36, 3)).
+_OTHER_DEPTHS = {
+    ("bottleneck", (2, 2, 2, 2)): "timm resnet26",
+    ("bottleneck", (3, 24, 36, 3)): "timm resnet200",
+}
+_MMPRETRAIN_STEM = re.compile(r"^stem\.\d+\.conv\.weight$")  # ConvModule(conv, bn) in a Sequential
+_AVG_DOWN = re.compile(r"^layer[1-4]\.\d+\.downsample\.2\.")  # AvgPool, conv, norm
+_ATTENTION = re.compile(r"^(?P<block>layer[1-4]\.\d+)\.(?P<name>se|se_layer|se_module)\.(?P<rest>.+)$")
+
+
+def non_torchvision_variant(state: dict[str, torch.Tensor]) -> str | None:
+    """Name a ResNet variant that reuses torchvision's key names but is another network.
+
+    Each of these loads "completely" into a torchvision ResNet if its extra or renamed tensors are
+    dropped, and computes different features; so each is refused with what it is.
+    """
+    avg_down = any(_AVG_DOWN.match(k) for k in state)
+    if any(_MMPRETRAIN_STEM.match(k) for k in state):
+        # mmpretrain resnet.py: ResNetV1c = deep_stem; ResNetV1d = deep_stem + avg_down.
+        if avg_down:
+            return (
+                "mmpretrain ResNetV1d (deep stem + average-pool shortcut: stem.N.conv/stem.N.bn, "
+                "downsample.1 conv after an AvgPool): not a torchvision ResNet; npidbench cannot "
+                "evaluate it yet"
+            )
+        return (
+            "mmpretrain ResNetV1c (deep stem of three 3x3 convs under stem.N.conv/stem.N.bn): not a "
+            "torchvision ResNet; npidbench cannot evaluate it yet"
+        )
+    if "conv1.0.weight" in state:
+        # timm resnet.py: stem_type='deep' puts a Sequential in conv1 (ResNet-C), plus avg_down
+        # in the shortcut for ResNet-D (resnet50d).
+        kind = (
+            "ResNet-D such as resnet50d (deep stem + average-pool shortcut)"
+            if avg_down
+            else "ResNet-C such as resnet50c (deep stem)"
+        )
+        return (
+            f"the backbone has a deep stem (conv1.0/conv1.1/...): a timm {kind}; it is not a "
+            "torchvision ResNet and cannot be evaluated yet"
+        )
+    norms = [k for k in state if re.match(r"^(bn1|layer[1-4]\.\d+\.bn\d)\.weight$", k)]
+    if norms and not any(k.endswith(("running_mean", "running_var")) for k in state):
+        # timm resnet50_gn: norm_layer=GroupNorm, weight and bias only.
+        return (
+            "GroupNorm ResNet (no BatchNorm statistics; timm resnet50_gn): its norm layers have "
+            "weight/bias but no running_mean/running_var, so it is not a torchvision ResNet (or the "
+            "file was saved without its buffers)"
+        )
+    attention = sorted(
+        {(m["block"], m["name"], m["rest"].split(".")[0]) for k in state if (m := _ATTENTION.match(k))}
+    )
+    if attention:
+        block, name, part = attention[0]
+        where = f"{block}.{name}.*"
+        if part in ("fc1", "fc2", "conv1", "conv2"):
+            # timm SEModule: se.fc1/se.fc2 (1x1 convs); mmpretrain SELayer: se_layer.conv1/conv2.
+            block_type = _block_type(state)
+            such_as = _SE_NAMES.get(
+                _KNOWN_LAYOUT.get((block_type, tuple(_block_counts(state)))), "timm seresnet50"
+            )
+            return (
+                f"squeeze-excitation modules ({where}): a SE-ResNet such as {such_as}, not a "
+                "torchvision ResNet; npidbench cannot evaluate it yet"
+            )
+        return (
+            f"channel-attention modules ({where}, e.g. timm's ECA/CBAM ResNets): not a torchvision "
+            "ResNet; npidbench cannot evaluate it yet"
+        )
+    if avg_down:
+        return (
+            "average-pool shortcut (downsample.0 AvgPool, downsample.1 conv, downsample.2 norm; the "
+            "ResNet-D shortcut): not a torchvision ResNet; npidbench cannot evaluate it yet"
+        )
+    return None
+
+
+def foreign_tensors_message(extra: list[str], arch: str) -> str:
+    """The refusal for tensors inside conv1/bn1/layer1..4 that the built ResNet does not have."""
+    modules = []
+    for name in extra:
+        module = name.rsplit(".", 1)[0] + ".*"
+        if module not in modules:
+            modules.append(module)
+    shown = ", ".join(modules[:3]) + (f", +{len(modules) - 3} more" if len(modules) > 3 else "")
+    count = f"{len(extra)} tensor{'s' if len(extra) != 1 else ''}"
+    return (
+        f"{count} inside the backbone's own modules that a torchvision {arch} does not "
+        f"have ({shown}): a modified ResNet, not a torchvision ResNet; refusing rather than dropping them"
+    )
+
+
+_SE_NAMES = {
+    "resnet18": "timm seresnet18",
+    "resnet34": "timm seresnet34",
+    "resnet50": "timm seresnet50",
+    "resnet101": "timm seresnet101",
+    "resnet152": "timm seresnet152",
+    "resnext50_32x4d": "timm seresnext50_32x4d",
+}
+_KNOWN_LAYOUT = {(b, layout): name for (b, layout, w, g), name in _KNOWN.items() if w == 64 and g == 1}
+
+
+def _block_type(state: dict[str, torch.Tensor]) -> str:
+    return "bottleneck" if any(re.match(r"^layer[1-4]\.\d+\.conv3\.weight$", k) for k in state) else "basic"
+
+
+def _block_counts(state: dict[str, torch.Tensor]) -> list[int]:
     counts = [0, 0, 0, 0]
     for key in state:
         match = _BLOCK_KEY.match(key)
         if match:
-            counts[int(match[1]) - 1] = max(counts[int(match[1]) - 1], int(match[2]) + 1)
+            stage, index = int(match[1]) - 1, int(match[2])
+            counts[stage] = max(counts[stage], index + 1)
+    return counts
+
+
+def _layout_complete(state: dict[str, torch.Tensor], block: str, counts: list[int]) -> bool:
+    """Stem, every block of every stage (no gaps) and each stage's projection shortcut present."""
+    if not all(counts) or "conv1.weight" not in state or "bn1.weight" not in state:
+        return False
+    convs = (1, 2, 3) if block == "bottleneck" else (1, 2)
+    for stage, count in enumerate(counts, start=1):
+        for index in range(count):
+            for k in convs:
+                if f"layer{stage}.{index}.conv{k}.weight" not in state:
+                    return False
+                if f"layer{stage}.{index}.bn{k}.weight" not in state:
+                    return False
+        needs_shortcut = stage > 1 or block == "bottleneck"
+        if needs_shortcut and f"layer{stage}.0.downsample.0.weight" not in state:
+            return False
+    return True
+
+
+def _depth_guess(state: dict[str, torch.Tensor], block: str) -> str:
+    counts = _block_counts(state)
     for (b, layout, _, _), name in _KNOWN.items():
         if b == block and tuple(counts) == layout:
             return {

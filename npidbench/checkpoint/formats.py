@@ -39,7 +39,15 @@ _WRAPPERS = {
     "network",
     "net",
 }
-_ALIASES = {"state_dict_ema": "ema", "model_ema": "ema", "ema_state_dict": "ema"}
+_ALIASES = {
+    "state_dict_ema": "ema",
+    "model_ema": "ema",
+    "ema_state_dict": "ema",
+    # lightly's DINO example: self.student_backbone / self.teacher_backbone, each
+    # nn.Sequential(*resnet.children()[:-1]), next to student_head / teacher_head.
+    "teacher_backbone": "teacher",
+    "student_backbone": "student",
+}
 # The branch each framework's own evaluation uses, in order of preference (USERS.md).
 DEFAULT_BRANCH_ORDER = ("teacher", "encoder_q", "base_encoder", "ema", "main")
 
@@ -148,7 +156,13 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
     if any(b.naming == "detectron2" for b in branches):
         return "detectron2"
     if any(b.naming == "sequential" for b in branches):
-        return "lightly" if "lightly" in joined or "projection_head" in joined else "sequential"
+        lightly = re.search(r"(^|\.)(projection_head|(student|teacher)_(backbone|head))\.", joined)
+        return "lightly" if "lightly" in joined or lightly else "sequential"
+    lightning = top_keys & {"hyper_parameters", "pytorch-lightning_version"}
+    if lightning and _lightning_format(joined) != "lightning":
+        # Before the mmselfsup rule: solo-learn's DINO has backbone./head./momentum_head., which
+        # alone would read as mmselfsup; a Lightning checkpoint is never an mmselfsup file.
+        return _lightning_format(joined)
     if {"teacher", "student"} <= top_keys:
         return "dino"
     if "lemniscate" in top_keys:
@@ -163,11 +177,7 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
         return "moco-v3"
     if "state_dict_ema" in top_keys or ({"arch", "args", "version"} <= top_keys):
         return "timm"
-    if top_keys & {"hyper_parameters", "pytorch-lightning_version"}:
-        if re.search(r"(^|\.)(projector|momentum_backbone|classifier)\.", joined):
-            return "solo-learn"
-        if re.search(r"(^|\.)(projection_head|prediction_head|teacher_backbone|backbone_momentum)\.", joined):
-            return "lightly"
+    if lightning:
         return "lightning"
     if re.search(r"(^|\.)(prototypes|projection_head)\.", joined):
         return "swav"
@@ -176,6 +186,24 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
     if any(b.prefix.endswith("module.") or ".module." in f".{b.prefix}" for b in branches):
         return "ddp"
     return "torchvision"
+
+
+def _lightning_format(joined: str) -> str:
+    """solo-learn or lightly, for a Lightning checkpoint, from the names of its modules.
+
+    solo-learn's DINO keeps the student as ``backbone``/``head`` and the teacher as
+    ``momentum_backbone``/``momentum_head`` (solo/methods/dino.py); its own linear evaluation
+    (main_linear.py) keeps keys containing "backbone" after ``replace("backbone.", "")``, which
+    turns momentum_backbone.* into names the ResNet lacks, dropped by strict=False: it evaluates
+    the online ``backbone``, for DINO too, and so does the default branch ("main") here.
+    """
+    if re.search(r"(^|\.)(projector|momentum_backbone|classifier)\.", joined):
+        return "solo-learn"
+    if re.search(
+        r"(^|\.)(projection_head|prediction_head|(teacher|student)_backbone|backbone_momentum)\.", joined
+    ):
+        return "lightly"
+    return "lightning"
 
 
 _D2_BLOCK = re.compile(r"^res(?P<stage>[2-5])\.(?P<block>\d+)\.(?P<rest>.+)$")
