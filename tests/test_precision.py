@@ -20,7 +20,7 @@ def test_the_precision_is_bf16_only_on_cuda_with_amp():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("task", ["linear-imagenet", "semisup-imagenet-1pct"])
+@pytest.mark.parametrize("task", ["linear-imagenet", "semisup-imagenet-1pct", "seg-voc12aug"])
 def test_amp_false_is_a_setting_of_every_family_with_a_bf16_path(task):
     assert resolve_config(get_preset(task), True, ["amp=false"]).amp is False
     assert resolve_config(get_preset(task), True, []).amp is True

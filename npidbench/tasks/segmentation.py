@@ -25,10 +25,18 @@ from npidbench.data.splits import SegmentationSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
+from npidbench.precision import autocast, precision_name
 from npidbench.tasks.base import RunContext, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
-from npidbench.transfer.seg_data import SegAugment, SegTrainImages, collate_seg, keep_ratio_size, read_mask
+from npidbench.transfer.seg_data import (
+    SegAugment,
+    SegTrainImages,
+    collate_seg,
+    keep_ratio_size,
+    normalize_crops,
+    read_mask,
+)
 from npidbench.transfer.segmentation import FCNSegmenter, segmentation_loss, sliding_logits
 
 NAME = "segmentation"
@@ -60,6 +68,11 @@ class Config:
     train_split: str = "train_aug"
     test_split: str = "val"
     sync_bn: bool = True
+    # bilinear upsampling of the heads' logits (training and test): mmseg's FCN base config says
+    # False (mmselfsup 0.x _base_/models/fcn_r50-d8.py); its Cityscapes config sets True on both
+    # heads (cityscapes/fcn_r50-d8_769x769_40k_cityscapes.py): tasks/seg-cityscapes.toml.
+    align_corners: bool = False
+    amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
 
     def __post_init__(self) -> None:
         if (
@@ -136,6 +149,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "arch": ctx.backbone.arch,
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
+            "align_corners": config.align_corners,
+            "precision": precision_name(ctx.extract.device, config.amp),
             "history": [t["history"] for t in trials],
         },
     )
@@ -160,7 +175,7 @@ def _train_and_test(
     assert ctx.backbone is not None
     device = torch.device(world.device)
     torch.manual_seed(seed)  # the heads' initial weights
-    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.backbone.model), len(train.classes))
+    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.backbone.model), len(train.classes), config.align_corners)
     model, wrapped = prepare_for_training(model, world, config.sync_bn)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -175,16 +190,17 @@ def _train_and_test(
     batches = window_batches(
         images, len(train), world, config.batch_size, config.window, seed, ctx.extract.workers, collate_seg
     )
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = autocast(device, config.amp)
     ignore = train.ignore_index
 
     def step(batch) -> StepResult:
-        pixels, masks, error = batch
+        pixels, masks, valid, error = batch
         if error is not None:
             raise BadInput(f"unreadable training image {error} (replace the file)")
         masks = masks.to(device)
+        images = normalize_crops(pixels.to(device), valid)  # padding 0 after normalising, as mmseg
         with amp:
-            loss = segmentation_loss(wrapped, normalize_batch(pixels.to(device)), masks, ignore)
+            loss = segmentation_loss(wrapped, images, masks, ignore)
         return StepResult(loss, len(masks), None)
 
     history = fit(
@@ -238,9 +254,13 @@ def evaluate(
             logits = sliding_logits(model, batch, config.slide_crop, config.slide_stride, classes)
         else:
             logits = model(batch)[0].float()
-        logits = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=model.align_corners)
         prediction = logits.argmax(dim=1)[0].cpu().numpy()
-        matrix += torch.from_numpy(confusion_matrix(prediction, mask, classes, split.ignore_index)).to(device)
+        try:
+            counts = confusion_matrix(prediction, mask, classes, split.ignore_index)
+        except ValueError as exc:
+            raise BadInput(f"{mask_path}: {exc}") from exc
+        matrix += torch.from_numpy(counts).to(device)
     all_reduce_sum(matrix, world)
     model.train()
     return mean_iou(matrix.cpu().numpy())

@@ -1,10 +1,16 @@
-"""Segmentation images for training and testing (PROTOCOLS.md "Segmentation"; mmseg pipelines).
+"""Segmentation images for training and testing (PROTOCOLS.md "Segmentation"; mmseg 0.x pipelines
+as mmselfsup's benchmark configs run them).
 
-Training: random rescale (ratio 0.5-2.0 of a (long, short) scale, aspect kept), a random crop in
-which no class covers more than 75% of the labelled pixels (up to 10 tries), flip, photometric
-distortion, padding to the crop (image 0, mask 255). Every draw is seeded by (seed, pass,
-index). Testing: the image rescaled to the test scale, aspect kept; the prediction is resized
-back to the mask's size.
+Training, in mmseg's order (mmselfsup 0.x configs/benchmarks/mmsegmentation/_base_/datasets/
+pascal_voc12.py lines 7-18, cityscapes_769x769.py lines 5-16: Resize -> RandomCrop -> RandomFlip ->
+PhotoMetricDistortion -> Normalize -> Pad): random rescale (ratio 0.5-2.0 of a (long, short) scale,
+aspect kept, bilinear without antialiasing as cv2), a random crop in which no class covers 75% or
+more of the labelled pixels (up to 10 checks), flip, photometric distortion (mmseg's, in OpenCV's
+8-bit HSV), padding to the crop. mmseg pads after Normalize (image with 0 in normalised space,
+mask with 255); the images here stay uint8 up to the device, so each item carries its valid
+(height, width) and ``normalize_crops`` zeroes the padding after normalising. Every draw is seeded
+by (seed, pass, index). Testing: the image rescaled to the test scale, aspect kept; the prediction
+is resized back to the mask's size.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from npidbench.data.images import decode_error_reason, decode_rgb
+from npidbench.data.images import decode_error_reason, decode_rgb, normalize_batch
 from npidbench.data.splits import SegmentationSplit
 from npidbench.data.voc import read_voc_mask
 from npidbench.errors import BadInput
@@ -56,7 +62,8 @@ class SegAugment:
 
 
 class SegTrainImages(Dataset):
-    """Item ``code`` = pass * len + index -> (uint8 image crop, int64 mask crop, error or None)."""
+    """Item ``code`` = pass * len + index -> (uint8 image crop, int64 mask crop, valid (height,
+    width) of the crop before padding, error or None)."""
 
     def __init__(self, split: SegmentationSplit, augment: SegAugment, seed: int) -> None:
         self.split, self.augment, self.seed = split, augment, seed
@@ -83,72 +90,177 @@ class SegTrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, code: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    def __getitem__(
+        self, code: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, str | None]:
         pass_number, index = divmod(code, len(self.split))
         try:
             image, mask = self.cache[index] if self.cache is not None else self._load(index)
         except (RuntimeError, OSError, ValueError) as exc:
-            return None, None, f"{self.split.pairs[index][0]}: {decode_error_reason(exc)}"
+            return None, None, None, f"{self.split.pairs[index][0]}: {decode_error_reason(exc)}"
         rng = np.random.default_rng(mix_seed(self.seed, pass_number, index))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, pass_number, index, 1))
-            return (*augment_pair(image, torch.from_numpy(mask.astype(np.int64)), self.augment, rng), None)
+            image, mask, valid = augment_pair(
+                image, torch.from_numpy(mask.astype(np.int64)), self.augment, rng
+            )
+        return image, mask, torch.tensor(valid, dtype=torch.int64), None
 
 
 def augment_pair(
     image: torch.Tensor, mask: torch.Tensor, augment: SegAugment, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """mmseg 0.x's train pipeline on one (uint8 (3, H, W) image, (H, W) mask) pair -> the image
+    and mask padded to (crop, crop) (image 0, mask 255) and the (height, width) before padding."""
+    # Resize(img_scale, ratio_range): ratio = random_sample() * (max - min) + min, scale =
+    # int(long * ratio), int(short * ratio), mmcv.imrescale keeping the aspect ratio (cv2 bilinear:
+    # no antialiasing when shrinking; the mask nearest).
     ratio = rng.uniform(*augment.ratio)
     scale = (int(augment.scale[0] * ratio), int(augment.scale[1] * ratio))
     size = list(keep_ratio_size(image.shape[-2], image.shape[-1], scale))
-    image = TF.resize(image, size, antialias=True)
+    image = TF.resize(image, size, antialias=False)
     mask = TF.resize(mask[None], size, interpolation=TF.InterpolationMode.NEAREST)[0]
+    top, left = random_crop_offsets(mask, augment.crop, augment.cat_max_ratio, rng)
     crop = augment.crop
-    for _ in range(10):  # mmseg RandomCrop with cat_max_ratio
-        top = int(rng.integers(0, max(size[0] - crop, 0) + 1))
-        left = int(rng.integers(0, max(size[1] - crop, 0) + 1))
-        window = mask[top : top + crop, left : left + crop]
-        counts = torch.bincount(window[window != 255].flatten())
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < augment.cat_max_ratio:
-            break
     image = image[:, top : top + crop, left : left + crop]
     mask = mask[top : top + crop, left : left + crop]
-    if rng.random() < 0.5:
+    if rng.random() < 0.5:  # RandomFlip(prob=0.5): flip when rand() < prob
         image, mask = image.flip(-1), mask.flip(-1)
     if augment.photometric:
         image = photometric_distortion(image, rng)
-    pad_h, pad_w = crop - image.shape[-2], crop - image.shape[-1]
-    if pad_h > 0 or pad_w > 0:
+    valid = (int(image.shape[-2]), int(image.shape[-1]))
+    pad_h, pad_w = crop - valid[0], crop - valid[1]
+    if pad_h > 0 or pad_w > 0:  # Pad(size=crop, pad_val=0, seg_pad_val=255): bottom and right
         image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0)
         mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=255)
-    return image.contiguous(), mask.contiguous()
+    return image.contiguous(), mask.contiguous(), valid
+
+
+def random_crop_offsets(
+    mask: torch.Tensor, crop: int, cat_max_ratio: float, rng: np.random.Generator, ignore: int = 255
+) -> tuple[int, int]:
+    """mmseg 0.x RandomCrop(crop_size, cat_max_ratio): a window drawn uniformly (offsets in [0,
+    margin]); while it is checked fewer than 10 times and fails (one class only, or one class with
+    a share >= cat_max_ratio of the non-``ignore`` pixels), a new window is drawn. After ten
+    failures the eleventh window is kept unchecked, as mmseg does."""
+
+    def draw() -> tuple[int, int]:
+        top = int(rng.integers(0, max(mask.shape[0] - crop, 0) + 1))
+        left = int(rng.integers(0, max(mask.shape[1] - crop, 0) + 1))
+        return top, left
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            window = mask[top : top + crop, left : left + crop]
+            counts = torch.bincount(window[window != ignore].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            top, left = draw()
+    return top, left
+
+
+def normalize_crops(pixels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) crops padded at the bottom and right -> normalised floats with the padding
+    exactly 0: mmseg normalises first and pads after (Pad(pad_val=0) follows Normalize)."""
+    images = normalize_batch(pixels)
+    valid = valid.to(images.device)
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    inside = (rows[None, :, None] < valid[:, 0, None, None]) & (cols[None, None, :] < valid[:, 1, None, None])
+    return images.masked_fill_(~inside[:, None], 0.0)
+
+
+# OpenCV's 8-bit BGR<->HSV (hue range 180), which mmcv.bgr2hsv / hsv2bgr call: the forward
+# conversion is fixed point with these tables (imgproc/src/color_hsv.simd.hpp, RGB2HSV_b,
+# hsv_shift 12); the backward conversion works in float32 and truncates (HSV2RGB_b's vector path,
+# which converts all but the last few pixels of a row block).
+_HSV_SHIFT = 12
+_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=torch.int32)
+_HDIV = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=torch.int32)
+_INV255 = torch.tensor(1.0, dtype=torch.float32) / 255
+_HSCALE = torch.tensor(6.0, dtype=torch.float32) / 180
+
+
+def rgb_to_hsv_cv(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) RGB -> uint8 (3, H, W) HSV as cv2.cvtColor(COLOR_BGR2HSV) on the BGR image:
+    H in [0, 180), S and V in [0, 255]."""
+    r, g, b = image.to(torch.int32).unbind(0)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT
+    h = torch.where(h < 0, h + 180, h)
+    return torch.stack([h, s, v]).clamp(0, 255).to(torch.uint8)
+
+
+def hsv_to_rgb_cv(hsv: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) HSV (H in [0, 180)) -> uint8 RGB as cv2.cvtColor(COLOR_HSV2BGR)."""
+    h, s, v = hsv.to(torch.float32).unbind(0)
+    h = h * _HSCALE
+    sector = h.trunc()
+    h = h - sector
+    sector = sector - 6 * (sector * (torch.tensor(1.0) / 6)).trunc()
+    s, v = s * _INV255, v * _INV255
+    one = torch.tensor(1.0)
+    tab = (v, v * (one - s), v * (one - s * h), v * (one - s * (one - h)))
+    # (b, g, r) taken from tab[...] for sectors 0..5, OpenCV's sector_data table
+    order = ((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0))
+    b, g, r = torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v)
+    for index, (bi, gi, ri) in enumerate(order):
+        here = sector == index
+        b = torch.where(here, tab[bi], b)
+        g = torch.where(here, tab[gi], g)
+        r = torch.where(here, tab[ri], r)
+    return (torch.stack([r, g, b]) * 255).trunc().clamp(0, 255).to(torch.uint8)
+
+
+def _convert(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion.convert: float32 x * alpha + beta, clipped to [0, 255], then
+    astype(uint8), which truncates."""
+    return (x.to(torch.float32) * alpha + beta).clamp(0, 255).to(torch.uint8)
 
 
 def photometric_distortion(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """mmseg's PhotoMetricDistortion, each with probability 1/2: brightness +-32, contrast and
-    saturation x[0.5, 1.5], hue +-18 of 180 (OpenCV units); contrast first or last at random."""
-    x = image.float()
+    """mmseg 0.x PhotoMetricDistortion on a uint8 (3, H, W) RGB image, each step with probability
+    1/2: brightness + U(-32, 32); contrast x U(0.5, 1.5) either second or last (one coin);
+    saturation: S x U(0.5, 1.5) in OpenCV's 8-bit HSV; hue: H + randint(-18, 18) (18 excluded, as
+    numpy's randint) modulo 180. Every step ends in uint8 (truncating)."""
     if rng.random() < 0.5:
-        x = (x + rng.uniform(-32, 32)).clamp(0, 255)
-    contrast_first = rng.random() < 0.5
+        image = _convert(image, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5  # mmseg: mode == 1 -> contrast first
 
-    def contrast(x: torch.Tensor) -> torch.Tensor:
-        return (x * rng.uniform(0.5, 1.5)).clamp(0, 255) if rng.random() < 0.5 else x
+    def contrast(image: torch.Tensor) -> torch.Tensor:
+        return _convert(image, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else image
 
     if contrast_first:
-        x = contrast(x)
+        image = contrast(image)
     if rng.random() < 0.5:
-        x = TF.adjust_saturation(x / 255, rng.uniform(0.5, 1.5)) * 255
+        hsv = rgb_to_hsv_cv(image)
+        hsv[1] = _convert(hsv[1], alpha=rng.uniform(0.5, 1.5))
+        image = hsv_to_rgb_cv(hsv)
     if rng.random() < 0.5:
-        x = TF.adjust_hue(x / 255, rng.uniform(-18, 18) / 180) * 255
+        hsv = rgb_to_hsv_cv(image)
+        hsv[0] = ((hsv[0].to(torch.int64) + int(rng.integers(-18, 18))) % 180).to(torch.uint8)
+        image = hsv_to_rgb_cv(hsv)
     if not contrast_first:
-        x = contrast(x)
-    return x.round().clamp(0, 255).to(torch.uint8)
+        image = contrast(image)
+    return image
 
 
-def collate_seg(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+def collate_seg(
+    items: list,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, str | None]:
+    """-> (uint8 images, int64 masks, (B, 2) valid heights and widths, error or None)."""
     for item in items:
-        if item[2] is not None:
-            return None, None, item[2]
-    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]), None
+        if item[3] is not None:
+            return None, None, None, item[3]
+    return (
+        torch.stack([i[0] for i in items]),
+        torch.stack([i[1] for i in items]),
+        torch.stack([i[2] for i in items]),
+        None,
+    )

@@ -69,12 +69,14 @@ class FCNHead(nn.Module):
 
 class FCNSegmenter(nn.Module):
     """Dilated ResNet -> FCN head on res5 (2 convs, concat input) + auxiliary FCN head on res4
-    (1 conv, loss weight 0.4). Returns logits at the input size (bilinear)."""
+    (1 conv, loss weight 0.4). Returns logits at the input size (bilinear; ``align_corners`` as
+    mmseg's heads: False for VOC, True for Cityscapes 769x769)."""
 
     AUX_WEIGHT = 0.4  # mmseg's fcn_r50-d8 (torchvision's reference uses 0.5)
 
-    def __init__(self, backbone: nn.Module, classes: int) -> None:
+    def __init__(self, backbone: nn.Module, classes: int, align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.backbone = dilate_resnet(backbone)
         channels = layer_channels(backbone)
         # Head widths are a quarter of their inputs: 2048 -> 512 and 1024 -> 256 for ResNet-50
@@ -92,21 +94,32 @@ class FCNSegmenter(nn.Module):
         res4 = m.layer3(m.layer2(m.layer1(x)))
         res5 = m.layer4(res4)
         size = images.shape[-2:]
-        main = F.interpolate(self.head(res5), size=size, mode="bilinear", align_corners=False)
+        main = F.interpolate(self.head(res5), size=size, mode="bilinear", align_corners=self.align_corners)
         if not self.training:
             return main, None
-        aux = F.interpolate(self.aux_head(res4), size=size, mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_head(res4), size=size, mode="bilinear", align_corners=self.align_corners)
         return main, aux
+
+
+def mmseg_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore: int = 255) -> torch.Tensor:
+    """mmseg 0.x CrossEntropyLoss as fcn_r50-d8 configures it (avg_non_ignore=False, its default
+    since the flag came in 0.23; the behaviour of the releases before): per-pixel cross-entropy with
+    reduction 'none' (``ignore`` pixels give 0), then the mean over ALL pixels, ignored ones
+    included (mmseg/models/losses/cross_entropy_loss.py lines 45-60, avg_factor stays None;
+    losses/utils.py weight_reduce_loss -> reduce_loss, loss.mean(), line 42). PyTorch's
+    F.cross_entropy(ignore_index=...) would divide by the non-ignored count instead."""
+    return F.cross_entropy(logits.float(), masks, reduction="none", ignore_index=ignore).mean()
 
 
 def segmentation_loss(
     model: nn.Module, images: torch.Tensor, masks: torch.Tensor, ignore: int = 255
 ) -> torch.Tensor:
-    """Main + 0.4 x auxiliary cross-entropy (``model`` may be the DDP wrapper of an FCNSegmenter)."""
+    """Main + 0.4 x auxiliary cross-entropy, each averaged as mmseg's (``mmseg_cross_entropy``);
+    ``model`` may be the DDP wrapper of an FCNSegmenter."""
     main, aux = model(images)
-    loss = F.cross_entropy(main.float(), masks, ignore_index=ignore)
+    loss = mmseg_cross_entropy(main, masks, ignore)
     if aux is not None:
-        loss = loss + FCNSegmenter.AUX_WEIGHT * F.cross_entropy(aux.float(), masks, ignore_index=ignore)
+        loss = loss + FCNSegmenter.AUX_WEIGHT * mmseg_cross_entropy(aux, masks, ignore)
     return loss
 
 
