@@ -44,18 +44,28 @@ def voc_detection_ap(
     iou_threshold: float = 0.5,
     eleven_point: bool = True,
 ) -> float:
-    """AP of one class: ``detections`` are (image id, score, box); each is matched, in order of
-    decreasing score, to the ground-truth box of highest IoU when that IoU exceeds the threshold
-    (strictly, as the VOC devkit); a second match of a found box is a false positive. A match
+    """AP of one class, in [0, 1], computed as detectron2's ``voc_eval`` (a port of the VOC
+    devkit; detectron2/evaluation/pascal_voc_evaluation.py) computes it.
+
+    ``detections`` are (image id, score, box). They are visited in the order ``voc_eval`` visits
+    them: ``np.argsort`` (numpy's default sort) of the negated float64 scores, so that the same
+    detections in the same order (``voc_metrics`` gives them as detectron2 writes them: image
+    order, then each image's own order) break ties exactly as detectron2 does. Each is
+    matched to the ground-truth box of highest IoU (the first of equal ones) when that IoU
+    exceeds the threshold strictly; a second match of a found box is a false positive. A match
     with a difficult box counts as neither a true nor a false positive; difficult boxes are not
-    counted among the positives. ``eleven_point``: the VOC07 rule (mean of the best precision at
-    recall >= 0, 0.1, ..., 1); else the area under the interpolated curve (VOC2010+).
+    counted among the positives, and a class without any non-difficult box has AP 0 (in
+    detectron2 its recall is 0 / 0, no recall level is reached and the 11-point AP is 0), never
+    NaN. ``eleven_point``: the VOC07 rule, the best precision at recall >= 0, 0.1, ..., 1 summed
+    one level at a time as p / 11 (detectron2's order of operations, so the floats agree);
+    else the area under the interpolated curve (VOC2010+).
     """
     positives = sum(int((~gt.difficult).sum()) for gt in ground_truth.values())
     if positives == 0:
-        return float("nan")
+        return 0.0
     used = {image: np.zeros(len(gt.boxes), dtype=bool) for image, gt in ground_truth.items()}
-    order = sorted(range(len(detections)), key=lambda i: -detections[i][1])  # stable for ties
+    # numpy's default (introsort) order of ties, as voc_eval's np.argsort(-confidence)
+    order = np.argsort(-np.array([float(d[1]) for d in detections], dtype=np.float64)).tolist()
     tp = np.zeros(len(order))
     fp = np.zeros(len(order))
     for rank, index in enumerate(order):
@@ -76,14 +86,14 @@ def voc_detection_ap(
             tp[rank] = 1
             used[image][best] = True
     tp, fp = np.cumsum(tp), np.cumsum(fp)
-    recall = tp / positives
+    recall = tp / float(positives)
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     if eleven_point:
-        return float(
-            np.mean(
-                [precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in np.arange(0, 1.1, 0.1)]
-            )
-        )
+        ap = 0.0
+        for level in np.arange(0.0, 1.1, 0.1):
+            reached = recall >= level
+            ap += (float(precision[reached].max()) if reached.any() else 0.0) / 11.0
+        return float(ap)
     recall = np.concatenate([[0.0], recall, [1.0]])
     precision = np.concatenate([[0.0], precision, [0.0]])
     precision = np.maximum.accumulate(precision[::-1])[::-1]
@@ -94,12 +104,14 @@ def voc_detection_ap(
 def voc_detection_summary(
     per_class: dict[str, tuple[list[tuple[str, float, Sequence[float]]], dict[str, GroundTruth]]],
 ) -> dict[str, float]:
-    """The VOC table's numbers, in percent: ``AP`` (mean over IoU .50:.95 of the class-mean
-    11-point AP, as detectron2's VOC evaluator), ``AP50`` and ``AP75``."""
+    """The VOC table's numbers, in percent, as detectron2's PascalVOCDetectionEvaluator forms
+    them: at each IoU threshold .50, .55, ..., .95 the mean over every class (in the given order)
+    of 100 x its 11-point AP, a class without ground truth counting as 0; ``AP`` is the mean of
+    the ten, ``AP50`` and ``AP75`` two of them."""
     by_threshold = {}
     for threshold in VOC_IOU_THRESHOLDS:
-        aps = [voc_detection_ap(dets, gts, threshold) for dets, gts in per_class.values()]
-        by_threshold[threshold] = float(np.nanmean(aps)) * 100
+        aps = [voc_detection_ap(dets, gts, threshold) * 100 for dets, gts in per_class.values()]
+        by_threshold[threshold] = float(np.mean(aps))
     return {
         "AP": float(np.mean(list(by_threshold.values()))),
         "AP50": by_threshold[0.5],
@@ -137,13 +149,39 @@ def coco_ap(
 def confusion_matrix(
     prediction: np.ndarray, target: np.ndarray, classes: int, ignore: int = 255
 ) -> np.ndarray:
-    """(classes, classes) counts, rows = target class, columns = predicted; ``ignore`` pixels and
-    targets outside [0, classes) are left out."""
-    target = np.asarray(target).ravel()
-    prediction = np.asarray(prediction).ravel()
-    keep = (target != ignore) & (target >= 0) & (target < classes)
-    index = target[keep].astype(np.int64) * classes + prediction[keep].astype(np.int64)
+    """(classes, classes) counts, rows = target class, columns = predicted, over the pixels whose
+    target is not ``ignore`` (mmseg 0.x intersect_and_union: ``mask = label != ignore_index``).
+
+    Raises ValueError, naming the values, when a prediction is outside [0, classes) or a target is
+    outside [0, classes) and not ``ignore``: mmseg's histograms would drop such a pixel silently
+    (torch.histc over [0, classes - 1]) and a flat bincount index would put it in a wrong cell.
+    """
+    if classes < 1:
+        raise ValueError(f"classes must be at least 1, got {classes}")
+    prediction, target = np.asarray(prediction), np.asarray(target)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in shape")
+    for name, array in (("prediction", prediction), ("target", target)):
+        if array.dtype.kind not in "iub":
+            raise ValueError(f"{name} must hold integer class ids, got dtype {array.dtype}")
+    prediction = prediction.ravel().astype(np.int64)
+    target = target.ravel().astype(np.int64)
+    outside = np.unique(prediction[(prediction < 0) | (prediction >= classes)])
+    if outside.size:
+        raise ValueError(f"predictions outside [0, {classes}): {_some(outside)}")
+    keep = target != ignore
+    outside = np.unique(target[keep & ((target < 0) | (target >= classes))])
+    if outside.size:
+        raise ValueError(
+            f"targets outside [0, {classes}) that are not the ignore value {ignore}: {_some(outside)}"
+        )
+    index = target[keep] * classes + prediction[keep]
     return np.bincount(index, minlength=classes * classes).reshape(classes, classes)
+
+
+def _some(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return f"{shown}, ... ({len(values)} distinct values)" if len(values) > limit else shown
 
 
 def mean_iou(matrix: np.ndarray) -> tuple[float, np.ndarray]:

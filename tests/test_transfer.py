@@ -167,6 +167,9 @@ def test_voc_detection_end_to_end(random_checkpoint, tmp_path):
     assert set(record["metrics"]) >= {"mAP", "AP50", "AP75", "trials"}
     assert all(0 <= record["metrics"][k] <= 100 for k in ("mAP", "AP50", "AP75"))
     assert record["dataset"]["test"]["images"] == 4 and record["protocol"] == "faster-rcnn-c4"
+    schedule = record["details"]["schedule"]  # the iterations trained, stated in the record
+    assert [schedule[k] for k in ("epochs", "iterations", "window", "warmup")] == [0, 2, 1, 5]
+    assert record["details"]["weight_decay"] == {"default": 1e-4, "norm": 0.0}  # detectron2's default
     (table,) = build_tables([record])
     assert table.title == "Pascal VOC 2007 + 2012 Detection (synthetic data)"
     assert list(table.frame.columns) == ["Model", "Config", "mAP", "AP50"]
@@ -182,6 +185,8 @@ def test_coco_mask_rcnn_end_to_end(random_checkpoint, tmp_path):
     )
     keys = {"AP(Box)", "AP50(Box)", "AP75(Box)", "AP(Mask)", "AP50(Mask)", "AP75(Mask)"}
     assert keys <= set(record["metrics"])
+    assert record["details"]["schedule"]["iterations"] == 1 and record["details"]["schedule"]["epochs"] == 0
+    assert record["details"]["weight_decay"] == {"default": 1e-4, "norm": 1e-4}  # mmdetection decays all
     (table,) = build_tables([record])
     assert table.title == "COCO2017 Detection and Instance Segmentation (synthetic data)"
     assert list(table.frame.columns) == [
@@ -216,6 +221,7 @@ def test_detectron2_config_follows_mocos_c4_config(tmp_path):
     assert (pairs["SOLVER.IMS_PER_BATCH"], pairs["SOLVER.BASE_LR"]) == (16, 0.02)
     assert pairs["INPUT.MIN_SIZE_TRAIN"] == tuple(range(480, 801, 32)) and pairs["INPUT.MIN_SIZE_TEST"] == 800
     assert pairs["TEST.PRECISE_BN.ENABLED"] is True and pairs["MODEL.MASK_ON"] is False
+    assert pairs["SOLVER.WEIGHT_DECAY_NORM"] == 0.0  # MoCo's configs keep detectron2's default
     fpn = dict(
         zip(*[iter(config_pairs(config, "fpn", 50, 80, tmp_path, ("a",), ("b",), tmp_path))] * 2, strict=True)
     )

@@ -1,12 +1,16 @@
 """Object detection transfer: Faster R-CNN C4 on VOC07+12 and Mask R-CNN FPN on COCO
 (PROTOCOLS.md "Detection"; MoCo's detectron2 configs, mmdetection), torchvision backend.
 
-The whole network fine-tunes (every stage and BN; SyncBN under torchrun on GPUs) for a fixed
-number of iterations: linear warm-up, steps x0.1, lr scaled to the global batch (recorded). The
-run is cut into windows of iterations, each saved atomically, so a killed run resumes at the next
-window. BN statistics are recomputed over training batches before testing (precise BN).
-Metrics: VOC07 11-point AP at IoU .50:.95 / .50 / .75 with difficult objects ignored, or COCO
-box (and mask) AP / AP50 / AP75 with pycocotools. ``trials=N`` repeats with seeds seed..seed+N-1.
+The whole network fine-tunes (every stage and BN; SyncBN under torchrun on GPUs) with SGD
+(no weight decay on norm layers where the protocol's trainer has none: ``norm_weight_decay``)
+for a fixed number of iterations, or for ``epochs`` over the training images the reference
+trainer keeps (mmdetection's epoch schedule; the iterations are computed at run time and
+recorded): linear warm-up, steps x0.1, lr scaled to the global batch (recorded). The run is cut
+into windows of iterations, each saved atomically, so a killed run resumes at the next window.
+BN statistics are recomputed over training batches before testing (precise BN).
+Metrics: VOC07 11-point AP at IoU .50:.95 / .50 / .75 with difficult objects ignored, as
+detectron2's PascalVOCDetectionEvaluator (detections rounded as it writes them), or COCO box
+(and mask) AP / AP50 / AP75 with pycocotools. ``trials=N`` repeats with seeds seed..seed+N-1.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +30,7 @@ from torch import nn
 from npidbench.checkpoint.own import export_backbone
 from npidbench.data import dataset_root, load_detection_split
 from npidbench.data.images import decode_error_reason, decode_rgb
-from npidbench.data.splits import DetectionSplit
+from npidbench.data.splits import DetectionImage, DetectionSplit
 from npidbench.data.voc import find_year_dir
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
@@ -36,7 +41,7 @@ from npidbench.tasks.base import RunContext, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit
 from npidbench.transfer.det_data import DetectionImages, collate_detection
-from npidbench.transfer.detection import HEADS, build_detector, precise_bn
+from npidbench.transfer.detection import HEADS, build_detector, parameter_groups, precise_bn
 from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
 
 NAME = "detection"
@@ -48,14 +53,22 @@ TABLE = "detection-voc"
 class Config:
     head: str = "c4"  # c4 (Faster R-CNN R50-C4) or fpn (Mask R-CNN R50-FPN)
     backend: str = "torchvision"  # or detectron2 (MoCo's configs), used only where it is installed
-    iterations: int = 24_000
-    window: int = 1_000  # iterations between resume checkpoints
+    iterations: int = 24_000  # 0 with an epoch schedule (computed from epochs)
+    window: int = 1_000  # iterations between resume checkpoints (epochs: the nearest divisor at or above)
     batch_size: int = 16  # global
     reference_batch: int = 16
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    milestones: tuple[int, ...] = (18_000, 22_000)
+    # weight decay of norm layers' weight and bias: detectron2's SOLVER.WEIGHT_DECAY_NORM = 0.0
+    # (MoCo's configs keep it); mmdetection decays them as everything else (det-coco: 1e-4)
+    norm_weight_decay: float = 0.0
+    milestones: tuple[int, ...] = (18_000, 22_000)  # iterations; empty with an epoch schedule
+    epochs: int = 0  # > 0: epoch-based schedule (mmdetection), iterations = epochs x iterations/epoch
+    epoch_milestones: tuple[int, ...] = ()  # epochs after which lr x gamma (mmdetection's step)
+    # training images kept: "detectron2" (at least one non-crowd object) or "mmdet" (at least one
+    # annotation, crowd included, and a short side >= 32 px)
+    train_filter: str = "detectron2"
     gamma: float = 0.1
     warmup: int = 100
     warmup_factor: float = 0.001  # detectron2's linear warm-up starts at lr x 0.001
@@ -79,22 +92,31 @@ class Config:
             raise ValueError(f"head={self.head}; choose one of {', '.join(HEADS)}")
         if self.backend not in ("torchvision", "detectron2"):
             raise ValueError(f"backend={self.backend}; choose torchvision (built in) or detectron2")
-        if (
-            min(
-                self.iterations,
-                self.window,
-                self.batch_size,
-                self.reference_batch,
-                self.trials,
-                self.roi_batch,
-            )
-            < 1
-        ):
-            raise ValueError(
-                "iterations, window, batch_size, reference_batch, trials and roi_batch must be >= 1"
-            )
-        if self.iterations % self.window:
-            raise ValueError(f"iterations ({self.iterations}) must be a multiple of window ({self.window})")
+        if self.train_filter not in TRAIN_FILTERS:
+            raise ValueError(f"train_filter={self.train_filter}; choose one of {', '.join(TRAIN_FILTERS)}")
+        if min(self.window, self.batch_size, self.reference_batch, self.trials, self.roi_batch) < 1:
+            raise ValueError("window, batch_size, reference_batch, trials and roi_batch must be >= 1")
+        if self.epochs < 0 or self.weight_decay < 0 or self.norm_weight_decay < 0:
+            raise ValueError("epochs, weight_decay and norm_weight_decay must be non-negative")
+        if self.epochs:
+            if self.iterations or self.milestones:
+                raise ValueError(
+                    f"epochs={self.epochs} computes the iterations and their milestones from the training "
+                    "images: leave iterations=0 and milestones=[] (or set epochs=0 for an iteration schedule)"
+                )
+            if any(not 0 < m < self.epochs for m in self.epoch_milestones):
+                raise ValueError(
+                    f"epoch_milestones {list(self.epoch_milestones)} must lie in 1..{self.epochs - 1}"
+                )
+        else:
+            if self.iterations < 1:
+                raise ValueError("iterations must be >= 1 (or epochs > 0 for an epoch schedule)")
+            if self.epoch_milestones:
+                raise ValueError("epoch_milestones need epochs > 0; with iterations use milestones")
+            if self.iterations % self.window:
+                raise ValueError(
+                    f"iterations ({self.iterations}) must be a multiple of window ({self.window})"
+                )
         if self.lr <= 0 or not self.min_sizes or min(self.min_sizes) < 1 or self.test_size < 1:
             raise ValueError("lr must be positive and min_sizes / test_size positive pixel sizes")
         if self.max_size < max(self.min_sizes):
@@ -108,12 +130,89 @@ class Config:
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size / self.reference_batch
 
+
+TRAIN_FILTERS = ("detectron2", "mmdet")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The iterations a run trains for, as computed at run time (recorded in the details)."""
+
+    iterations: int
+    window: int
+    milestones: tuple[int, ...]
+    warmup: int
+    warmup_factor: float
+    gamma: float
+    epochs: int = 0  # 0: iteration-based
+    iterations_per_epoch: int = 0
+    train_images: int = 0  # training images kept (train_filter)
+
     def lr_factor(self, iteration: int) -> float:
+        """Steps x gamma at the milestones times the linear warm-up from ``warmup_factor``
+        (detectron2's WarmupMultiStepLR; mmcv's 'linear' warm-up, 1 - (1 - i / n)(1 - ratio), is
+        the same line)."""
         factor = self.gamma ** sum(iteration >= m for m in self.milestones)
         if iteration < self.warmup:
             alpha = iteration / self.warmup
             factor *= self.warmup_factor * (1 - alpha) + alpha
         return factor
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "train_images": self.train_images,
+            "iterations_per_epoch": self.iterations_per_epoch,
+            "iterations": self.iterations,
+            "milestones": list(self.milestones),
+            "warmup": self.warmup,
+            "warmup_factor": self.warmup_factor,
+            "gamma": self.gamma,
+            "window": self.window,
+        }
+
+
+def schedule_for(config: Config, train_images: int) -> Schedule:
+    """``config``'s schedule for ``train_images`` kept training images. An epoch schedule takes
+    ceil(train_images / batch_size) iterations per epoch (every image once per epoch at the
+    global batch; mmdetection's group sampler may add one iteration for its aspect-ratio groups),
+    its milestones at the epoch boundaries, and windows of the smallest divisor of the total at or
+    above ``window``, so that the resumable windows tile the run exactly."""
+    common = dict(warmup=config.warmup, warmup_factor=config.warmup_factor, gamma=config.gamma)
+    if not config.epochs:
+        return Schedule(
+            config.iterations, config.window, tuple(config.milestones), train_images=train_images, **common
+        )
+    per_epoch = math.ceil(train_images / config.batch_size)
+    total = config.epochs * per_epoch
+    window = next(d for d in range(min(config.window, total), total + 1) if total % d == 0)
+    return Schedule(
+        total,
+        window,
+        tuple(m * per_epoch for m in config.epoch_milestones),
+        epochs=config.epochs,
+        iterations_per_epoch=per_epoch,
+        train_images=train_images,
+        **common,
+    )
+
+
+def kept_for_training(image: DetectionImage, rule: str) -> bool:
+    """Whether the reference trainer trains on ``image``. "detectron2": at least one non-crowd
+    object (DATALOADER.FILTER_EMPTY_ANNOTATIONS = True, detectron2/config/defaults.py:128;
+    filter_images_with_only_crowd_annotations, detectron2/data/build.py:46). "mmdet": at least
+    one annotation of the classes, crowd ones included, and a short side of at least 32 px
+    (mmdetection 2.x CocoDataset._filter_imgs with filter_empty_gt=True, min_size=32)."""
+    if rule == "mmdet":
+        return len(image.labels) > 0 and min(image.width, image.height) >= 32
+    return bool((~image.crowd).any())
+
+
+def training_split(split: DetectionSplit, rule: str) -> DetectionSplit:
+    kept = [image for image in split.images if kept_for_training(image, rule)]
+    if not kept:
+        raise BadInput(f"no image of {split.dataset} {split.split} has an object to train on")
+    return replace(split, images=kept)
 
 
 def _splits(ctx: RunContext, config: Config) -> tuple[DetectionSplit, DetectionSplit]:
@@ -135,6 +234,13 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     check_global_batch(config.batch_size, world)
     if config.head == "fpn" and train.dataset != "coco":
         raise BadInput("head=fpn trains Mask R-CNN and needs instance masks: use it with det-coco")
+    kept = training_split(train, config.train_filter)
+    schedule = schedule_for(config, len(kept))
+    if config.epochs:
+        log(
+            f"{config.epochs} epochs over {len(kept)} training images at batch {config.batch_size}: "
+            f"{schedule.iterations} iterations, milestones {list(schedule.milestones)}, warm-up {schedule.warmup}"
+        )
     trials, states = [], []
     for trial in range(config.trials):
         seed = config.seed + trial
@@ -142,9 +248,10 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         state = ResumeState(ctx.cache.root, identity, world)
         states.append(state)
         if config.backend == "detectron2":
-            trials.append({"metrics": _with_detectron2(ctx, config, train, test, seed, state), "history": []})
+            metrics = _with_detectron2(ctx, config, schedule, train, test, seed, state)
+            trials.append({"metrics": metrics, "history": []})
         else:
-            trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
+            trials.append(_train_and_test(ctx, config, schedule, kept, test, seed, world, state))
     for state in states:
         state.clear()
     keys = [k for k in trials[0]["metrics"]]
@@ -171,6 +278,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "backend": config.backend,
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
+            "weight_decay": {"default": config.weight_decay, "norm": config.norm_weight_decay},
+            "schedule": schedule.record(),
             "history": [t["history"] for t in trials],
         },
     )
@@ -179,6 +288,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
 def _with_detectron2(
     ctx: RunContext,
     config: Config,
+    schedule: Schedule,
     train: DetectionSplit,
     test: DetectionSplit,
     seed: int,
@@ -186,7 +296,8 @@ def _with_detectron2(
 ) -> dict[str, float]:
     """One trial with detectron2: the backbone converted to its names (MoCo's convention), the
     splits registered under npidbench names, detectron2's trainer (resumable from its own
-    checkpoints in the run's folder)."""
+    checkpoints in the run's folder). An epoch schedule is handed over as its computed iterations;
+    detectron2 applies its own SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
     assert ctx.backbone is not None
     output = state.folder / "detectron2"
     output.mkdir(parents=True, exist_ok=True)
@@ -228,8 +339,17 @@ def _with_detectron2(
                 )
             ],
         }
+    as_iterations = replace(
+        config,
+        seed=seed,
+        epochs=0,
+        epoch_milestones=(),
+        iterations=schedule.iterations,
+        milestones=schedule.milestones,
+        window=schedule.window,
+    )
     return run_detectron2(
-        replace(config, seed=seed),
+        as_iterations,
         config.head,
         depth,
         weights,
@@ -250,6 +370,7 @@ def _fingerprint(split: DetectionSplit) -> str:
 def _train_and_test(
     ctx: RunContext,
     config: Config,
+    schedule: Schedule,
     train: DetectionSplit,
     test: DetectionSplit,
     seed: int,
@@ -271,18 +392,15 @@ def _train_and_test(
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     model.rpn._post_nms_top_n = {"training": config.proposals_train, "testing": config.proposals_test}
     model, wrapped = prepare_for_training(model, world, config.sync_bn, channels_last=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.scaled_lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
-    )
+    optimizer = make_optimizer(model, config)
     dataset = DetectionImages(train, seed, masks=config.head == "fpn")
-    windows = config.iterations // config.window
+    windows = schedule.iterations // schedule.window
     batches = window_batches(
         dataset,
         len(train),
         world,
         config.batch_size,
-        config.window,
+        schedule.window,
         seed,
         ctx.extract.workers,
         collate_detection,
@@ -303,7 +421,7 @@ def _train_and_test(
         label=f"{ctx.preset.name} seed {seed}",
         trainable=model,
         optimizer=optimizer,
-        base_lrs=[config.scaled_lr],
+        base_lrs=[config.scaled_lr] * len(optimizer.param_groups),
         schedule=StepSchedule(windows, (), 1.0),
         batches=batches,
         step=step,
@@ -311,9 +429,9 @@ def _train_and_test(
         evaluate_at=lambda window: False,
         state=state,
         world=world,
-        images_per_epoch=config.window * config.batch_size,
-        iterations_per_epoch=config.window,
-        lr_at=config.lr_factor,
+        images_per_epoch=schedule.window * config.batch_size,
+        iterations_per_epoch=schedule.window,
+        lr_at=schedule.lr_factor,
         step_seed=seed,  # proposal and RoI sampling: a resumed run repeats the uninterrupted one
     )
     if config.precise_bn:
@@ -322,6 +440,13 @@ def _train_and_test(
         precise_bn(model, batches(windows), config.precise_bn, losses)
     metrics = evaluate(model, test, config.head, world, device)
     return {"metrics": metrics, "history": history}
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+    """SGD with ``weight_decay`` on every parameter but the norm layers' weight and bias, which
+    get ``norm_weight_decay`` (``parameter_groups``)."""
+    groups = parameter_groups(model, config.weight_decay, config.norm_weight_decay)
+    return torch.optim.SGD(groups, lr=config.scaled_lr, momentum=config.momentum, fused=True)
 
 
 @torch.no_grad()
@@ -360,9 +485,29 @@ def evaluate(
     return coco_metrics(split, outputs, masks=head == "fpn")
 
 
+def voc_written(image: str, score: float, box: list[float]) -> tuple[str, float, list[float]]:
+    """A detection as detectron2's PascalVOCDetectionEvaluator writes it and voc_eval reads it
+    back: the score with 3 decimals, the coordinates with 1 ("{score:.3f} {xmin:.1f} ...",
+    pascal_voc_evaluation.py:67; parsed with float(), :241-242)."""
+    return image, float(f"{score:.3f}"), [float(f"{v:.1f}") for v in box]
+
+
 def voc_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]]) -> dict[str, float]:
-    """VOC07 11-point AP (detectron2's evaluator): detections written 1-based (x1 + 1, y1 + 1),
-    compared with the annotation's boxes, difficult objects ignored."""
+    """VOC07 11-point AP as detectron2's PascalVOCDetectionEvaluator computes it: the model's
+    0-based boxes (the training targets are, as detectron2's VOC loader) go back to VOC's 1-based
+    pixels with x1 + 1, y1 + 1 in float32 (pascal_voc_evaluation.py:64-65 on the float32 box),
+    each detection is rounded as the evaluator writes it (``voc_written``), and they are listed
+    in image order, each image's in the model's order, which is the order ties keep in the
+    stable sort by score (``voc_detection_ap``). Compared with the annotation's boxes, difficult
+    objects ignored; a class without ground truth has AP 0."""
+    detections: list[list[tuple[str, float, list[float]]]] = [[] for _ in split.classes]
+    for index, result in sorted(outputs, key=lambda item: item[0]):  # stable: ranks' shares merged
+        boxes = result["boxes"].to(torch.float32).clone()
+        boxes[:, :2] += 1  # float32 arithmetic, as detectron2's numpy float32 box
+        for label, score, box in zip(
+            result["labels"].tolist(), result["scores"].tolist(), boxes.tolist(), strict=True
+        ):
+            detections[int(label) - 1].append(voc_written(str(index), score, box))
     per_class = {}
     for c, name in enumerate(split.classes):
         truth = {
@@ -371,14 +516,7 @@ def voc_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]]) -> dict[
             )
             for i, image in enumerate(split.images)
         }
-        detections = []
-        for index, result in outputs:
-            keep = result["labels"] == c + 1
-            for box, score in zip(
-                result["boxes"][keep].tolist(), result["scores"][keep].tolist(), strict=True
-            ):
-                detections.append((str(index), score, [box[0] + 1, box[1] + 1, box[2], box[3]]))
-        per_class[name] = (detections, truth)
+        per_class[name] = (detections[c], truth)
     summary = voc_detection_summary(per_class)
     return {"mAP": summary["AP"], "AP50": summary["AP50"], "AP75": summary["AP75"]}
 

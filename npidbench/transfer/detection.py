@@ -9,10 +9,18 @@
   (mmdetection's "SyncBN in backbone, neck and heads").
 torchvision's builders freeze BN (FrozenBatchNorm2d) and the first stages; here every stage
 and every BN trains (FREEZE_AT 0), and under torchrun on GPUs BN becomes SyncBatchNorm.
+
+RoI features are pooled with RoIAlign ``aligned=True`` (the half-pixel shift) in both
+detectors, box and mask heads: detectron2's ROI_BOX_HEAD / ROI_MASK_HEAD.POOLER_TYPE default
+"ROIAlignV2" (detectron2/config/defaults.py:308, :361; poolers.py:170 builds it with
+aligned=True), which MoCo's configs keep, and mmcv's RoIAlign default ``aligned=True``
+(mmcv/ops/roi_align.py, RoIAlign.__init__) under mmdetection's Mask R-CNN. torchvision's
+MultiScaleRoIAlign calls roi_align with aligned=False.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -23,12 +31,72 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import initLevelMapper
 
 from npidbench.backbone import layer_channels
 
 HEADS = ("c4", "fpn")
+
+# detectron2's norm_module_types (detectron2/solver/build.py, get_default_optimizer_params):
+# the layers whose weight and bias get SOLVER.WEIGHT_DECAY_NORM. _NormBase covers BatchNorm1d/2d/3d,
+# SyncBatchNorm and InstanceNorm1d/2d/3d.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+class AlignedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (the same feature maps, scales and FPN level mapping:
+    level = floor(4 + log2(sqrt(area) / 224)), clamped) with ``roi_align(aligned=True)``,
+    detectron2's ROIAlignV2. One feature map (C4) is pooled directly."""
+
+    def forward(
+        self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        # stride of each map, as torchvision infers it: 2 ** round(log2(map height / image height))
+        height = max(shape[0] for shape in image_shapes)
+        scales = [2.0 ** round(math.log2(f.shape[-2] / height)) for f in features]
+        index = torch.cat(
+            [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
+        )
+        rois = torch.cat([index, torch.cat(boxes)], dim=1)
+        if len(features) == 1:
+            return roi_align(
+                features[0], rois, self.output_size, scales[0], self.sampling_ratio, aligned=True
+            )
+        low, high = -math.log2(scales[0]), -math.log2(scales[-1])
+        levels = initLevelMapper(
+            int(low), int(high), canonical_scale=self.canonical_scale, canonical_level=self.canonical_level
+        )(boxes)
+        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, scales, strict=True)):
+            keep = torch.where(levels == level)[0]
+            pooled = roi_align(
+                feature, rois[keep], self.output_size, scale, self.sampling_ratio, aligned=True
+            )
+            out[keep] = pooled.to(out.dtype)
+        return out
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """SGD parameter groups: the weight and bias of every normalisation layer (``NORM_LAYERS``)
+    with ``norm_weight_decay``, every other trainable parameter (other biases included) with
+    ``weight_decay``; empty groups left out. detectron2: SOLVER.WEIGHT_DECAY_NORM = 0.0 by
+    default (detectron2/config/defaults.py:541), WEIGHT_DECAY_BIAS None = WEIGHT_DECAY (:577).
+    mmdetection's optimizer without paramwise_cfg decays every parameter alike."""
+    norm, other, seen = [], [], set()
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            (norm if isinstance(module, NORM_LAYERS) else other).append(parameter)
+    groups = [
+        {"params": other, "weight_decay": weight_decay},
+        {"params": norm, "weight_decay": norm_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 class C4Trunk(nn.Module):
@@ -85,7 +153,8 @@ def build_detector(
             trunk,
             rpn_anchor_generator=anchors,
             rpn_head=RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
-            box_roi_pool=MultiScaleRoIAlign(["0"], output_size=roi_resolution, sampling_ratio=0),
+            # detectron2's POOLER_SAMPLING_RATIO 0 (adaptive), ROIAlignV2
+            box_roi_pool=AlignedRoIAlign(["0"], output_size=roi_resolution, sampling_ratio=0),
             box_head=box_head,
             box_predictor=FastRCNNPredictor(box_head.out_channels, classes + 1),
             # detectron2's C4 defaults: proposals before / after NMS
@@ -112,6 +181,10 @@ def build_detector(
             backbone,
             rpn_anchor_generator=anchors,
             rpn_head=RPNHead(256, 3, conv_depth=1),
+            # mmdetection's Mask R-CNN FPN: RoIAlign 7x7 (box) and 14x14 (mask) over P2-P5,
+            # sampling_ratio=0 (configs/_base_/models/mask_rcnn_r50_fpn.py roi_layer), aligned=True
+            box_roi_pool=AlignedRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=0),
+            mask_roi_pool=AlignedRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=0),
             box_head=FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
             box_predictor=FastRCNNPredictor(1024, classes + 1),
             mask_head=MaskRCNNHeads(256, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),

@@ -73,6 +73,7 @@ def config_pairs(
         "SOLVER.BASE_LR": config.scaled_lr,
         "SOLVER.MOMENTUM": config.momentum,
         "SOLVER.WEIGHT_DECAY": config.weight_decay,
+        "SOLVER.WEIGHT_DECAY_NORM": config.norm_weight_decay,  # detectron2's default 0.0 (MoCo)
         "SOLVER.MAX_ITER": config.iterations,
         "SOLVER.STEPS": tuple(config.milestones),
         "SOLVER.GAMMA": config.gamma,
