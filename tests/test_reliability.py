@@ -153,13 +153,13 @@ def test_kill_9_during_svm_then_rerun(tmp_path):
     features.mkdir()
     layers = ["Feature1", "Feature2"]
     (features / "layers.json").write_text(json.dumps(layers))
-    for split, n in (("trainval", 1000), ("test", 400)):
-        labels = np.where(rng.random((n, 20)) < 0.15, 1, 0)
-        labels[rng.random((n, 20)) < 0.02] = -1
+    for split, n in (("trainval", 600), ("test", 200)):  # 6 classes: any C works (the layer takes ~1 s)
+        labels = np.where(rng.random((n, 6)) < 0.15, 1, 0)
+        labels[rng.random((n, 6)) < 0.02] = -1
         np.save(features / f"{split}_labels.npy", labels)
         for layer in layers:
-            centers = rng.normal(size=(20, 512)).astype(np.float32) * 0.3
-            x = rng.normal(size=(n, 512)).astype(np.float32) + (labels == 1).astype(np.float32) @ centers
+            centers = rng.normal(size=(6, 256)).astype(np.float32) * 0.3
+            x = rng.normal(size=(n, 256)).astype(np.float32) + (labels == 1).astype(np.float32) @ centers
             np.save(features / f"{split}_{layer}.npy", x)
     args = [
         "run",
