@@ -91,7 +91,7 @@ def test_torchrun_linear_probe_and_fine_tuning(random_checkpoint, tmp_path):
     runs = [
         ("linear-imagenet", [*small, "features_epochs=1", "avgpool_epochs=2", "train_resize=48"]),
         ("linear-imagenet", [*small, "mode=cached", "parts=[avgpool]", "avgpool_epochs=2"]),
-        ("semisup-imagenet-10pct", [*small, "fraction=0.5", "epochs=2", "lr=0.01", "head_mult=10"]),
+        ("semisup-imagenet-10pct", [*small, "fraction=0.5", "split=drawn", "epochs=2", "lr=0.01", "head_mult=10"]),
     ]
     for task, settings in runs:
         sets = [part for setting in settings for part in ("--set", setting)]

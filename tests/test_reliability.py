@@ -112,6 +112,7 @@ def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root):
         "epochs=8",
         "milestones=[6]",
         "fraction=1.0",
+        "split=drawn",
         "lr=0.01",
         "head_mult=10",
     ]
