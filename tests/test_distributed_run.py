@@ -70,11 +70,20 @@ def test_torchrun_two_ranks_write_one_record_equal_to_one_process(random_checkpo
     assert json.loads(single_path.read_text())["metrics"] == distributed_record["metrics"]
 
 
-def _torchrun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def _torchrun_requests(requests: list[dict], tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """Run ``requests`` (RunRequest fields) in one launch of two gloo ranks; the record paths."""
+    listing = tmp_path / "requests.json"
+    listing.write_text(json.dumps(requests))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return subprocess.run(
-        [*command, "-m", "npidbench.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    result = subprocess.run(
+        [*command, str(Path(__file__).with_name("torchrun_tasks.py")), str(listing)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
@@ -86,18 +95,24 @@ def test_torchrun_linear_probe_and_fine_tuning(random_checkpoint, tmp_path):
     tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=8, split="train", seed=0)
     tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=4, split="val", seed=1)
     env = {**os.environ, "NPIDBENCH_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    common = ["--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "results")]
+    common = {
+        "checkpoint": str(random_checkpoint),
+        "data_root": str(tmp_path / "data"),
+        "results": str(tmp_path / "results"),
+    }
     small = ["resize=48", "crop=40", "batch_size=8"]
     runs = [
         ("linear-imagenet", [*small, "features_epochs=1", "avgpool_epochs=2", "train_resize=48"]),
         ("linear-imagenet", [*small, "mode=cached", "parts=[avgpool]", "avgpool_epochs=2"]),
-        ("semisup-imagenet-10pct", [*small, "fraction=0.5", "split=drawn", "epochs=2", "lr=0.01", "head_mult=10"]),
+        (
+            "semisup-imagenet-10pct",
+            [*small, "fraction=0.5", "split=drawn", "epochs=2", "lr=0.01", "head_mult=10"],
+        ),
     ]
-    for task, settings in runs:
-        sets = [part for setting in settings for part in ("--set", setting)]
-        result = _torchrun(["run", task, str(random_checkpoint), *common, *sets], env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert len([line for line in result.stdout.splitlines() if line.strip()]) == 1  # rank 0 only
+    printed = _torchrun_requests(
+        [{"task": task, "set_options": settings, **common} for task, settings in runs], tmp_path, env
+    )
+    assert len(printed) == 3  # rank 0 only
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results").glob("*.json"))]
     assert len(records) == 3
     for record in records:
@@ -118,12 +133,8 @@ def test_torchrun_segmentation_and_detection(random_checkpoint, tmp_path):
         ("seg-cityscapes", ["iterations=2", "window=1", "batch_size=2"]),
         ("det-voc0712", ["iterations=2", "window=1", "batch_size=2", "test_images=4", "precise_bn=1"]),
     ]
-    for task, settings in runs:
-        sets = [part for setting in settings for part in ("--set", setting)]
-        result = _torchrun(
-            ["run", task, str(random_checkpoint), "--results", str(tmp_path / "results"), *sets], env
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    common = {"checkpoint": str(random_checkpoint), "results": str(tmp_path / "results")}
+    _torchrun_requests([{"task": t, "set_options": s, **common} for t, s in runs], tmp_path, env)
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "results").glob("*.json"))]
     assert sorted(r["task"] for r in records) == ["det-voc0712", "seg-cityscapes"]
     assert all(r["details"]["world_size"] == 2 and r["details"]["global_batch"] == 2 for r in records)

@@ -43,6 +43,19 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return result
 
 
+def _in_process(args: list[str], home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uninterrupted reference run, in this worker (one torch thread, as the subprocesses'
+    OMP_NUM_THREADS=1): the same CLI path without another interpreter start."""
+    from npidbench.cli import main
+
+    monkeypatch.setenv("NPIDBENCH_CACHE_HOME", str(home))
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert not exc.code, f"exit {exc.code}"
+    monkeypatch.undo()
+
+
 def _kill_when(args: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float = 300) -> None:
     """Start the command, SIGKILL it as soon as ``ready()`` (polled), and check it was mid-way."""
     proc = subprocess.Popen(
@@ -79,12 +92,13 @@ def _records(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def test_kill_9_during_pretraining_then_resume(tmp_path, data_root):
-    settings = ["epochs=6", "batch_size=8", "lr_batch=8", "pool_per_class=0", "negatives=16", "input_size=32"]
-    settings += ["eval_resize=36", "eval_crop=32", "knn_every=0", "save_every_steps=1", "warmup_epochs=0"]
+def test_kill_9_during_pretraining_then_resume(tmp_path, data_root, monkeypatch):
+    # 4 steps an epoch; a resume point every 3 steps falls mid-epoch as well as at epoch ends.
+    settings = ["epochs=4", "batch_size=8", "lr_batch=8", "pool_per_class=0", "negatives=16", "input_size=32"]
+    settings += ["eval_resize=36", "eval_crop=32", "knn_every=0", "save_every_steps=3", "warmup_epochs=0"]
     sets = [part for s in settings for part in ("--set", s)]
     common = ["pretrain", *sets, "--data-root", str(data_root)]
-    _cli([*common, "--out", str(tmp_path / "straight")], _env(tmp_path / "h1"))
+    _in_process([*common, "--out", str(tmp_path / "straight")], tmp_path / "h1", monkeypatch)
 
     out = tmp_path / "killed"
 
@@ -101,16 +115,16 @@ def test_kill_9_during_pretraining_then_resume(tmp_path, data_root):
     b = torch.load(out / "last.pth", weights_only=True)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    assert a["meta"]["epochs"] == b["meta"]["epochs"] == 6
+    assert a["meta"]["epochs"] == b["meta"]["epochs"] == 4
 
 
-def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root):
+def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root, monkeypatch):
     settings = [
         "resize=48",
         "crop=40",
-        "batch_size=4",
-        "epochs=8",
-        "milestones=[6]",
+        "batch_size=6",
+        "epochs=5",
+        "milestones=[4]",
         "fraction=1.0",
         "split=drawn",
         "lr=0.01",
@@ -118,7 +132,7 @@ def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root):
     ]
     sets = [part for s in settings for part in ("--set", s)]
     checkpoint = tmp_path / "ckpt"
-    _cli(["pretrain", "--set", "epochs=0", "--out", str(checkpoint)], _env(tmp_path / "h0"))
+    _in_process(["pretrain", "--set", "epochs=0", "--out", str(checkpoint)], tmp_path / "h0", monkeypatch)
     args = [
         "run",
         "semisup-imagenet-1pct",
@@ -127,7 +141,7 @@ def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root):
         str(data_root),
         *sets,
     ]
-    _cli([*args, "--results", str(tmp_path / "straight")], _env(tmp_path / "h1"))
+    _in_process([*args, "--results", str(tmp_path / "straight")], tmp_path / "h1", monkeypatch)
 
     home = tmp_path / "h2"
 
@@ -148,7 +162,7 @@ def test_kill_9_during_fine_tuning_then_rerun(tmp_path, data_root):
     assert not list(home.rglob("training/*/state.pth"))  # cleared once the record is written
 
 
-def test_kill_9_during_svm_then_rerun(tmp_path):
+def test_kill_9_during_svm_then_rerun(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     features = tmp_path / "features"
     features.mkdir()
@@ -172,7 +186,7 @@ def test_kill_9_during_svm_then_rerun(tmp_path):
         "--set",
         "layers=[Feature1,Feature2]",
     ]
-    _cli([*args, "--results", str(tmp_path / "straight")], _env(tmp_path / "h1"))
+    _in_process([*args, "--results", str(tmp_path / "straight")], tmp_path / "h1", monkeypatch)
 
     home = tmp_path / "h2"
 
@@ -187,9 +201,9 @@ def test_kill_9_during_svm_then_rerun(tmp_path):
     assert _comparable(resumed) == _comparable(straight)
 
 
-def test_two_run_processes_share_one_results_folder(tmp_path, data_root):
+def test_two_run_processes_share_one_results_folder(tmp_path, data_root, monkeypatch):
     checkpoint = tmp_path / "ckpt"
-    _cli(["pretrain", "--set", "epochs=0", "--out", str(checkpoint)], _env(tmp_path / "h0"))
+    _in_process(["pretrain", "--set", "epochs=0", "--out", str(checkpoint)], tmp_path / "h0", monkeypatch)
     results = tmp_path / "results"
     commands = [
         [

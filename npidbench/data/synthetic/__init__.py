@@ -9,6 +9,7 @@ loaders read it all back exactly like real data.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -68,23 +69,39 @@ def _writers(spec: SuiteSpec) -> dict[str, tuple[str, Callable[[Path], dict]]]:
 
 
 def generate_suite(root: Path, spec: SuiteSpec, only: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Write the suite (or the datasets in ``only``) under ``root``. Returns counts per dataset."""
-    counts = {}
-    for name, (subpath, write) in _writers(spec).items():
-        if only is not None and name not in only:
-            continue
-        folder = root / subpath
-        folder.mkdir(parents=True, exist_ok=True)
-        counts[name] = write(folder)
-        manifest = {
-            "generator_version": GENERATOR_VERSION,
-            "dataset": name,
-            "seed": spec.seed,
-            "spec": asdict(getattr(spec, name)),
-            "counts": counts[name],
-            "content_sha256": _tree_hash(folder),
-        }
-        (folder / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    """Write the suite (or the datasets in ``only``) under ``root``. Returns counts per dataset.
+
+    The datasets are independent (each drawn from its own seeded generators, no global random
+    state), so they are written by parallel threads, one per core: the output is byte-identical
+    to a sequential run. Threads rather than processes: JPEG / PNG encoding and numpy release the
+    GIL (19 s -> 16 s on 2 cores), and a spawned process would re-import a user script's
+    unguarded top level, a forked one can deadlock beside torch's OpenMP threads."""
+    names = [name for name in _writers(spec) if only is None or name in only]
+    workers = min(len(names), os.cpu_count() or 1)
+    if workers <= 1:
+        return {name: _write_dataset(root, spec, name) for name in names}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        # The largest (VOC, about half the work) first, so the others share the remaining cores.
+        order = sorted(names, key=lambda name: name != "voc")
+        futures = {name: pool.submit(_write_dataset, root, spec, name) for name in order}
+        return {name: futures[name].result() for name in names}
+
+
+def _write_dataset(root: Path, spec: SuiteSpec, name: str) -> dict:
+    """One dataset of the suite and its manifest; returns its counts."""
+    subpath, write = _writers(spec)[name]
+    folder = root / subpath
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = write(folder)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "dataset": name,
+        "seed": spec.seed,
+        "spec": asdict(getattr(spec, name)),
+        "counts": counts,
+        "content_sha256": _tree_hash(folder),
+    }
+    (folder / SYNTHETIC_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return counts
 
 
