@@ -141,6 +141,10 @@ def _print_inspection(info) -> None:
         ("loaded", f"{len(info.loaded)} tensors"),
         ("missing", f"{len(info.missing)}" + (f": {', '.join(info.missing[:5])}" if info.missing else "")),
         (
+            "unexpected",
+            f"{len(info.unexpected)}" + (f": {', '.join(info.unexpected[:5])}" if info.unexpected else ""),
+        ),
+        (
             "defaulted",
             f"{len(info.defaulted)} (num_batches_tracked absent from the file)" if info.defaulted else "0",
         ),
@@ -294,15 +298,17 @@ def pretrain_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in OUT.")] = False,
 ) -> None:
     """Pretrain NPID; `--set epochs=0` writes the random-init baseline in the same format."""
-    from npidbench.pretrain.recipe import load_recipe
+    from npidbench.pretrain.recipe import load_recipe, resume_recipe
     from npidbench.pretrain.train import pretrain
     from npidbench.runner import check_device
 
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
-    path = pretrain(
-        load_recipe(recipe, list(set_options or []), data_root), out, data_root, check_device(device), resume
-    )
+    if resume and recipe is None:
+        chosen = resume_recipe(out, list(set_options or []))  # the run's own recipe
+    else:
+        chosen = load_recipe(recipe, list(set_options or []), data_root)
+    path = pretrain(chosen, out, data_root, check_device(device), resume)
     if not _is_secondary_rank():
         stdout.print(str(path))
 

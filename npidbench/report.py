@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from npidbench.errors import BadInput
-from npidbench.precision import FP32
+from npidbench.precision import BF16, FP32
 
 FORMATS = ("markdown", "csv", "json", "latex", "html")
 DATASET_LABELS = {
@@ -277,6 +277,19 @@ def select(
     ]
 
 
+def record_precision(record: dict[str, Any]) -> str:
+    """The precision a record's forward passes ran in. Records written before it was recorded:
+    linear probes (augmented), fine-tuning and segmentation autocast to bf16 on CUDA, all else
+    and every CPU run was fp32."""
+    details = record.get("details", {})
+    if "precision" in details:
+        return details["precision"]
+    autocast = record.get("family") in ("semisup", "segmentation") or (
+        record.get("family") == "linear" and record.get("protocol") != "linear-cached"
+    )
+    return BF16 if autocast and str(details.get("device", "cpu")).startswith("cuda") else FP32
+
+
 def _row_identity(record: dict[str, Any]) -> str:
     """The checkpoint a row stands for: its sha256 (or the features' sha256)."""
     model = record["model"]
@@ -300,7 +313,7 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
             data=data.get("fingerprint", ""),
             config=record["model"].get("config", "-"),
             part=spec.row_part(record) if spec.row_part else "",
-            precision=record.get("details", {}).get("precision", FP32),
+            precision=record_precision(record),
         )
         rows = groups.setdefault(table_key, {})
         rows.setdefault(row_key, []).append(record)  # oldest first (sorted input)

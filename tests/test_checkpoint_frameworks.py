@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
+from test_cli import cli, one_error_line
 
 from npidbench.backbone import MultiLayerFeatures, build_resnet
 from npidbench.checkpoint import inspect_checkpoint, load_backbone
-from npidbench.cli import main
 from npidbench.errors import BadInput
 
 from checkpoint_zoo import VARIANTS, backbone_state, build, build_variant, random_resnet
@@ -20,19 +20,6 @@ from checkpoint_zoo import VARIANTS, backbone_state, build, build_variant, rando
 JSON_KEYS = ("error", "path", "format", "arch", "loaded", "missing", "ignored", "sha256")
 
 
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got: {err!r}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 # Item 1 and 4: variants are named, never loaded as a plain torchvision ResNet.
@@ -66,9 +53,13 @@ def test_se_tensors_are_not_listed_as_ignored(tmp_path):
     assert not any(".se." in k for k in info.ignored)  # they are the reason for the refusal
 
 
-def test_blurpool_buffer_inside_a_block_is_listed_as_unexpected(tmp_path):
-    info, tensors = inspect_checkpoint(build_variant("timm-resnet18-blurpool", tmp_path))
+def test_blurpool_buffer_inside_a_block_is_listed_as_unexpected(tmp_path, capsys):
+    path = build_variant("timm-resnet18-blurpool", tmp_path)
+    info, tensors = inspect_checkpoint(path)
     assert tensors is None and info.unexpected == ["layer2.0.aa.filt"]
+    assert cli("inspect", str(path)) == 2
+    row = next(line for line in capsys.readouterr().out.splitlines() if "unexpected" in line)
+    assert "layer2.0.aa.filt" in row
 
 
 def test_heads_outside_the_backbone_stay_ignorable(tmp_path):
@@ -154,15 +145,22 @@ def test_standard_stem_is_recorded_and_cli_shows_the_stem(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["stem_padding"] == 2
 
 
-def test_convert_keeps_the_recorded_stem(tmp_path, capsys):
+def test_convert_refuses_a_stem_a_state_dict_cannot_carry_and_arch_overrides_the_padding(tmp_path, capsys):
+    """A plain state dict of solo-learn's padding-2 stem would be read back with padding 1: refused.
+    --arch resnet18-cifar-pad1 overrides the format's padding (a Lightning file that only looks
+    like solo-learn's)."""
     solo = build(
         "solo-learn", solo_learn_stem_resnet18(seed=1), tmp_path, other=solo_learn_stem_resnet18(seed=2)
     )
     out = tmp_path / "tv.pth"
-    assert cli("convert", str(solo), "--to", "torchvision", "--out", str(out)) == 0
+    assert cli("convert", str(solo), "--to", "torchvision", "--out", str(out)) == 2
+    assert "pads conv1 by 2" in one_error_line(capsys.readouterr().err) and not out.exists()
+    assert cli("convert", str(solo), "--to", "torchvision", "--out", str(out), "--arch", "resnet18-cifar-pad1") == 0
     state = torch.load(out, weights_only=True)
     expected = backbone_state(solo_learn_stem_resnet18(seed=1))
     assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in state)
+    assert load_backbone(out).model.conv1.padding == (1, 1)  # what the export says, read back
+    assert load_backbone(solo, arch="resnet18-cifar-pad1").inspection.stem_padding == 1
 
 
 # Item 3: DINO files of lightly and solo-learn; inspect --json on every refusal.

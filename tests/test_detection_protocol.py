@@ -5,7 +5,6 @@ schedule for det-coco with its iterations computed and recorded."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -13,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_transfer import _run, interrupt_after_first_window
 from torch import nn
 from torchvision.ops import roi_align
 
 from npidbench.data.splits import DetectionImage, DetectionSplit
 from npidbench.data.voc import VOC_CLASSES
 from npidbench.errors import BadInput, RunFailed
-from npidbench.runner import RunRequest, resolve_config, run_task
+from npidbench.runner import resolve_config
 from npidbench.tasks import get_preset
 from npidbench.tasks.detection import voc_metrics
-from npidbench.training import loop
 from npidbench.transfer.detection import build_detector
 
 
@@ -502,17 +501,6 @@ def test_training_images_kept_as_each_reference_trainer_keeps_them():
     ]
 
 
-def _run(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dict:
-    path = run_task(
-        RunRequest(
-            task=task,
-            checkpoint=checkpoint,
-            set_options=options,
-            results=tmp_path / "r",
-            cache=tmp_path / "c",
-        )
-    )
-    return json.loads(Path(path).read_text())
 
 
 @pytest.mark.slow
@@ -558,15 +546,7 @@ def test_epoch_schedule_runs_records_its_iterations_and_resumes(random_checkpoin
     # the factor of each window's last iteration: iteration 1 is half-way through the warm-up
     assert [line["lr_factor"] for line in history] == [0.5005, 1.0, 0.1]
 
-    real_save, saves = loop.ResumeState.save, []
-
-    def killed_after_first_window(self, state):
-        real_save(self, state)
-        saves.append(state["epoch"])
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
+    saves = interrupt_after_first_window(monkeypatch)
     with pytest.raises(RunFailed, match="interrupted after 1 of 3"):
         _run("det-coco", random_checkpoint, tmp_path / "b", options)
     resumed = _run("det-coco", random_checkpoint, tmp_path / "b", options)

@@ -61,7 +61,8 @@ def test_wheel_ships_presets_and_works_without_the_checkout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "npidbench/presets/tasks/knn.toml" in names
     assert any(n.startswith("npidbench/presets/pretrain/") for n in names)
-    assert {"npidbench/data/subsets/1percent.txt.xz", "npidbench/data/subsets/LICENSE-simclr"} <= set(names)
+    subsets = ("1percent.txt.xz", "10percent.txt.xz", "LICENSE-simclr", "SOURCE.md")
+    assert {f"npidbench/data/subsets/{name}" for name in subsets} <= set(names)
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     probe = (

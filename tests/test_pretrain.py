@@ -256,3 +256,22 @@ def test_no_recipe_on_real_data_is_the_papers_not_the_cpu_sized_one(data_root, t
     assert done.value.code in (0, None)
     meta = torch.load(tmp_path / "r" / "last.pth", weights_only=True)["meta"]
     assert meta["recipe"] == PAPER_RECIPE and torch.load(tmp_path / "r" / "last.pth")["arch"] == "resnet50"
+
+
+def test_resume_without_a_recipe_continues_the_runs_own_and_old_files_keep_their_decay(data_root, tmp_path):
+    from npidbench.cli import main
+    from npidbench.pretrain.recipe import recipe_from_dict, resume_recipe
+
+    out = tmp_path / "run"
+    pretrain(replace(TINY, epochs=1, knn_every=0), out, data_root)
+    assert resume_recipe(out, ["epochs=2"]) == replace(TINY, epochs=2, knn_every=0)
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", "--out", str(out), "--resume", "--data-root", str(data_root), "--set", "epochs=2"])
+    assert done.value.code in (0, None)
+    assert torch.load(out / "last.pth", weights_only=True)["meta"]["epochs"] == 2
+    # a resume file on other data is refused in one line, not a shape error
+    with pytest.raises(BadInput, match="resume with the --data-root"):
+        pretrain(replace(TINY, epochs=3, knn_every=0), out, None, resume=True)
+    # files written before norm_bias_decay existed were made without decay on BN and biases
+    recorded = {k: v for k, v in TINY.to_dict().items() if k != "norm_bias_decay"}
+    assert recipe_from_dict(recorded).norm_bias_decay is False

@@ -172,3 +172,11 @@ def test_bf16_rows_are_kept_apart_and_named():
     bf16["details"] = {"precision": "bf16-autocast"}
     (table,) = build_tables([fp32, bf16])
     assert sorted(table.frame["Model"]) == ["m", "m [bf16]"]
+    # written before precision was recorded: the device and family say what ran
+    from npidbench.report import record_precision
+
+    old = {"family": "semisup", "details": {"device": "cuda:0"}}
+    assert record_precision(old) == "bf16-autocast"
+    assert record_precision({**old, "details": {"device": "cpu"}}) == "fp32"
+    assert record_precision({"family": "linear", "protocol": "linear-cached", "details": {"device": "cuda"}}) == "fp32"
+    assert record_precision({"family": "knn", "details": {"device": "cuda"}}) == "fp32"

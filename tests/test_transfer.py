@@ -112,6 +112,7 @@ def test_detectron2_conversion_maps_every_key_to_the_known_layout():
 
 
 def _run(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dict:
+    """Run a preset in this process; its record."""
     path = run_task(
         RunRequest(
             task=task,
@@ -124,13 +125,8 @@ def _run(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dic
     return json.loads(Path(path).read_text())
 
 
-@pytest.mark.slow
-def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_path, monkeypatch):
-    options = ["iterations=4", "window=2", "batch_size=2", "crop=48"]
-    straight = _run("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
-    assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
-    assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
-
+def interrupt_after_first_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Ctrl-C right after the first window's resume state is saved; the windows saved, in order."""
     real_save, saves = loop.ResumeState.save, []
 
     def killed_after_first_window(self, state):
@@ -140,6 +136,17 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
+    return saves
+
+
+@pytest.mark.slow
+def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_path, monkeypatch):
+    options = ["iterations=4", "window=2", "batch_size=2", "crop=48"]
+    straight = _run("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
+    assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
+    assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
+
+    saves = interrupt_after_first_window(monkeypatch)
     with pytest.raises(RunFailed, match="interrupted after 1 of 2"):
         _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
     resumed = _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)

@@ -192,6 +192,7 @@ def inspect_checkpoint(
         return info, None
     state, used = _branch_state(flat, chosen)
     info.ignored = [k for k in keys if k not in used]
+    wanted = None
     try:
         spec = infer_arch(state)
         if arch is not None:
@@ -208,9 +209,12 @@ def inspect_checkpoint(
         info.error = str(exc)
         return info, None
     info.arch, info.cifar_stem = spec.name, spec.cifar_stem
-    info.stem_padding = (
-        _CIFAR_STEM_PADDING.get(fmt, _DEFAULT_CIFAR_PADDING) if spec.cifar_stem else STANDARD_STEM_PADDING
-    )
+    if not spec.cifar_stem:
+        info.stem_padding = STANDARD_STEM_PADDING
+    elif wanted is not None and wanted.stem_padding is not None:
+        info.stem_padding = wanted.stem_padding  # the user's word over the format's guess
+    else:
+        info.stem_padding = _CIFAR_STEM_PADDING.get(fmt, _DEFAULT_CIFAR_PADDING)
     expected = _build(info).state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for name, target in expected.items():

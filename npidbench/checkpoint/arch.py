@@ -14,7 +14,7 @@ that the strict load names the missing keys.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,9 @@ class ArchSpec:
 
     name: str
     cifar_stem: bool = False
+    # conv1 padding of a CIFAR stem when the user names it (--arch resnet18-cifar-pad1); None: the
+    # writing framework's (shapes cannot tell). Not part of the comparison with inferred specs.
+    stem_padding: int | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -263,12 +266,15 @@ def _depth_guess(state: dict[str, torch.Tensor], block: str) -> str:
 
 
 def parse_arch(name: str) -> ArchSpec:
-    """A user's ``--arch`` value: a torchvision name, optionally with ``-cifar`` for the stem."""
-    cifar = name.endswith(("-cifar", "_cifar"))
-    base = name[: -len("-cifar")] if cifar else name
+    """A user's ``--arch`` value: a torchvision name, optionally with ``-cifar`` for the 3x3
+    stride-1 stem, and ``-cifar-pad1`` / ``-cifar-pad2`` to say its conv1 padding (solo-learn
+    pads by 2, other CIFAR ResNets by 1; without it, the format's is used)."""
+    match = re.fullmatch(r"(?P<base>.+?)(?P<cifar>[-_]cifar(?:-pad(?P<pad>[12]))?)?", name)
+    base = match["base"] if match else name
     if base not in SUPPORTED_ARCHS:
         raise BadInput(
             f"--arch {name} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)} "
-            "(append -cifar for the 3x3 stride-1 stem)"
+            "(append -cifar for the 3x3 stride-1 stem, -cifar-pad1 / -cifar-pad2 to set its padding)"
         )
-    return ArchSpec(base, cifar)
+    padding = int(match["pad"]) if match and match["pad"] else None
+    return ArchSpec(base, bool(match and match["cifar"]), padding)

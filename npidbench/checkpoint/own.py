@@ -21,6 +21,7 @@ from torch import nn
 
 from npidbench.atomic import atomic_write
 from npidbench.checkpoint.formats import to_detectron2_name
+from npidbench.errors import BadInput
 from npidbench.provenance import versions
 
 FORMAT_VERSION = 1
@@ -58,6 +59,12 @@ def export_backbone(model: nn.Module, to: str, out: str | Path) -> Path:
     ``detectron2``: MoCo's convention: a pickle ``{"model": {name: ndarray}, "__author__",
     "matching_heuristics": True}`` with detectron2 names (stem, res2..res5, convK.norm, shortcut).
     """
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d) and conv1.kernel_size == (3, 3) and conv1.padding != (1, 1):
+        raise BadInput(
+            f"this backbone's CIFAR stem pads conv1 by {conv1.padding[0]} (solo-learn's): a plain state dict "
+            "cannot say so and would be read back with padding 1, another network; evaluate the original file"
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     if to == "torchvision":
         return atomic_write(out, lambda handle: torch.save(state, handle))

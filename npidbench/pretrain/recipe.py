@@ -160,7 +160,30 @@ def load_recipe(name_or_path: str | None, set_options: list[str], data_root: Pat
     return build_config(Recipe, data, parse_set_options(set_options), source_names=[str(path), "--set"])
 
 
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """Rebuild a recorded recipe (resume files store it as plain data)."""
+# Settings added after files were written, with the value those files were made with: every
+# run before norm_bias_decay existed kept BatchNorm weights and biases out of the decay.
+_WRITTEN_BEFORE = {"norm_bias_decay": False}
+
+
+def recipe_from_dict(data: dict[str, Any], set_options: list[str] | None = None) -> Recipe:
+    """Rebuild a recorded recipe (resume files and checkpoints store it as plain data), with
+    ``--set`` overrides applied."""
     known = {f.name for f in dataclasses.fields(Recipe)}
-    return build_config(Recipe, {k: v for k, v in data.items() if k in known}, source_names=["resume file"])
+    recorded = {**_WRITTEN_BEFORE, **{k: v for k, v in data.items() if k in known}}
+    overrides = parse_set_options(set_options or [])
+    return build_config(Recipe, recorded, overrides, source_names=["resume file", "--set"])
+
+
+def resume_recipe(out_dir: Path, set_options: list[str]) -> Recipe:
+    """``pretrain --out DIR --resume`` without a recipe: the one DIR's run was started with."""
+    from npidbench.checkpoint.reading import read_checkpoint
+
+    resume_file = Path(out_dir) / "resume.pth"
+    if not resume_file.exists():
+        raise BadInput(f"nothing to resume: {resume_file} does not exist (start without --resume)")
+    saved = read_checkpoint(resume_file).obj
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
+        raise BadInput(f"{resume_file} is not an npidbench resume file")
+    recipe = recipe_from_dict(saved["recipe"], set_options)
+    log(f"resuming with the recipe {resume_file} was started with: {recipe.name}")
+    return recipe

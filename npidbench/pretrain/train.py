@@ -217,6 +217,12 @@ class _Trainer:
             raise BadInput(
                 f"--resume with a different recipe than {path} was made with: {'; '.join(changed)}"
             )
+        if tuple(saved["bank"].shape) != tuple(self.bank.bank.shape):
+            where = saved.get("data_root", "another data root")
+            raise BadInput(
+                f"{path} was made on {len(saved['bank'])} training images ({where}), this data has "
+                f"{len(self.bank.bank)}: resume with the --data-root the run started with"
+            )
         if saved.get("dtype", "torch.float32") != str(self.dtype):
             raise BadInput(f"{path} was made in {saved.get('dtype')}; resume it in the same precision")
         if saved["world_size"] != self.world.world_size:
@@ -245,6 +251,7 @@ class _Trainer:
             "recipe": self.recipe.to_dict(),
             "world_size": self.world.world_size,
             "dtype": str(self.dtype),
+            "data_root": str(self.train_split.root),
             "epoch": self.state.epoch,
             "step": self.state.step,
             "global_step": self.state.global_step,
