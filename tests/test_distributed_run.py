@@ -13,6 +13,11 @@ import pytest
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_write_one_record_equal_to_one_process(random_checkpoint, tmp_path):
+    from helpers import tiny_imagefolder
+
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=9, split="train", seed=0)
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=5, split="val", seed=1)
+    data = ["--data-root", str(tmp_path / "data"), "--set", "resize=40", "--set", "crop=32"]
     env = {**os.environ, "NPIDBENCH_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     multi = subprocess.run(
         [
@@ -31,6 +36,7 @@ def test_torchrun_two_ranks_write_one_record_equal_to_one_process(random_checkpo
             str(tmp_path / "multi"),
             "--set",
             "ks=[10,20]",
+            *data,
         ],
         capture_output=True,
         text=True,
@@ -58,6 +64,7 @@ def test_torchrun_two_ranks_write_one_record_equal_to_one_process(random_checkpo
             str(tmp_path / "single"),
             "--set",
             "ks=[10,20]",
+            *data,
         ],
         capture_output=True,
         text=True,

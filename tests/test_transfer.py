@@ -141,8 +141,9 @@ def interrupt_after_first_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.slow
 def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_path, monkeypatch):
-    options = ["iterations=4", "window=2", "batch_size=2", "crop=48"]
+    options = ["iterations=4", "window=2", "batch_size=2", "test_images=8", "crop=48"]
     straight = _run("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
+    assert straight["dataset"]["test"]["images"] == 8
     assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
     assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
 

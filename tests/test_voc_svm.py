@@ -146,6 +146,7 @@ def test_features_dir_end_to_end_with_report_and_plot(tmp_path, results_dir, cap
 
 def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, results_dir, capsys):
     args = ["--set", "layers=[Feature5]", "--set", "lowshot_ks=[1]", "--set", "lowshot_samples=1"]
+    args += ["--set", "resize=64", "--set", "size=64"]  # below the profile's 96: the same grid, less work
     assert cli("run", "voc-svm", str(random_checkpoint), *args, "--set", "costs=vissl") == 0
     record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
     assert record["dataset"]["synthetic"] and record["dataset"]["train"]["images"] > 1000

@@ -10,6 +10,7 @@ records every trial's mIoU (the report shows mean ± std).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ class Config:
     # False (mmselfsup 0.x _base_/models/fcn_r50-d8.py); its Cityscapes config sets True on both
     # heads (cityscapes/fcn_r50-d8_769x769_40k_cityscapes.py): tasks/seg-cityscapes.toml.
     align_corners: bool = False
+    test_images: int = 0  # 0: the whole val split; N: its first N images (quick checks)
     amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ class Config:
             raise ValueError("scale must be [long, short] pixels and ratio [low, high] with 0 < low <= high")
         if self.slide_stride < 1 or self.slide_crop < 1:
             raise ValueError("slide_crop and slide_stride must be at least 1")
+        if self.test_images < 0:
+            raise ValueError(f"test_images must be 0 (the whole split) or more, got {self.test_images}")
 
     @property
     def scaled_lr(self) -> float:
@@ -114,6 +118,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     dataset = ctx.preset.dataset
     train = load_segmentation_split(dataset, config.train_split, ctx.data_root)
     test = load_segmentation_split(dataset, config.test_split, ctx.data_root)
+    if config.test_images:
+        test = dataclasses.replace(test, pairs=test.pairs[: config.test_images])
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
     trials, states = [], []
