@@ -20,8 +20,6 @@ from checkpoint_zoo import VARIANTS, backbone_state, build, build_variant, rando
 JSON_KEYS = ("error", "path", "format", "arch", "loaded", "missing", "ignored", "sha256")
 
 
-
-
 # Item 1 and 4: variants are named, never loaded as a plain torchvision ResNet.
 
 
@@ -155,7 +153,10 @@ def test_convert_refuses_a_stem_a_state_dict_cannot_carry_and_arch_overrides_the
     out = tmp_path / "tv.pth"
     assert cli("convert", str(solo), "--to", "torchvision", "--out", str(out)) == 2
     assert "pads conv1 by 2" in one_error_line(capsys.readouterr().err) and not out.exists()
-    assert cli("convert", str(solo), "--to", "torchvision", "--out", str(out), "--arch", "resnet18-cifar-pad1") == 0
+    assert (
+        cli("convert", str(solo), "--to", "torchvision", "--out", str(out), "--arch", "resnet18-cifar-pad1")
+        == 0
+    )
     state = torch.load(out, weights_only=True)
     expected = backbone_state(solo_learn_stem_resnet18(seed=1))
     assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in state)
@@ -218,3 +219,56 @@ def test_inspect_json_on_every_refusal(tmp_path, capsys):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(build("torchvision", model, tmp_path).read_bytes()[:5000])
     assert "truncated or corrupt" in _json_refusal(capsys, str(truncated))["error"]
+
+
+# Files written by timm's own saving code (CheckpointSaver with an EMA model), where timm is
+# installed: it is not a dependency yet, so this skips on CI until it is.
+
+
+@pytest.mark.parametrize(
+    ("name", "named"),
+    [
+        ("resnet18", None),
+        ("seresnet50", "squeeze-excitation"),
+        ("resnet50_gn", "GroupNorm"),
+        ("resnet26", "(2, 2, 2, 2)"),
+        ("resnet50d", "deep stem"),
+    ],
+)
+def test_timm_checkpoint_saver_files(name, named, tmp_path):
+    timm = pytest.importorskip("timm")
+    import argparse
+
+    from timm.utils import CheckpointSaver, ModelEmaV2
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    ema = ModelEmaV2(model, decay=0.5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.01)  # the raw weights differ from the EMA ones
+    ema.update(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(
+        model,
+        optimizer,
+        args=argparse.Namespace(model=name),
+        model_ema=ema,
+        checkpoint_dir=str(tmp_path),
+        recovery_dir=str(tmp_path),
+        max_history=1,
+    )
+    saver.save_checkpoint(epoch=1, metric=1.0)
+    path = tmp_path / "last.pth.tar"
+    info, tensors = inspect_checkpoint(path)
+    if named is not None:
+        assert tensors is None and named in info.error
+        return
+    loaded = load_backbone(path)
+    assert (loaded.inspection.format, loaded.inspection.branch) == ("timm", "ema")
+    reference = ema.module.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = MultiLayerFeatures(loaded.model)(images)["AvgPool"]
+        theirs = reference.forward_head(reference.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
