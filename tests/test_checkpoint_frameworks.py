@@ -233,6 +233,7 @@ def test_inspect_json_on_every_refusal(tmp_path, capsys):
         ("resnet50_gn", "GroupNorm"),
         ("resnet26", "(2, 2, 2, 2)"),
         ("resnet50d", "deep stem"),
+        ("seresnext50_32x4d", "timm seresnext50_32x4d"),
     ],
 )
 def test_timm_checkpoint_saver_files(name, named, tmp_path):

@@ -265,6 +265,10 @@ def test_resume_without_a_recipe_continues_the_runs_own_and_old_files_keep_their
     out = tmp_path / "run"
     pretrain(replace(TINY, epochs=1, knn_every=0), out, data_root)
     assert resume_recipe(out, ["epochs=2"]) == replace(TINY, epochs=2, knn_every=0)
+    early = tmp_path / "early"  # killed in its first epoch: only resume.pth holds the recipe
+    early.mkdir()
+    (early / "resume.pth").write_bytes((out / "resume.pth").read_bytes())
+    assert resume_recipe(early, []) == replace(TINY, epochs=1, knn_every=0)
     with pytest.raises(SystemExit) as done:
         main(["pretrain", "--out", str(out), "--resume", "--data-root", str(data_root), "--set", "epochs=2"])
     assert done.value.code in (0, None)

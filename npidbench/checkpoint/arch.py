@@ -80,12 +80,7 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
         )
     cifar_stem = conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 3
     counts = _block_counts(state)
-    inner, groups = 64, 1
-    first = state.get("layer1.0.conv1.weight")
-    second = state.get("layer1.0.conv2.weight")
-    if block == "bottleneck" and first is not None and second is not None:
-        inner = int(first.shape[0])
-        groups = max(1, int(second.shape[0]) // max(1, int(second.shape[1])))
+    inner, groups = _width_and_groups(state, block)
     exact = _KNOWN.get((block, tuple(counts), inner, groups))
     if exact:
         return ArchSpec(exact, cifar_stem)
@@ -174,9 +169,8 @@ def non_torchvision_variant(state: dict[str, torch.Tensor]) -> str | None:
         if part in ("fc1", "fc2", "conv1", "conv2"):
             # timm SEModule: se.fc1/se.fc2 (1x1 convs); mmpretrain SELayer: se_layer.conv1/conv2.
             block_type = _block_type(state)
-            such_as = _SE_NAMES.get(
-                _KNOWN_LAYOUT.get((block_type, tuple(_block_counts(state)))), "timm seresnet50"
-            )
+            layout = (block_type, tuple(_block_counts(state)), *_width_and_groups(state, block_type))
+            such_as = _SE_NAMES.get(_KNOWN.get(layout, ""), "timm seresnet50")
             return (
                 f"squeeze-excitation modules ({where}): a SE-ResNet such as {such_as}, not a "
                 "torchvision ResNet; npidbench cannot evaluate it yet"
@@ -216,11 +210,20 @@ _SE_NAMES = {
     "resnet152": "timm seresnet152",
     "resnext50_32x4d": "timm seresnext50_32x4d",
 }
-_KNOWN_LAYOUT = {(b, layout): name for (b, layout, w, g), name in _KNOWN.items() if w == 64 and g == 1}
 
 
 def _block_type(state: dict[str, torch.Tensor]) -> str:
     return "bottleneck" if any(re.match(r"^layer[1-4]\.\d+\.conv3\.weight$", k) for k in state) else "basic"
+
+
+def _width_and_groups(state: dict[str, torch.Tensor], block: str) -> tuple[int, int]:
+    """(inner width of layer1's bottleneck, groups of its 3x3 conv): (64, 1) for plain ResNets,
+    (128, 1) wide_resnet50_2, (128, 32) resnext50_32x4d."""
+    first = state.get("layer1.0.conv1.weight")
+    second = state.get("layer1.0.conv2.weight")
+    if block != "bottleneck" or first is None or second is None:
+        return 64, 1
+    return int(first.shape[0]), max(1, int(second.shape[0]) // max(1, int(second.shape[1])))
 
 
 def _block_counts(state: dict[str, torch.Tensor]) -> list[int]:

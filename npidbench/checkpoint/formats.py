@@ -158,11 +158,11 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
     if any(b.naming == "sequential" for b in branches):
         lightly = re.search(r"(^|\.)(projection_head|(student|teacher)_(backbone|head))\.", joined)
         return "lightly" if "lightly" in joined or lightly else "sequential"
-    lightning = top_keys & {"hyper_parameters", "pytorch-lightning_version"}
-    if lightning and _lightning_format(joined) != "lightning":
+    lightning = _lightning_format(joined) if top_keys & {"hyper_parameters", "pytorch-lightning_version"} else ""
+    if lightning not in ("", "lightning"):
         # Before the mmselfsup rule: solo-learn's DINO has backbone./head./momentum_head., which
         # alone would read as mmselfsup; a Lightning checkpoint is never an mmselfsup file.
-        return _lightning_format(joined)
+        return lightning
     if {"teacher", "student"} <= top_keys:
         return "dino"
     if "lemniscate" in top_keys:
@@ -178,7 +178,7 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
     if "state_dict_ema" in top_keys or ({"arch", "args", "version"} <= top_keys):
         return "timm"
     if lightning:
-        return "lightning"
+        return lightning
     if re.search(r"(^|\.)(prototypes|projection_head)\.", joined):
         return "swav"
     if re.search(r"(^|\.)backbone\.", joined):

@@ -497,9 +497,9 @@ def voc_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]]) -> dict[
     0-based boxes (the training targets are, as detectron2's VOC loader) go back to VOC's 1-based
     pixels with x1 + 1, y1 + 1 in float32 (pascal_voc_evaluation.py:64-65 on the float32 box),
     each detection is rounded as the evaluator writes it (``voc_written``), and they are listed
-    in image order, each image's in the model's order, which is the order ties keep in the
-    stable sort by score (``voc_detection_ap``). Compared with the annotation's boxes, difficult
-    objects ignored; a class without ground truth has AP 0."""
+    in image order, each image's in the model's order, as the evaluator writes them, so that
+    ``voc_detection_ap`` visits tied scores in voc_eval's order. Compared with the annotation's
+    boxes, difficult objects ignored; a class without ground truth has AP 0."""
     detections: list[list[tuple[str, float, list[float]]]] = [[] for _ in split.classes]
     for index, result in sorted(outputs, key=lambda item: item[0]):  # stable: ranks' shares merged
         boxes = result["boxes"].to(torch.float32).clone()
