@@ -18,6 +18,7 @@ from rich.table import Table
 from npidbench import __version__
 from npidbench.errors import BadInput, NpidbenchError, RunFailed
 from npidbench.progress import console
+from npidbench.report import FORMATS as REPORT_FORMATS
 
 app = typer.Typer(
     help="Evaluate any self-supervised ResNet checkpoint on the standard transfer benchmarks.",
@@ -78,7 +79,7 @@ def list_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
                         n: {"family": p.family, "dataset": p.dataset, "description": p.description}
                         for n, p in found.items()
                     },
-                    "families": {n: m.DESCRIPTION for n, m in families().items()},
+                    "families": {n: f.description for n, f in families().items()},
                     "datasets": {n: d.description for n, d in DATASETS.items()},
                 }
             )
@@ -314,7 +315,6 @@ def pretrain_command(
 
 
 def _is_secondary_rank() -> bool:
-    import os
 
     return int(os.environ.get("RANK", "0")) != 0
 
@@ -324,7 +324,7 @@ def report_command(
     results: Annotated[
         Path | None, typer.Option("--results", help="Results folder (default ./results).")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="markdown, csv, json, latex or html.")] = "markdown",
+    fmt: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(REPORT_FORMATS)}.")] = "markdown",
     out: Annotated[Path | None, typer.Option("--out", help="Write to a file instead of stdout.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Only models matching this glob.")] = None,
     task: Annotated[
@@ -348,42 +348,28 @@ def report_command(
     """Render the benchmark tables from the result records."""
     from npidbench.atomic import atomic_write_text
     from npidbench.paths import results_dir
-    from npidbench.report import FORMATS, TABLES, build_tables, render, select
+    from npidbench.report import report, select
     from npidbench.results import ResultStore
 
-    if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
     folder = results_dir(results)
     if results is not None and not folder.is_dir():
         raise BadInput(f"--results {folder} is not a folder")
     records, problems = ResultStore(folder).load()
     for problem in problems:
         console.print(f"warning: skipped {problem}")
-    chosen = select(records, model, task, dataset)
+    plots = {kind: path for kind, path in (("lowshot", lowshot_plot), ("linear", linear_plot)) if path}
+    text = report(
+        select(records, model, task, dataset),
+        fmt,
+        reference=reference,
+        plots=plots,
+        out=out,
+        source=str(folder),
+    )
     if lowshot_plot is not None:
-        from npidbench.plots import plot_lowshot
-
-        plot_lowshot(chosen, lowshot_plot)
         console.print(f"low-shot curves: {lowshot_plot}")
     if linear_plot is not None:
-        from npidbench.plots import plot_linear
-
-        plot_linear(chosen, linear_plot)
         console.print(f"linear probes per layer: {linear_plot}")
-    tables = build_tables(chosen, reference=reference)
-    if not tables:
-        raise BadInput(f"no records to report in {folder} (run a task first, or relax the filters)")
-    if fmt == "html":  # the self-contained page: tables, plots, provenance
-        from npidbench.report_html import render_page
-
-        text = render_page(tables, [r for r in chosen if r.get("table") in TABLES])
-    else:
-        text = render(tables, fmt)
-    if fmt == "markdown" and out is not None:  # the plots written beside the report, linked
-        for caption, plot in (("Low-shot SVM", lowshot_plot), ("Linear probes per layer", linear_plot)):
-            if plot is not None:
-                link = os.path.relpath(plot.resolve(), out.resolve().parent)
-                text += f"\n### {caption}\n\n![{caption}]({link})\n"
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:

@@ -7,19 +7,24 @@ path is fp32 anyway (autocast is used only on CUDA, where bf16 is the speed-up w
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# The names are read by the report, which stays free of torch (so does the CLI's --help).
 FP32 = "fp32"
 BF16 = "bf16-autocast"
 
 
 def uses_bf16(device: torch.device | str, amp: bool) -> bool:
-    return amp and torch.device(device).type == "cuda"
+    return amp and str(device).split(":")[0] == "cuda"
 
 
 def autocast(device: torch.device | str, amp: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when ``amp``; a no-op elsewhere."""
+    import torch
+
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(device, amp))
 
 

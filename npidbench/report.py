@@ -4,26 +4,29 @@ One table per benchmark and dataset, columns exactly as ARCHITECTURE.md lists th
 checkpoint (by sha256) under one protocol variant; records of the same row with different seeds
 are averaged and shown as mean ± std; a rerun with the same seed replaces the older record.
 Synthetic data is named in the table title; published reference rows (``--reference``) appear
-only in tables of the matching real dataset.
+only in tables of the matching real dataset. The tables are those the registered families bring
+(``npidbench.tasks.tables()``); the formats are the keys of ``RENDERERS``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import html
 import json
+import os
 import re
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-
-import pandas as pd
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from npidbench.errors import BadInput
 from npidbench.precision import BF16, FP32
+from npidbench.tables import TableSpec
 
-FORMATS = ("markdown", "csv", "json", "latex", "html")
+if TYPE_CHECKING:
+    import pandas as pd
+
 DATASET_LABELS = {
     "imagenet": "ImageNet",
     "voc07": "VOC07",
@@ -33,218 +36,6 @@ DATASET_LABELS = {
     "voc0712": "Pascal VOC 2007 + 2012",
     "coco": "COCO2017",
     "cityscapes": "Cityscapes",
-}
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A table of the page: its title, value columns and how a record fills them."""
-
-    key: str
-    title: str
-    columns: tuple[str, ...]
-    values: Callable[[dict[str, Any]], dict[str, Any]]
-    references: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dataset -> rows
-    # Columns that depend on the record's seeds (mean ± std over seeds); the others are
-    # deterministic and come from the latest record that has them. None: every column.
-    seeded: frozenset[str] | None = None
-    config_column: str = "Config"  # the semi-supervised table says "Pretrain Config"
-    # What else tells rows of one checkpoint apart (the semi-supervised 1% and 10% splits).
-    row_part: Callable[[dict[str, Any]], str] | None = None
-
-    def is_seeded(self, column: str) -> bool:
-        return self.seeded is None or column in self.seeded
-
-
-def _knn_values(record: dict[str, Any]) -> dict[str, float | None]:
-    top1 = record["metrics"].get("top1", {})
-    return {f"k={k}": top1.get(str(k)) for k in (10, 20, 100, 200)}
-
-
-LOWSHOT_COLUMNS = tuple(f"k={k}" for k in (1, 2, 4, 8, 16, 32, 64, 96))
-
-
-def _voc_svm_values(record: dict[str, Any]) -> dict[str, Any]:
-    """voc-svm-full fills Best Layer and SVM, voc-lowshot the k columns, voc-svm all of them."""
-    metrics = record["metrics"]
-    values: dict[str, Any] = {"Best Layer": metrics.get("best_layer"), "SVM": metrics.get("svm")}
-    per_k = metrics.get("lowshot", {}).get("k", {})
-    for column in LOWSHOT_COLUMNS:
-        values[column] = per_k.get(column[2:], {}).get("mean")
-    return values
-
-
-LINEAR_COLUMNS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
-
-
-def _linear_values(record: dict[str, Any]) -> dict[str, float | None]:
-    """Top-1 per head: the features part fills Feature1..5, the avgpool part AvgPool."""
-    top1 = record["metrics"].get("top1", {})
-    return {column: top1.get(column) for column in LINEAR_COLUMNS}
-
-
-SEMISUP_COLUMNS = ("Fine-tuned Config", "Top-1 (%)", "Top-5 (%)")
-
-
-def _semisup_values(record: dict[str, Any]) -> dict[str, Any]:
-    metrics = record["metrics"]
-    return {
-        "Fine-tuned Config": metrics.get("finetuned_config"),
-        "Top-1 (%)": metrics.get("top1"),
-        "Top-5 (%)": metrics.get("top5"),
-    }
-
-
-def _semisup_split(record: dict[str, Any]) -> str:
-    return record["dataset"].get("train", {}).get("labelled", {}).get("label", "")
-
-
-def _segmentation_values(record: dict[str, Any]) -> dict[str, Any]:
-    """Every trial's mIoU (a list: the cell shows mean ± std over trials and seeds)."""
-    metrics = record["metrics"]
-    return {"mIOU": metrics.get("trials") or metrics.get("mIoU")}
-
-
-COCO_COLUMNS = ("mAP(Box)", "AP50(Box)", "AP75(Box)", "mAP(Mask)", "AP50(Mask)", "AP75(Mask)")
-
-
-def _trial_values(record: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
-    """column -> every trial's value (a list: mean ± std over trials and seeds)."""
-    metrics = record["metrics"]
-    trials = metrics.get("trials") or [metrics]
-    out = {}
-    for column, key in keys.items():
-        values = [t.get(key) for t in trials if t.get(key) is not None]
-        out[column] = values or None
-    return out
-
-
-def _detection_voc_values(record: dict[str, Any]) -> dict[str, Any]:
-    return _trial_values(record, {"mAP": "mAP", "AP50": "AP50"})
-
-
-def _detection_coco_values(record: dict[str, Any]) -> dict[str, Any]:
-    return _trial_values(record, {column: column.replace("mAP", "AP") for column in COCO_COLUMNS})
-
-
-# Published NPID rows (PROTOCOLS.md "Reference numbers": mmselfsup model zoo, ResNet-50, 200 ep).
-_NPID_MODEL = "NPID (mmselfsup)"
-_NPID_CONFIG = "npid_resnet50_8xb32-steplr-200e_in1k"
-
-TABLES: dict[str, TableSpec] = {
-    "knn": TableSpec(
-        key="knn",
-        title="kNN",
-        columns=("k=10", "k=20", "k=100", "k=200"),
-        values=_knn_values,
-        references={
-            "imagenet": [
-                {
-                    "Model": _NPID_MODEL,
-                    "Config": _NPID_CONFIG,
-                    "k=10": 42.9,
-                    "k=20": 44.0,
-                    "k=100": 43.2,
-                    "k=200": 42.2,
-                }
-            ]
-        },
-    ),
-    "voc-svm": TableSpec(
-        key="voc-svm",
-        title="SVM / Low-shot SVM",
-        columns=("Best Layer", "SVM", *LOWSHOT_COLUMNS),
-        values=_voc_svm_values,
-        seeded=frozenset(LOWSHOT_COLUMNS),
-        references={
-            "voc07": [
-                {
-                    "Model": _NPID_MODEL,
-                    "Config": _NPID_CONFIG,
-                    "Best Layer": "feature5",
-                    "SVM": 76.75,
-                    **dict(
-                        zip(
-                            LOWSHOT_COLUMNS,
-                            (26.96, 35.37, 44.48, 53.89, 60.39, 66.41, 71.48, 73.39),
-                            strict=True,
-                        )
-                    ),
-                }
-            ]
-        },
-    ),
-    "linear": TableSpec(
-        key="linear",
-        title="Linear Evaluation",
-        columns=LINEAR_COLUMNS,
-        values=_linear_values,
-        references={
-            "imagenet": [
-                {
-                    "Model": _NPID_MODEL,
-                    "Config": _NPID_CONFIG,
-                    **dict(zip(LINEAR_COLUMNS, (14.68, 31.98, 42.85, 56.95, 58.41, 57.97), strict=True)),
-                }
-            ],
-            "places205": [
-                {
-                    "Model": _NPID_MODEL,
-                    "Config": _NPID_CONFIG,
-                    **dict(zip(LINEAR_COLUMNS[:5], (19.98, 34.86, 41.59, 48.43, 48.71), strict=True)),
-                }
-            ],
-        },
-    ),
-    "semisup": TableSpec(
-        key="semisup",
-        title="Semi-Supervised Classification",
-        columns=SEMISUP_COLUMNS,
-        values=_semisup_values,
-        config_column="Pretrain Config",
-        row_part=_semisup_split,
-        references={
-            "imagenet": [
-                {
-                    "Model": f"{_NPID_MODEL}, older OpenSelfSup checkpoint",
-                    "Pretrain Config": _NPID_CONFIG,
-                    "Fine-tuned Config": f"in1k-{pct}_lr0.01-head100",
-                    "Top-1 (%)": top1,
-                    "Top-5 (%)": top5,
-                }
-                for pct, top1, top5 in (("1pct", 27.95, 54.37), ("10pct", 57.22, 81.39))
-            ]
-        },
-    ),
-    "detection-voc": TableSpec(
-        key="detection-voc",
-        title="Detection",
-        columns=("mAP", "AP50"),
-        values=_detection_voc_values,
-        references={"voc0712": [{"Model": _NPID_MODEL, "Config": _NPID_CONFIG, "AP50": 79.52}]},
-    ),
-    "detection-coco": TableSpec(
-        key="detection-coco",
-        title="Detection and Instance Segmentation",
-        columns=COCO_COLUMNS,
-        values=_detection_coco_values,
-        references={
-            "coco": [
-                {
-                    "Model": _NPID_MODEL,
-                    "Config": _NPID_CONFIG,
-                    **dict(zip(COCO_COLUMNS, (38.5, 57.7, 42.0, 34.6, 54.8, 37.1), strict=True)),
-                }
-            ]
-        },
-    ),
-    "segmentation": TableSpec(
-        key="segmentation",
-        title="Segmentation",
-        columns=("mIOU",),
-        values=_segmentation_values,
-        references={"voc12aug": [{"Model": _NPID_MODEL, "Config": _NPID_CONFIG, "mIOU": 65.45}]},
-    ),
 }
 
 
@@ -298,9 +89,12 @@ def _row_identity(record: dict[str, Any]) -> str:
 
 def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list[RenderedTable]:
     """Group records into the benchmark tables that have data."""
+    import pandas as pd
+
+    specs = registered_tables()
     groups: dict[tuple, dict[str, Any]] = {}
     for record in records:
-        spec = TABLES.get(record.get("table", ""))
+        spec = specs.get(record.get("table", ""))
         if spec is None:
             continue
         data = record["dataset"]
@@ -319,10 +113,10 @@ def build_tables(records: list[dict[str, Any]], reference: bool = False) -> list
         rows.setdefault(row_key, []).append(record)  # oldest first (sorted input)
     tables = []
     for (table, dataset, synthetic), rows in sorted(
-        groups.items(), key=lambda kv: (list(TABLES).index(kv[0][0]), kv[0][1], kv[0][2])
+        groups.items(), key=lambda kv: (list(specs).index(kv[0][0]), kv[0][1], kv[0][2])
     ):
-        spec = TABLES[table]
-        names = _display_names(rows)
+        spec = specs[table]
+        names = _display_names(rows, spec.default_protocol)
         body = []
         for row_key, runs in rows.items():
             cells = {"Model": names[row_key], spec.config_column: runs[-1]["model"].get("config", "-")}
@@ -371,9 +165,10 @@ class RowKey(NamedTuple):
     precision: str = "fp32"  # bf16 autocast changes the numbers: its rows are kept apart, named
 
 
-def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str]:
+def _display_names(rows: dict[RowKey, list[dict[str, Any]]], default_protocol: str) -> dict[RowKey, str]:
     """Row names. Rows never merge: where several share a name, what tells them apart is added
-    (short sha, branch, dataset fingerprint); protocol variants are always named."""
+    (short sha, branch, dataset fingerprint); a protocol other than the table's and protocol
+    variants are always named."""
     base = {key: runs[-1]["model"].get("name", "?") for key, runs in rows.items()}
     by_name: dict[str, list[RowKey]] = {}
     for key, name in base.items():
@@ -388,7 +183,7 @@ def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str
             parts.append(f"[branch {key.branch}]")
         if len({k.data for k in peers if k.sha == key.sha}) > 1:
             parts.append(f"[data {key.data[:8]}]")
-        if key.protocol and key.protocol not in _DEFAULT_PROTOCOLS:
+        if key.protocol and key.protocol != default_protocol:
             parts.append(f"[{key.protocol}]")
         if key.variant:
             parts.append(f"[{key.variant}]")
@@ -396,17 +191,6 @@ def _display_names(rows: dict[RowKey, list[dict[str, Any]]]) -> dict[RowKey, str
             parts.append("[bf16]")
         out[key] = " ".join(parts)
     return out
-
-
-_DEFAULT_PROTOCOLS = {
-    "npid-knn",
-    "voc07-svm",
-    "linear-mhead",
-    "semisup-finetune",
-    "faster-rcnn-c4",
-    "mask-rcnn-fpn",
-    "fcn-d8",
-}
 
 
 def _natural(text: str) -> tuple:
@@ -439,36 +223,116 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
-def render(tables: list[RenderedTable], fmt: str) -> str:
-    """Text of the tables in ``fmt`` (markdown, csv, json, latex or html)."""
-    if fmt not in FORMATS:
+@dataclass(frozen=True)
+class ReportInput:
+    """What a renderer gets: the tables, the records behind them, and the plot files written
+    beside the report (linked from ``out``'s folder, where the text goes; None: stdout)."""
+
+    tables: list[RenderedTable]
+    records: list[dict[str, Any]]
+    plots: tuple[tuple[str, Path], ...] = ()  # (caption, image file)
+    out: Path | None = None
+
+
+def registered_tables() -> dict[str, TableSpec]:
+    """The tables of every registered family (imported here: the families load torch)."""
+    from npidbench.tasks import tables
+
+    return tables()
+
+
+def _markdown_report(report: ReportInput) -> str:
+    text = "\n".join(f"### {t.title}\n\n{_markdown(t.frame)}\n" for t in report.tables)
+    if report.out is not None:  # plots written beside the report file are linked
+        for caption, plot in report.plots:
+            link = os.path.relpath(plot.resolve(), report.out.resolve().parent)
+            text += f"\n### {caption}\n\n![{caption}]({link})\n"
+    return text
+
+
+def _csv_report(report: ReportInput) -> str:
+    frames = [t.frame.assign(Table=t.title)[["Table", *t.frame.columns]] for t in report.tables]
+    return "\n".join(f.to_csv(index=False) for f in frames)
+
+
+def _json_report(report: ReportInput) -> str:
+    return json.dumps(
+        [
+            {"title": t.title, "columns": list(t.frame.columns), "rows": t.frame.to_dict(orient="records")}
+            for t in report.tables
+        ],
+        indent=2,
+    )
+
+
+def _latex_report(report: ReportInput) -> str:
+    return "\n".join(f"% {t.title}\n" + t.frame.to_latex(index=False, caption=t.title) for t in report.tables)
+
+
+def _html_report(report: ReportInput) -> str:
+    from npidbench.report_html import render_page  # matplotlib only when a page is drawn
+
+    return render_page(report.tables, report.records)
+
+
+Renderer = Callable[[ReportInput], str]
+RENDERERS: dict[str, Renderer] = {
+    "markdown": _markdown_report,
+    "csv": _csv_report,
+    "json": _json_report,
+    "latex": _latex_report,
+    "html": _html_report,  # one self-contained page: tables, plots as inline SVG, provenance
+}
+FORMATS = tuple(RENDERERS)
+
+
+def renderer(fmt: str) -> Renderer:
+    found = RENDERERS.get(fmt)
+    if found is None:
         raise BadInput(f"--format {fmt} is not supported; choose one of {', '.join(FORMATS)}")
-    if fmt == "markdown":
-        return "\n".join(f"### {t.title}\n\n{_markdown(t.frame)}\n" for t in tables)
-    if fmt == "csv":
-        frames = [t.frame.assign(Table=t.title)[["Table", *t.frame.columns]] for t in tables]
-        return "\n".join(f.to_csv(index=False) for f in frames)
-    if fmt == "json":
-        return json.dumps(
-            [
-                {
-                    "title": t.title,
-                    "columns": list(t.frame.columns),
-                    "rows": t.frame.to_dict(orient="records"),
-                }
-                for t in tables
-            ],
-            indent=2,
-        )
-    if fmt == "latex":
-        return "\n".join(f"% {t.title}\n" + t.frame.to_latex(index=False, caption=t.title) for t in tables)
-    sections = "\n".join(
-        f"<h2>{html.escape(t.title)}</h2>\n{t.frame.to_html(index=False, border=0)}" for t in tables
-    )
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>npidbench report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:right}"
-        "td:first-child,th:first-child,td:nth-child(2),th:nth-child(2){text-align:left}</style>"
-        f"</head><body><h1>npidbench report</h1>\n{sections}\n</body></html>\n"
-    )
+    return found
+
+
+def render(tables: list[RenderedTable], fmt: str, records: Sequence[dict[str, Any]] = ()) -> str:
+    """Text of already built tables in ``fmt`` (``records``: those behind them, for html)."""
+    return renderer(fmt)(ReportInput(tables, list(records)))
+
+
+# Plots a report can draw beside itself: kind -> (caption, function writing the image file).
+def _plot_functions() -> dict[str, tuple[str, Callable[[list[dict[str, Any]], Path], int]]]:
+    from npidbench.plots import plot_linear, plot_lowshot
+
+    return {"lowshot": ("Low-shot SVM", plot_lowshot), "linear": ("Linear probes per layer", plot_linear)}
+
+
+def report(
+    records: list[dict[str, Any]],
+    fmt: str = "markdown",
+    *,
+    reference: bool = False,
+    plots: dict[str, Path] | None = None,
+    out: Path | None = None,
+    source: str = "",
+) -> str:
+    """The report of ``records`` in ``fmt``: the tables, and the plots of ``plots`` (kind
+    "lowshot" / "linear" -> image file) drawn first (markdown written to ``out`` links them).
+
+    Raises:
+        BadInput: an unknown format or plot kind, nothing to plot, or no record for any table.
+    """
+    render_as = renderer(fmt)
+    functions = _plot_functions()
+    drawn = []
+    for kind, path in (plots or {}).items():
+        if kind not in functions:
+            raise BadInput(f"no plot {kind!r}; choose one of {', '.join(functions)}")
+        caption, draw = functions[kind]
+        draw(records, path)
+        drawn.append((caption, path))
+    tables = build_tables(records, reference=reference)
+    if not tables:
+        where = f" in {source}" if source else ""
+        raise BadInput(f"no records to report{where} (run a task first, or relax the filters)")
+    specs = registered_tables()
+    behind = [r for r in records if r.get("table") in specs]
+    return render_as(ReportInput(tables, behind, tuple(drawn), out))

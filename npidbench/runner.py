@@ -74,7 +74,7 @@ def resolve_config(preset: Preset, synthetic: bool, set_options: list[str]) -> A
         names.append(f"{preset.path} [synthetic]")
     layers.append(parse_set_options(set_options))
     names.append("--set")
-    return build_config(family.Config, *layers, source_names=names)
+    return build_config(family.config, *layers, source_names=names)
 
 
 def protocol_variant(preset: Preset, synthetic: bool, config: Any) -> str:
@@ -82,7 +82,7 @@ def protocol_variant(preset: Preset, synthetic: bool, config: Any) -> str:
     as published. The report names variants, so changed settings never pass as the standard."""
     standard = config_to_dict(resolve_config(preset, synthetic, []))
     actual = config_to_dict(config)
-    named = set(getattr(family_of(preset), "PROTOCOL_KEYS", ()))  # settings the protocol name says
+    named = set(family_of(preset).protocol_keys)  # settings the protocol name says
     changed = [
         f"{k}={actual[k]}".replace(" ", "")
         for k in sorted(actual)
@@ -122,7 +122,7 @@ def run_task(request: RunRequest) -> Path | None:
     family = family_of(preset)
     if (request.checkpoint is None) == (request.features_dir is None):
         raise BadInput(f"give exactly one of CKPT and --features-dir to `run {preset.name}`")
-    if request.features_dir is not None and not getattr(family, "ACCEPTS_FEATURES_DIR", False):
+    if request.features_dir is not None and not family.accepts_features_dir:
         raise BadInput(f"{preset.name} needs a checkpoint (CKPT); --features-dir is for the SVM presets")
     data_root = Path(request.data_root) if request.data_root is not None else None
     # The [synthetic] profile follows the data actually read: never for a user's --features-dir,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from npidbench.cli import main
 from npidbench.tasks import families, presets
 
-KEYS = sorted({f.name for family in families().values() for f in dataclasses.fields(family.Config)})
+KEYS = sorted({f.name for family in families().values() for f in dataclasses.fields(family.config)})
 TASKS = sorted(presets())
 
 scalar = st.one_of(

@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_preset_loads_and_has_help(name, capsys):
     preset = presets()[name]
     family = families()[preset.family]
-    assert family.__doc__ and family.DESCRIPTION and preset.description
+    assert family.description and preset.description
     from npidbench.config import build_config
 
-    build_config(family.Config, preset.config)
-    build_config(family.Config, preset.config, preset.synthetic)
+    build_config(family.config, preset.config)
+    build_config(family.config, preset.config, preset.synthetic)
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])
     assert exc.value.code == 0

@@ -158,7 +158,9 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
     if any(b.naming == "sequential" for b in branches):
         lightly = re.search(r"(^|\.)(projection_head|(student|teacher)_(backbone|head))\.", joined)
         return "lightly" if "lightly" in joined or lightly else "sequential"
-    lightning = _lightning_format(joined) if top_keys & {"hyper_parameters", "pytorch-lightning_version"} else ""
+    lightning = (
+        _lightning_format(joined) if top_keys & {"hyper_parameters", "pytorch-lightning_version"} else ""
+    )
     if lightning not in ("", "lightning"):
         # Before the mmselfsup rule: solo-learn's DINO has backbone./head./momentum_head., which
         # alone would read as mmselfsup; a Lightning checkpoint is never an mmselfsup file.

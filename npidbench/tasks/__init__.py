@@ -1,44 +1,89 @@
-"""The registry of benchmark families and the presets users type (``npidbench list``).
+"""The registries: benchmark families, the tables they fill, and the presets users type
+(``npidbench list``).
 
-Families are modules with NAME, DESCRIPTION, TABLE, a frozen ``Config`` dataclass and
-``run(ctx, config) -> TaskOutput``. The built-in ones are a literal dict; third-party packages
-add theirs through the ``npidbench.tasks`` entry-point group. Presets are the TOML files of the
-top-level ``tasks/`` folder (shipped as package data), one per benchmark.
+A family is a ``TaskFamily`` object (``FAMILY`` of each module here). The built-in ones are
+listed below in the order of the benchmark page; third-party packages add theirs through the
+``npidbench.tasks`` entry-point group (``name = "package.module:FAMILY"``, or a module that
+exports ``FAMILY``). Each family brings its report tables. Presets are the TOML files of the
+top-level ``tasks/`` folder (shipped as package data), one per benchmark; a preset naming an
+unknown family, table or dataset is refused when it loads.
+
+Adding a family: one module exporting ``FAMILY`` + one preset TOML (+ a synthetic generator if
+it reads a new dataset).
 """
 
 from __future__ import annotations
 
 import functools
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from npidbench.config import read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
+from npidbench.tables import TableSpec
 from npidbench.tasks import detection, knn, linear, segmentation, semisup, voc_svm
-from npidbench.tasks.base import Preset
+from npidbench.tasks.base import Preset, TaskFamily
 
-BUILTIN_FAMILIES: dict[str, ModuleType] = {
-    detection.NAME: detection,
-    knn.NAME: knn,
-    linear.NAME: linear,
-    semisup.NAME: semisup,
-    segmentation.NAME: segmentation,
-    voc_svm.NAME: voc_svm,
-}
+ENTRY_POINT_GROUP = "npidbench.tasks"
+# The benchmark page's order (ARCHITECTURE.md "Report columns"): the report's tables follow it.
+BUILTIN_FAMILIES: tuple[TaskFamily, ...] = (
+    knn.FAMILY,
+    voc_svm.FAMILY,
+    linear.FAMILY,
+    semisup.FAMILY,
+    detection.FAMILY,
+    segmentation.FAMILY,
+)
 _PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic", "in_all"}
 
 
+def register(registry: dict[str, TaskFamily], family: TaskFamily, origin: str = "built in") -> None:
+    """Add ``family`` to ``registry``; a second family of the same name, or a table key another
+    family already brings, is refused (BadInput: one line, exit 2)."""
+    if not isinstance(family, TaskFamily):
+        raise BadInput(
+            f"entry point {origin} of group {ENTRY_POINT_GROUP} gives {type(family).__name__}, "
+            "not a npidbench.tasks.base.TaskFamily (export FAMILY = TaskFamily(...))"
+        )
+    if family.name in registry:
+        raise BadInput(
+            f"task family {family.name!r} is registered twice ({origin}); uninstall one of the packages"
+        )
+    taken = {t.key: f.name for f in registry.values() for t in f.tables}
+    for table in family.tables:
+        if table.key in taken:
+            raise BadInput(
+                f"table {table.key!r} of family {family.name!r} ({origin}) is already brought by "
+                f"family {taken[table.key]!r}: give it another key"
+            )
+    registry[family.name] = family
+
+
+def _load_entry_point(entry: EntryPoint) -> Any:
+    try:
+        loaded = entry.load()
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
+        raise BadInput(f"task family plugin {entry.name} ({entry.value}) does not import: {exc}") from exc
+    return getattr(loaded, "FAMILY", loaded) if isinstance(loaded, ModuleType) else loaded
+
+
 @functools.lru_cache(maxsize=1)
-def families() -> dict[str, ModuleType]:
-    """Built-in families merged with entry-point plugins; a duplicate name is an error."""
-    merged = dict(BUILTIN_FAMILIES)
-    for entry in entry_points(group="npidbench.tasks"):
-        if entry.name in merged:
-            raise RuntimeError(f"task family {entry.name!r} is registered twice ({entry.value})")
-        merged[entry.name] = entry.load()
-    return merged
+def families() -> dict[str, TaskFamily]:
+    """Built-in families, then entry-point plugins, by name."""
+    registry: dict[str, TaskFamily] = {}
+    for family in BUILTIN_FAMILIES:
+        register(registry, family)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        register(registry, _load_entry_point(entry), f"{entry.name} = {entry.value}")
+    return registry
+
+
+def tables() -> dict[str, TableSpec]:
+    """Every registered family's tables by key, in the families' order."""
+    return {table.key: table for family in families().values() for table in family.tables}
 
 
 def load_preset(path: Path) -> Preset:
@@ -47,8 +92,21 @@ def load_preset(path: Path) -> Preset:
     missing = {"family", "description", "table", "dataset"} - set(data)
     if unknown or missing:
         raise BadInput(f"preset {path}: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
-    if data["family"] not in families():
-        raise BadInput(f"preset {path}: unknown family {data['family']}")
+    family = families().get(data["family"])
+    if family is None:
+        raise BadInput(
+            f"preset {path}: unknown family {data['family']}; choose one of {', '.join(families())}"
+        )
+    if data["table"] not in family.table_keys:
+        raise BadInput(
+            f"preset {path}: family {family.name} fills no table {data['table']!r}; "
+            f"choose one of {', '.join(family.table_keys)}"
+        )
+    if data["dataset"] not in family.datasets:
+        raise BadInput(
+            f"preset {path}: family {family.name} does not read dataset {data['dataset']!r}; "
+            f"choose one of {', '.join(family.datasets)}"
+        )
     return Preset(
         name=path.stem,
         family=data["family"],
@@ -75,5 +133,5 @@ def get_preset(name: str) -> Preset:
     return found
 
 
-def family_of(preset: Preset) -> ModuleType:
+def family_of(preset: Preset) -> TaskFamily:
     return families()[preset.family]

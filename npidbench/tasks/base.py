@@ -1,17 +1,22 @@
-"""What every benchmark family gets (RunContext) and gives back (TaskOutput)."""
+"""What a benchmark family is (TaskFamily), what it gets (RunContext) and gives back (TaskOutput)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from npidbench.cache import FeatureCache
+from npidbench.cache import CachedFeatures, FeatureCache
 from npidbench.checkpoint import LoadedBackbone
 from npidbench.config import config_to_dict
+from npidbench.data import DATASETS, dataset_parts
+from npidbench.data.images import EvalTransform
 from npidbench.data.splits import DatasetSplit
-from npidbench.features import ExtractOptions, ExtractStats
+from npidbench.errors import BadInput
+from npidbench.features import ExtractOptions, ExtractStats, extract
+from npidbench.tables import TableSpec
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,23 @@ class RunContext:
     features_dir: Path | None = None  # precomputed features instead of a backbone (SVM presets)
     previous_records: Callable[[], list[dict[str, Any]]] = list  # the results folder's records
 
+    @property
+    def model(self) -> LoadedBackbone:
+        """The checkpoint's backbone; a family that needs one says so when run without it."""
+        if self.backbone is None:
+            raise BadInput(
+                f"{self.preset.name} needs a checkpoint (CKPT); --features-dir is for the SVM presets"
+            )
+        return self.backbone
+
+    def features(
+        self, split: DatasetSplit, transform: EvalTransform, layers: tuple[str, ...] | list[str]
+    ) -> dict[str, CachedFeatures]:
+        """Frozen features of ``layers`` for every image of ``split`` (one forward pass, cached)."""
+        return extract(
+            self.model, split, transform, tuple(layers), self.cache, self.extract, self.extract_stats
+        )
+
 
 @dataclass
 class TaskOutput:
@@ -55,25 +77,72 @@ class TaskOutput:
     model: dict[str, Any] | None = None  # identity of features given without a checkpoint
 
 
-class TaskFamily(Protocol):
-    """A benchmark family module: a frozen Config dataclass and run()."""
+@dataclass(frozen=True)
+class TaskFamily:
+    """A benchmark family as it registers (built in, or through the ``npidbench.tasks`` entry-point
+    group): presets name it by ``name`` and fill ``config`` from their TOML; ``run`` makes the
+    numbers; ``tables`` are where its records land in the report."""
 
     name: str
-    description: str
-    Config: type
+    description: str  # one line, shown by `npidbench list`
+    config: type  # a frozen dataclass, every field with a default (presets override some)
+    run: Callable[[RunContext, Any], TaskOutput]
+    tables: tuple[TableSpec, ...]
+    datasets: tuple[str, ...]  # what its presets may name as ``dataset`` (keys of data.DATASETS)
+    # Settings the protocol name already says (linear's mode -> "linear-cached"): not a variant.
+    protocol_keys: tuple[str, ...] = ()
+    accepts_features_dir: bool = False  # runs on --features-dir instead of a checkpoint (SVM)
 
-    def run(self, ctx: RunContext, config: Any) -> TaskOutput: ...
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise BadInput(f"task family {self.name!r} is not valid: {'; '.join(problems)}")
+
+    def problems(self) -> list[str]:
+        """What is wrong with the declaration (empty: nothing)."""
+        found = []
+        if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
+            found.append("name must be a non-empty word")
+        if not isinstance(self.description, str) or not self.description.strip():
+            found.append("description must be a non-empty line")
+        if not (dataclasses.is_dataclass(self.config) and self.config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+            found.append("config must be a frozen dataclass")
+        else:
+            fields = dataclasses.fields(self.config)
+            no_default = [
+                f.name
+                for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            if no_default:
+                found.append(f"config fields without a default: {', '.join(no_default)}")
+            unknown = set(self.protocol_keys) - {f.name for f in fields}
+            if unknown:
+                found.append(f"protocol_keys not in config: {', '.join(sorted(unknown))}")
+        if not callable(self.run):
+            found.append("run must be callable")
+        if not self.tables or not all(isinstance(t, TableSpec) for t in self.tables):
+            found.append("tables must be a non-empty tuple of TableSpec")
+        unknown_data = [d for d in self.datasets if any(p not in DATASETS for p in dataset_parts(d))]
+        if not self.datasets or unknown_data:
+            found.append(
+                f"datasets must name known datasets ({', '.join(DATASETS)}), got {list(self.datasets)}"
+            )
+        return found
+
+    @property
+    def table_keys(self) -> tuple[str, ...]:
+        return tuple(t.key for t in self.tables)
 
 
 def run_identity(ctx: RunContext, config: Any, world_size: int, **parts: Any) -> dict[str, Any]:
     """What makes two training runs the same run (their resume state is shared only between
     those): the task, the checkpoint, the settings, the world size, and ``parts`` (the data,
     the seed, the grid point...)."""
-    assert ctx.backbone is not None
     return {
         "task": ctx.preset.name,
-        "checkpoint": ctx.backbone.sha256,
-        "branch": ctx.backbone.inspection.branch,
+        "checkpoint": ctx.model.sha256,
+        "branch": ctx.model.inspection.branch,
         "config": config_to_dict(config),
         "world_size": world_size,
         **parts,

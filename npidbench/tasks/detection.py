@@ -37,16 +37,15 @@ from npidbench.errors import BadInput
 from npidbench.metrics_dense import GroundTruth, coco_ap, voc_detection_summary
 from npidbench.pretrain.data import mix_seed
 from npidbench.progress import log
-from npidbench.tasks.base import RunContext, TaskOutput, run_identity
+from npidbench.tables import TableSpec, npid_reference, trial_values
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit
 from npidbench.transfer.det_data import DetectionImages, collate_detection
 from npidbench.transfer.detection import HEADS, build_detector, parameter_groups, precise_bn
 from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
 
-NAME = "detection"
-DESCRIPTION = "Detection fine-tuning: Faster R-CNN C4 (VOC07+12), Mask R-CNN FPN (COCO); AP"
-TABLE = "detection-voc"
+PROTOCOLS = {"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn"}
 
 
 @dataclass(frozen=True)
@@ -226,7 +225,6 @@ def _splits(ctx: RunContext, config: Config) -> tuple[DetectionSplit, DetectionS
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
-    assert ctx.backbone is not None
     if config.backend == "detectron2":
         require_detectron2()  # before any work: one line saying how to install it
     train, test = _splits(ctx, config)
@@ -271,10 +269,10 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "test": {"split": test.split, "images": len(test), "objects": test.objects},
             "classes": len(train.classes),
         },
-        protocol={"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn"}[config.head],
+        protocol=PROTOCOLS[config.head],
         seeds=[config.seed + t for t in range(config.trials)],
         details={
-            "arch": ctx.backbone.arch,
+            "arch": ctx.model.arch,
             "backend": config.backend,
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
@@ -298,11 +296,10 @@ def _with_detectron2(
     splits registered under npidbench names, detectron2's trainer (resumable from its own
     checkpoints in the run's folder). An epoch schedule is handed over as its computed iterations;
     detectron2 applies its own SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
-    assert ctx.backbone is not None
     output = state.folder / "detectron2"
     output.mkdir(parents=True, exist_ok=True)
-    weights = export_backbone(ctx.backbone.model, "detectron2", output / "backbone.pkl")
-    depth = int(ctx.backbone.arch.removeprefix("resnet"))
+    weights = export_backbone(ctx.model.model, "detectron2", output / "backbone.pkl")
+    depth = int(ctx.model.arch.removeprefix("resnet"))
     if train.dataset == "coco":
         data = {
             "train": [
@@ -377,11 +374,10 @@ def _train_and_test(
     world: DistInfo,
     state: ResumeState,
 ) -> dict[str, Any]:
-    assert ctx.backbone is not None
     device = torch.device(world.device)
     torch.manual_seed(seed)  # the new layers' initial weights
     model: nn.Module = build_detector(
-        copy.deepcopy(ctx.backbone.model),
+        copy.deepcopy(ctx.model.model),
         config.head,
         len(train.classes),
         config.min_sizes,
@@ -547,3 +543,30 @@ def coco_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]], masks: 
     if masks:
         metrics.update({f"{k}(Mask)": v for k, v in coco_ap(ground_truth, segms, "segm", ids).items()})
     return metrics
+
+
+COCO_COLUMNS = ("mAP(Box)", "AP50(Box)", "AP75(Box)", "mAP(Mask)", "AP50(Mask)", "AP75(Mask)")
+VOC_TABLE = TableSpec(
+    key="detection-voc",
+    title="Detection",
+    columns=("mAP", "AP50"),
+    values=lambda record: trial_values(record, {"mAP": "mAP", "AP50": "AP50"}),
+    default_protocol=PROTOCOLS["c4"],
+    references={"voc0712": [npid_reference(("AP50",), (79.52,))]},
+)
+COCO_TABLE = TableSpec(
+    key="detection-coco",
+    title="Detection and Instance Segmentation",
+    columns=COCO_COLUMNS,
+    values=lambda record: trial_values(record, {c: c.replace("mAP", "AP") for c in COCO_COLUMNS}),
+    default_protocol=PROTOCOLS["fpn"],
+    references={"coco": [npid_reference(COCO_COLUMNS, (38.5, 57.7, 42.0, 34.6, 54.8, 37.1))]},
+)
+FAMILY = TaskFamily(
+    name="detection",
+    description="Detection fine-tuning: Faster R-CNN C4 (VOC07+12), Mask R-CNN FPN (COCO); AP",
+    config=Config,
+    run=run,
+    tables=(VOC_TABLE, COCO_TABLE),
+    datasets=("voc0712", "voc07", "coco"),
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,13 +17,9 @@ from npidbench.cache import CachedFeatures
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
-from npidbench.features import extract
 from npidbench.solvers.knn import weighted_knn
-from npidbench.tasks.base import RunContext, TaskOutput, split_record
-
-NAME = "knn"
-DESCRIPTION = "Weighted kNN (NPID) on L2-normalised AvgPool features; top-1/top-5 per k"
-TABLE = "knn"
+from npidbench.tables import TableSpec, npid_reference
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, split_record
 
 
 @dataclass(frozen=True)
@@ -63,12 +60,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         )
     transform = EvalTransform(config.resize, config.crop, "center-crop")
     layers = (config.layer,)
-    train_feats = extract(ctx.backbone, train, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
-        config.layer
-    ]
-    test_feats = extract(ctx.backbone, test, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)[
-        config.layer
-    ]
+    train_feats = ctx.features(train, transform, layers)[config.layer]
+    test_feats = ctx.features(test, transform, layers)[config.layer]
     train_x, train_y = _readable(train_feats)
     test_x, test_y = _readable(test_feats)
     result = weighted_knn(
@@ -99,3 +92,29 @@ def _readable(entry: CachedFeatures) -> tuple[np.ndarray, np.ndarray]:
         return entry.features, entry.labels
     keep = entry.valid
     return np.asarray(entry.features)[keep], np.asarray(entry.labels)[keep]
+
+
+KNN_COLUMNS = ("k=10", "k=20", "k=100", "k=200")
+
+
+def _table_values(record: dict[str, Any]) -> dict[str, float | None]:
+    top1 = record["metrics"].get("top1", {})
+    return {column: top1.get(column[2:]) for column in KNN_COLUMNS}
+
+
+TABLE = TableSpec(
+    key="knn",
+    title="kNN",
+    columns=KNN_COLUMNS,
+    values=_table_values,
+    default_protocol="npid-knn",
+    references={"imagenet": [npid_reference(KNN_COLUMNS, (42.9, 44.0, 43.2, 42.2))]},
+)
+FAMILY = TaskFamily(
+    name="knn",
+    description="Weighted kNN (NPID) on L2-normalised AvgPool features; top-1/top-5 per k",
+    config=Config,
+    run=run,
+    tables=(TABLE,),
+    datasets=("imagenet", "places205", "inat18"),
+)

@@ -24,21 +24,17 @@ from npidbench.data.images import EvalTransform, normalize_batch
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
-from npidbench.features import extract
 from npidbench.precision import autocast, precision_name
 from npidbench.solvers.linear import HeadSet, build_heads, topk_correct
-from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
+from npidbench.tables import TableSpec, npid_reference
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
 from npidbench.training.augment import AUGMENTATIONS, TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, eval_batches, row_batches, training_input
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
 
-NAME = "linear"
-DESCRIPTION = "Linear probes: Feature1..5 heads in one pass + the AvgPool head; top-1/top-5"
-TABLE = "linear"
 PARTS = ("features", "avgpool")
 MODES = ("augmented", "cached")
 PROTOCOLS = {"augmented": "linear-mhead", "cached": "linear-cached"}
-PROTOCOL_KEYS = ("mode",)  # named by the protocol ("linear-cached"), not repeated as a variant
 
 
 @dataclass(frozen=True)
@@ -150,7 +146,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         layers = tuple(layer for name in config.parts for layer in config.part(name).layers)
         transform = EvalTransform(config.resize, config.crop, "center-crop")
         for split in (train, test):
-            extract(ctx.backbone, split, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)
+            ctx.features(split, transform, layers)
     states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
     for name in config.parts:
         part = config.part(name)
@@ -194,9 +190,8 @@ def _train_part(
     world: DistInfo,
     state: ResumeState,
 ) -> list[dict[str, Any]]:
-    assert ctx.backbone is not None
     device = torch.device(world.device)
-    model = ctx.backbone.model
+    model = ctx.model.model
     channels = layer_channels(model)
     grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
     torch.manual_seed(config.seed)  # the heads' initial weights
@@ -319,8 +314,7 @@ def _cached(
     ctx: RunContext, split: DatasetSplit, transform: EvalTransform, layers: tuple[str, ...]
 ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """Cached features (memory-mapped) of the readable images and their labels."""
-    assert ctx.backbone is not None
-    entries = extract(ctx.backbone, split, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)
+    entries = ctx.features(split, transform, layers)
     first = entries[layers[0]]
     keep = first.valid if first.skipped else slice(None)
     arrays = {name: np.asarray(entry.features)[keep] for name, entry in entries.items()}
@@ -336,3 +330,34 @@ def frozen_heads_for(model: nn.Module, classes: int, layers: tuple[str, ...] = F
     """The heads a probe of ``model`` trains (used by tests and benchmarks to read their sizes)."""
     grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
     return build_heads(layers, layer_channels(model), grids, classes)
+
+
+LINEAR_COLUMNS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
+
+
+def _table_values(record: dict[str, Any]) -> dict[str, float | None]:
+    """Top-1 per head: the features part fills Feature1..5, the avgpool part AvgPool."""
+    top1 = record["metrics"].get("top1", {})
+    return {column: top1.get(column) for column in LINEAR_COLUMNS}
+
+
+TABLE = TableSpec(
+    key="linear",
+    title="Linear Evaluation",
+    columns=LINEAR_COLUMNS,
+    values=_table_values,
+    default_protocol=PROTOCOLS["augmented"],
+    references={
+        "imagenet": [npid_reference(LINEAR_COLUMNS, (14.68, 31.98, 42.85, 56.95, 58.41, 57.97))],
+        "places205": [npid_reference(LINEAR_COLUMNS[:5], (19.98, 34.86, 41.59, 48.43, 48.71))],
+    },
+)
+FAMILY = TaskFamily(
+    name="linear",
+    description="Linear probes: Feature1..5 heads in one pass + the AvgPool head; top-1/top-5",
+    config=Config,
+    run=run,
+    tables=(TABLE,),
+    datasets=("imagenet", "places205", "inat18"),
+    protocol_keys=("mode",),  # named by the protocol ("linear-cached"), not repeated as a variant
+)

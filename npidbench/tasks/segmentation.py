@@ -27,7 +27,8 @@ from npidbench.distributed import DistInfo, check_global_batch, current_world, p
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
 from npidbench.precision import autocast, precision_name
-from npidbench.tasks.base import RunContext, TaskOutput, run_identity
+from npidbench.tables import TableSpec, npid_reference
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity
 from npidbench.training.batches import window_batches
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
 from npidbench.transfer.seg_data import (
@@ -40,9 +41,6 @@ from npidbench.transfer.seg_data import (
 )
 from npidbench.transfer.segmentation import FCNSegmenter, segmentation_loss, sliding_logits
 
-NAME = "segmentation"
-DESCRIPTION = "FCN-D8 semantic segmentation fine-tuning (VOC12+aug, Cityscapes); mIoU"
-TABLE = "segmentation"
 PROTOCOL = "fcn-d8"
 
 
@@ -114,7 +112,6 @@ class Config:
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
-    assert ctx.backbone is not None
     dataset = ctx.preset.dataset
     train = load_segmentation_split(dataset, config.train_split, ctx.data_root)
     test = load_segmentation_split(dataset, config.test_split, ctx.data_root)
@@ -152,7 +149,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         protocol=PROTOCOL,
         seeds=[config.seed + t for t in range(config.trials)],
         details={
-            "arch": ctx.backbone.arch,
+            "arch": ctx.model.arch,
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
             "align_corners": config.align_corners,
@@ -178,10 +175,9 @@ def _train_and_test(
     world: DistInfo,
     state: ResumeState,
 ) -> dict[str, Any]:
-    assert ctx.backbone is not None
     device = torch.device(world.device)
     torch.manual_seed(seed)  # the heads' initial weights
-    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.backbone.model), len(train.classes), config.align_corners)
+    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.model.model), len(train.classes), config.align_corners)
     model, wrapped = prepare_for_training(model, world, config.sync_bn)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -270,3 +266,27 @@ def evaluate(
     all_reduce_sum(matrix, world)
     model.train()
     return mean_iou(matrix.cpu().numpy())
+
+
+def _table_values(record: dict[str, Any]) -> dict[str, Any]:
+    """Every trial's mIoU (a list: the cell shows mean ± std over trials and seeds)."""
+    metrics = record["metrics"]
+    return {"mIOU": metrics.get("trials") or metrics.get("mIoU")}
+
+
+TABLE = TableSpec(
+    key="segmentation",
+    title="Segmentation",
+    columns=("mIOU",),
+    values=_table_values,
+    default_protocol=PROTOCOL,
+    references={"voc12aug": [npid_reference(("mIOU",), (65.45,))]},
+)
+FAMILY = TaskFamily(
+    name="segmentation",
+    description="FCN-D8 semantic segmentation fine-tuning (VOC12+aug, Cityscapes); mIoU",
+    config=Config,
+    run=run,
+    tables=(TABLE,),
+    datasets=("voc12aug", "cityscapes"),
+)

@@ -33,14 +33,12 @@ from npidbench.distributed import DistInfo, check_global_batch, current_world, p
 from npidbench.precision import autocast, precision_name
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
-from npidbench.tasks.base import RunContext, TaskOutput, run_identity, split_record
+from npidbench.tables import NPID_CONFIG, NPID_MODEL, TableSpec
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
 from npidbench.training.augment import TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, eval_batches, training_input
 from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
 
-NAME = "semisup"
-DESCRIPTION = "Semi-supervised fine-tuning on 1% / 10% of ImageNet labels, lr x head-multiplier grid"
-TABLE = "semisup"
 SELECTIONS = ("test", "heldout")
 SPLITS = ("simclr", "drawn")
 PROTOCOL = "semisup-finetune"
@@ -163,7 +161,6 @@ def labelled_split(train: DatasetSplit, config: Config) -> tuple[DatasetSplit, d
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
-    assert ctx.backbone is not None
     dataset = ctx.preset.dataset
     train = load_split(dataset, config.train_split, ctx.data_root)
     test = load_split(dataset, config.test_split, ctx.data_root)
@@ -262,10 +259,9 @@ def _finetune(
     state: ResumeState,
     tag: str,
 ) -> list[dict[str, Any]]:
-    assert ctx.backbone is not None
     device = torch.device(world.device)
     torch.manual_seed(config.seed)  # the head's initial weights
-    model: nn.Module = _Classifier(copy.deepcopy(ctx.backbone.model), len(data.classes))
+    model: nn.Module = _Classifier(copy.deepcopy(ctx.model.model), len(data.classes))
     model, wrapped = prepare_for_training(model, world, config.sync_bn)
     base = scaled_lr(lr, config.batch_size)
     optimizer = torch.optim.SGD(
@@ -323,3 +319,51 @@ def _finetune(
         world=world,
         images_per_epoch=len(data),
     )
+
+
+SEMISUP_COLUMNS = ("Fine-tuned Config", "Top-1 (%)", "Top-5 (%)")
+
+
+def _table_values(record: dict[str, Any]) -> dict[str, Any]:
+    metrics = record["metrics"]
+    return {
+        "Fine-tuned Config": metrics.get("finetuned_config"),
+        "Top-1 (%)": metrics.get("top1"),
+        "Top-5 (%)": metrics.get("top5"),
+    }
+
+
+def _labelled_split(record: dict[str, Any]) -> str:
+    """The 1% and 10% rows of one checkpoint are different rows."""
+    return record["dataset"].get("train", {}).get("labelled", {}).get("label", "")
+
+
+TABLE = TableSpec(
+    key="semisup",
+    title="Semi-Supervised Classification",
+    columns=SEMISUP_COLUMNS,
+    values=_table_values,
+    default_protocol=PROTOCOL,
+    config_column="Pretrain Config",
+    row_part=_labelled_split,
+    references={
+        "imagenet": [
+            {
+                "Model": f"{NPID_MODEL}, older OpenSelfSup checkpoint",
+                "Pretrain Config": NPID_CONFIG,
+                "Fine-tuned Config": f"in1k-{pct}_lr0.01-head100",
+                "Top-1 (%)": top1,
+                "Top-5 (%)": top5,
+            }
+            for pct, top1, top5 in (("1pct", 27.95, 54.37), ("10pct", 57.22, 81.39))
+        ]
+    },
+)
+FAMILY = TaskFamily(
+    name="semisup",
+    description="Semi-supervised fine-tuning on 1% / 10% of ImageNet labels, lr x head-multiplier grid",
+    config=Config,
+    run=run,
+    tables=(TABLE,),
+    datasets=("imagenet",),
+)

@@ -21,16 +21,13 @@ from npidbench.config import config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
-from npidbench.features import extract
 from npidbench.features_dir import CONVENTIONS, read_features_dir
 from npidbench.progress import log, make_progress
 from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, TrainKernel, cost_list, full_svm, lowshot_svm
-from npidbench.tasks.base import RunContext, TaskOutput
+from npidbench.tables import TableSpec, npid_reference
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
 
 NAME = "voc-svm"
-DESCRIPTION = "VOC07 linear SVM per layer (3-fold CV cost choice) and low-shot SVM, k = 1..96"
-TABLE = "voc-svm"
-ACCEPTS_FEATURES_DIR = True
 PARTS = ("full", "lowshot")
 SELECTIONS = ("test", "heldout")
 PROTOCOL = "voc07-svm"
@@ -138,7 +135,7 @@ def _from_checkpoint(ctx: RunContext, config: Config, layers: list[str]) -> _Inp
     transform = EvalTransform(config.resize, config.size, "squash")
     cached: dict[str, Any] = {}
     for split, part in (("trainval", train), ("test", test)):
-        feats = extract(ctx.backbone, part, transform, layers, ctx.cache, ctx.extract, ctx.extract_stats)  # type: ignore[arg-type]
+        feats = ctx.features(part, transform, layers)
         for layer, entry in feats.items():
             if entry.skipped:
                 raise BadInput(
@@ -181,7 +178,7 @@ def _previous_best_layer(ctx: RunContext, model_sha: str, fingerprint: str) -> s
 
 
 def _model_sha(ctx: RunContext, inputs: _Inputs) -> str:
-    return inputs.model["sha256"] if inputs.model else ctx.backbone.sha256  # type: ignore[union-attr]
+    return inputs.model["sha256"] if inputs.model else ctx.model.sha256
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
@@ -356,3 +353,43 @@ def _check_labels(inputs: _Inputs) -> None:
             raise BadInput(
                 f"{name} labels: class {int(missing[0])} has no positive image; the SVM needs some"
             )
+
+
+LOWSHOT_COLUMNS = tuple(f"k={k}" for k in LOWSHOT_KS)
+
+
+def _table_values(record: dict[str, Any]) -> dict[str, Any]:
+    """voc-svm-full fills Best Layer and SVM, voc-lowshot the k columns, voc-svm all of them."""
+    metrics = record["metrics"]
+    values: dict[str, Any] = {"Best Layer": metrics.get("best_layer"), "SVM": metrics.get("svm")}
+    per_k = metrics.get("lowshot", {}).get("k", {})
+    for column in LOWSHOT_COLUMNS:
+        values[column] = per_k.get(column[2:], {}).get("mean")
+    return values
+
+
+TABLE = TableSpec(
+    key="voc-svm",
+    title="SVM / Low-shot SVM",
+    columns=("Best Layer", "SVM", *LOWSHOT_COLUMNS),
+    values=_table_values,
+    default_protocol=PROTOCOL,
+    seeded=frozenset(LOWSHOT_COLUMNS),
+    references={
+        "voc07": [
+            npid_reference(
+                ("Best Layer", "SVM", *LOWSHOT_COLUMNS),
+                ("feature5", 76.75, 26.96, 35.37, 44.48, 53.89, 60.39, 66.41, 71.48, 73.39),
+            )
+        ]
+    },
+)
+FAMILY = TaskFamily(
+    name=NAME,
+    description="VOC07 linear SVM per layer (3-fold CV cost choice) and low-shot SVM, k = 1..96",
+    config=Config,
+    run=run,
+    tables=(TABLE,),
+    datasets=("voc07",),
+    accepts_features_dir=True,
+)
