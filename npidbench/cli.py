@@ -222,7 +222,16 @@ def run_command(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     workers: Annotated[int | None, typer.Option("--workers", help="Image decoding workers.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
+    eval_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-batch-size",
+            help="Images per forward pass (feature extraction, testing); the training batch is --set batch_size.",
+        ),
+    ] = None,
+    old_batch_size: Annotated[
+        int | None, typer.Option("--batch-size", hidden=True, help="Deprecated: --eval-batch-size.")
+    ] = None,
     cache: CacheOpt = None,
     arch: ArchOpt = None,
     branch: BranchOpt = None,
@@ -238,6 +247,17 @@ def run_command(
     benchmark whose data is present, one record path per line, a summary on stderr)."""
     from npidbench.runner import RunRequest, run_task
 
+    if old_batch_size is not None:
+        if eval_batch_size is not None:
+            raise BadInput("give --eval-batch-size only (--batch-size is its old name)")
+        if old_batch_size < 1:
+            raise BadInput(f"--batch-size must be at least 1, got {old_batch_size}")
+        console.print(
+            "note: --batch-size is now --eval-batch-size (images per forward pass); "
+            "the training batch is --set batch_size",
+            markup=False,
+        )
+        eval_batch_size = old_batch_size
     request = RunRequest(
         task=task,
         checkpoint=checkpoint,
@@ -248,7 +268,7 @@ def run_command(
         results=results,
         device=device,
         workers=workers,
-        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
         cache=cache,
         arch=arch,
         branch=branch,

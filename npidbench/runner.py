@@ -20,12 +20,12 @@ from npidbench.config import build_config, config_to_dict, parse_set_options
 from npidbench.data import reads_synthetic_data
 from npidbench.distributed import distributed
 from npidbench.errors import BadInput
-from npidbench.features import ExtractOptions
+from npidbench.features import ExtractOptions, ExtractStats
 from npidbench.paths import feature_cache_dir, results_dir
 from npidbench.precision import FP32
 from npidbench.results import ResultStore, check_results_folder, new_record
 from npidbench.tasks import family_of, get_preset
-from npidbench.tasks.base import Preset, RunContext
+from npidbench.tasks.base import Preset, RunContext, TaskOutput
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RunRequest:
     results: str | Path | None = None
     device: str = "cpu"
     workers: int | None = None
-    batch_size: int | None = None
+    eval_batch_size: int | None = None  # images per forward pass (not the training batch: --set batch_size)
     cache: str | Path | None = None
     arch: str | None = None
     branch: str | None = None
@@ -115,103 +115,130 @@ def model_names(backbone: LoadedBackbone, checkpoint: Path, name: str | None) ->
     return display, recipe or "-"
 
 
-def run_task(request: RunRequest) -> Path | None:
+def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Path | None:
     """Run a preset and write its record. Returns the record's path (None on ranks other than
-    0 under torchrun: only rank 0 writes the record)."""
+    0 under torchrun: only rank 0 writes the record). ``backbone``: the checkpoint already loaded
+    from ``request.checkpoint`` with its options (``run all`` loads and hashes it once)."""
     preset = get_preset(request.task)
-    family = family_of(preset)
-    if (request.checkpoint is None) == (request.features_dir is None):
-        raise BadInput(f"give exactly one of CKPT and --features-dir to `run {preset.name}`")
-    if request.features_dir is not None and not family.accepts_features_dir:
-        raise BadInput(f"{preset.name} needs a checkpoint (CKPT); --features-dir is for the SVM presets")
     data_root = Path(request.data_root) if request.data_root is not None else None
+    check_inputs(request, preset)
     # The [synthetic] profile follows the data actually read: never for a user's --features-dir,
     # and also for a synthetic suite given as --data-root (npidbench data synth).
     synthetic = request.features_dir is None and reads_synthetic_data(preset.dataset, data_root)
     config = resolve_config(preset, synthetic, request.set_options)
-    device = check_device(request.device)
-    if request.batch_size is not None and request.batch_size < 1:
-        raise BadInput(f"--batch-size must be at least 1, got {request.batch_size}")
-    if request.workers is not None and request.workers < 0:
-        raise BadInput(f"--workers must be 0 or more, got {request.workers}")
-    options = ExtractOptions(
-        device=device,
-        workers=default_workers(device) if request.workers is None else request.workers,
-        batch_size=request.batch_size or (256 if device.startswith("cuda") else 64),
-        skip_corrupt=request.skip_corrupt,
-    )
+    options = extract_options(request)
     store = ResultStore(check_results_folder(results_dir(request.results)))
-    cache_root = feature_cache_dir(request.cache)
-    if cache_root.exists() and not cache_root.is_dir():
-        raise BadInput(
-            f"feature cache location {cache_root} is a file; give a folder with --cache or NPIDBENCH_CACHE"
-        )
-    backbone = None
-    if request.checkpoint is not None:
-        checkpoint = Path(request.checkpoint)
+    cache = FeatureCache(checked_cache_root(request.cache))
+    if backbone is None and request.checkpoint is not None:
         backbone = load_backbone(
-            checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
+            request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
         )
-    with distributed(device) as world:
+    with distributed(options.device) as world:
         options = replace(options, device=world.device)
         ctx = RunContext(
             preset=preset,
             backbone=backbone,
             data_root=data_root,
-            cache=FeatureCache(cache_root),
+            cache=cache,
             extract=options,
             features_dir=Path(request.features_dir) if request.features_dir is not None else None,
             previous_records=lambda: store.load()[0],
         )
         started = time.perf_counter()
-        output = family.run(ctx, config)
+        output = family_of(preset).run(ctx, config)
         total = time.perf_counter() - started
     if not world.is_main:
         return None
-    if backbone is not None:
-        display, config_name = model_names(backbone, Path(request.checkpoint), request.name)  # type: ignore[arg-type]
-        model = {
-            "name": display,
-            "config": config_name,
-            "sha256": backbone.sha256,
-            "branch": backbone.inspection.branch,
-            "checkpoint": backbone.provenance(),
-        }
-    else:  # --features-dir: the features' sha256 stands for the checkpoint
-        model = dict(output.model or {})
-        if request.name:
-            model["name"] = request.name
-    stats = ctx.extract_stats
     record = new_record(
         task=preset.name,
         family=preset.family,
         table=preset.table,
         dataset=output.dataset,
-        model=model,
+        model=model_entry(request, backbone, output),
         metrics=output.metrics,
         protocol=output.protocol,
         variant=protocol_variant(preset, synthetic, config),
         config=config_to_dict(config),
         seeds=output.seeds,
-        timings={
-            "total_s": round(total, 3),
-            "extract_s": round(stats.seconds, 3),
-            "extracted_images": stats.images,
-            "images_per_s": round(stats.images_per_second, 1),
-            "cache_hit": stats.cache_hit,
-        },
-        details={
-            # Forward passes in fp32 unless the family says otherwise (bf16 autocast on CUDA).
-            "precision": FP32,
-            **output.details,
-            # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
-            "profile": {"name": "synthetic", "settings": preset.synthetic}
-            if synthetic and preset.synthetic
-            else {"name": "protocol"},
-            "device": options.device,
-            "world_size": world.world_size,
-            "workers": options.workers,
-            "batch_size": options.batch_size,
-        },
+        timings=timings(total, ctx.extract_stats),
+        details=record_details(output, preset, synthetic, options, world.world_size),
     )
     return store.write(record)
+
+
+def check_inputs(request: RunRequest, preset: Preset) -> None:
+    """What a request must get right before any work starts (each: one line, exit 2)."""
+    if (request.checkpoint is None) == (request.features_dir is None):
+        raise BadInput(f"give exactly one of CKPT and --features-dir to `run {preset.name}`")
+    if request.features_dir is not None and not family_of(preset).accepts_features_dir:
+        raise BadInput(f"{preset.name} needs a checkpoint (CKPT); --features-dir is for the SVM presets")
+
+
+def extract_options(request: RunRequest) -> ExtractOptions:
+    """The forward-pass options: device, decoding workers, eval batch (defaults per device)."""
+    device = check_device(request.device)
+    if request.eval_batch_size is not None and request.eval_batch_size < 1:
+        raise BadInput(f"--eval-batch-size must be at least 1, got {request.eval_batch_size}")
+    if request.workers is not None and request.workers < 0:
+        raise BadInput(f"--workers must be 0 or more, got {request.workers}")
+    return ExtractOptions(
+        device=device,
+        workers=default_workers(device) if request.workers is None else request.workers,
+        batch_size=request.eval_batch_size or (256 if device.startswith("cuda") else 64),
+        skip_corrupt=request.skip_corrupt,
+    )
+
+
+def checked_cache_root(explicit: str | Path | None) -> Path:
+    root = feature_cache_dir(explicit)
+    if root.exists() and not root.is_dir():
+        raise BadInput(
+            f"feature cache location {root} is a file; give a folder with --cache or NPIDBENCH_CACHE"
+        )
+    return root
+
+
+def model_entry(request: RunRequest, backbone: LoadedBackbone | None, output: TaskOutput) -> dict[str, Any]:
+    """The record's ``model``: the checkpoint's identity, or for --features-dir the features'
+    (their sha256 stands for the checkpoint)."""
+    if backbone is None:
+        model = dict(output.model or {})
+        if request.name:
+            model["name"] = request.name
+        return model
+    display, config_name = model_names(backbone, Path(request.checkpoint), request.name)  # type: ignore[arg-type]
+    return {
+        "name": display,
+        "config": config_name,
+        "sha256": backbone.sha256,
+        "branch": backbone.inspection.branch,
+        "checkpoint": backbone.provenance(),
+    }
+
+
+def timings(total: float, stats: ExtractStats) -> dict[str, Any]:
+    return {
+        "total_s": round(total, 3),
+        "extract_s": round(stats.seconds, 3),
+        "extracted_images": stats.images,
+        "images_per_s": round(stats.images_per_second, 1),
+        "cache_hit": stats.cache_hit,
+    }
+
+
+def record_details(
+    output: TaskOutput, preset: Preset, synthetic: bool, options: ExtractOptions, world_size: int
+) -> dict[str, Any]:
+    return {
+        # Forward passes in fp32 unless the family says otherwise (bf16 autocast on CUDA).
+        "precision": FP32,
+        **output.details,
+        # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
+        "profile": {"name": "synthetic", "settings": preset.synthetic}
+        if synthetic and preset.synthetic
+        else {"name": "protocol"},
+        "device": options.device,
+        "world_size": world_size,
+        "workers": options.workers,
+        "batch_size": options.batch_size,
+    }

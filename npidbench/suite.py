@@ -3,6 +3,7 @@ feature cache; a failed task is reported and the others go on; a summary at the 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,8 +61,9 @@ def run_all(request: RunRequest) -> SuiteResult:
         raise BadInput("`run all` needs a checkpoint (CKPT)")
     if request.set_options:
         raise BadInput("`run all` takes no --set (settings differ per task): run a task alone to change one")
-    # A wrong checkpoint is one bad input (exit 2), not a failure of every task.
-    load_backbone(
+    # Loaded and hashed once; a wrong checkpoint is one bad input (exit 2), not a failure of
+    # every task.
+    loaded = load_backbone(
         request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
     )
     result = SuiteResult()
@@ -74,7 +76,9 @@ def run_all(request: RunRequest) -> SuiteResult:
         log(f"[{number}/{len(chosen)}] {preset.name}")
         started = time.perf_counter()
         try:
-            record = run_task(replace(request, task=preset.name))
+            # Each task gets its own copy, as a fresh load would give it: a task may change the
+            # network in place (a linear probe freezes it and moves it to channels_last).
+            record = run_task(replace(request, task=preset.name), copy.deepcopy(loaded))
         except NpidbenchError as exc:
             outcome = TaskOutcome(preset.name, "failed", reason=" ".join(str(exc).split()))
         except Exception as exc:  # noqa: BLE001 - one task's crash must not lose the others' records

@@ -1,4 +1,4 @@
-"""Small on-disk datasets for tests."""
+"""Small on-disk datasets for tests, and calling the CLI as a user does."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from npidbench.cli import main
 from npidbench.data.imagenet import load_imagefolder
 from npidbench.data.splits import DatasetSplit
 
@@ -24,3 +25,20 @@ def tiny_imagefolder(
             pixels[..., c % 3] += 150
             Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
     return load_imagefolder(root, split, dataset="imagenet")
+
+
+def cli(*args: str) -> int:
+    """Run ``npidbench ARGS`` in-process; returns the exit code."""
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error: ...`` line a bad input must produce (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]

@@ -11,24 +11,10 @@ import pytest
 import torch
 
 from npidbench.backbone import MultiLayerFeatures
-from npidbench.cli import main
+
+from helpers import cli, one_error_line
 
 KNN_HEADER = "| Model | Config | k=10 | k=20 | k=100 | k=200 |"
-
-
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got: {err!r}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def test_list_shows_the_knn_task(capsys):
@@ -86,6 +72,8 @@ BAD_INPUTS = [
     (["run", "knn", "{ckpt}", "--set", "noequals"], "not key=value"),
     (["run", "knn", "{ckpt}", "--device", "tpu"], "--device tpu"),
     (["run", "knn", "{ckpt}", "--batch-size", "0"], "--batch-size"),
+    (["run", "knn", "{ckpt}", "--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+    (["run", "knn", "{ckpt}", "--eval-batch-size", "8", "--batch-size", "8"], "give --eval-batch-size only"),
     (["run", "knn", "{ckpt}", "--data-root", "{missing}"], "is not a folder"),
     (["run", "knn", "{ckpt}", "--data-root", "{tmp}"], "imagenet not found under --data-root"),
     (["run", "knn", "{ckpt}", "--arch", "resnet50"], "--arch resnet50 was asked"),
@@ -239,3 +227,18 @@ def test_version_and_broken_record_files(tmp_path, capsys):
     assert cli("report", "--results", str(folder)) == 2
     err = capsys.readouterr().err
     assert "not an npidbench record" in err and "no records to report" in err and "Traceback" not in err
+
+
+def test_batch_size_is_the_old_name_of_eval_batch_size(monkeypatch, random_checkpoint, capsys):
+    import npidbench.runner
+
+    seen = []
+    monkeypatch.setattr(npidbench.runner, "run_task", lambda request: seen.append(request) or None)
+    assert cli("run", "knn", str(random_checkpoint), "--batch-size", "8") == 0
+    assert "--batch-size is now --eval-batch-size" in capsys.readouterr().err
+    assert cli("run", "knn", str(random_checkpoint), "--eval-batch-size", "16") == 0
+    assert capsys.readouterr().err == ""
+    assert [r.eval_batch_size for r in seen] == [8, 16]
+    assert cli("run", "--help") == 0
+    shown = capsys.readouterr().out
+    assert "--eval-batch-size" in shown and "--batch-size " not in shown  # the old name is hidden

@@ -75,7 +75,7 @@ def test_run_with_bad_settings_exits_2_with_one_line(tmp_path_factory, task, opt
     if device is not None:
         args += ["--device", device]
     if batch is not None:
-        args += ["--batch-size", batch]
+        args += ["--eval-batch-size", batch]
     _assert_one_line_exit_2(args)
     assert not list((home / "fuzz-results").glob("*.json"))
 

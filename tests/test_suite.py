@@ -24,7 +24,7 @@ def test_skips_missing_data_and_survives_a_failure(tmp_path, monkeypatch, capsys
     tiny_imagefolder(tmp_path / "data" / "imagenet", split="val")
     calls = []
 
-    def fake_run_task(request: RunRequest):
+    def fake_run_task(request: RunRequest, backbone=None):
         calls.append(request.task)
         if request.task == "linear-imagenet":
             raise RunFailed("the loss became nan in epoch 3")
@@ -83,3 +83,29 @@ def test_missing_data_names_the_dataset(tmp_path):
     reason = suite.missing_data(det, tmp_path)
     assert reason is not None and "voc12" in reason
     assert suite.missing_data(det, None) is None
+
+
+def test_run_all_loads_the_checkpoint_once_and_gives_each_task_a_fresh_copy(
+    tmp_path, monkeypatch, random_checkpoint
+):
+    tiny_imagefolder(tmp_path / "data" / "imagenet", split="train")
+    tiny_imagefolder(tmp_path / "data" / "imagenet", split="val")
+    loads, given = [], []
+    real_load = suite.load_backbone
+
+    def counting_load(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    def fake_run_task(request: RunRequest, backbone=None):
+        given.append(float(backbone.model.conv1.weight.abs().sum()))  # what the task starts from
+        backbone.model.conv1.weight.data.zero_()  # a task changing its network in place
+        return tmp_path / f"{request.task}.json"
+
+    monkeypatch.setattr(suite, "load_backbone", counting_load)
+    monkeypatch.setattr(suite, "run_task", fake_run_task)
+    result = suite.run_all(RunRequest(task="all", checkpoint=random_checkpoint, data_root=tmp_path / "data"))
+    assert len(loads) == 1 and len(given) == len([o for o in result.outcomes if o.status == "ran"]) > 1
+    # each task starts from the checkpoint's weights, not from what the previous task left
+    assert given == [float(real_load(random_checkpoint).model.conv1.weight.abs().sum())] * len(given)
+    assert given[0] > 0

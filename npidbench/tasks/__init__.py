@@ -122,8 +122,17 @@ def load_preset(path: Path) -> Preset:
 
 @functools.lru_cache(maxsize=1)
 def presets() -> dict[str, Preset]:
-    """Every shipped preset by name."""
-    return {p.stem: load_preset(p) for p in sorted(preset_dir("tasks").glob("*.toml"))}
+    """Every preset by name: the shipped ones, then those plugin families bring."""
+    found = {p.stem: load_preset(p) for p in sorted(preset_dir("tasks").glob("*.toml"))}
+    for family in families().values():
+        for path in family.preset_files:
+            preset = load_preset(Path(path))
+            if preset.name in found:
+                raise BadInput(
+                    f"preset {path}: a task named {preset.name!r} exists already ({found[preset.name].path})"
+                )
+            found[preset.name] = preset
+    return found
 
 
 def get_preset(name: str) -> Preset:

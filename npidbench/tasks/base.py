@@ -92,6 +92,8 @@ class TaskFamily:
     # Settings the protocol name already says (linear's mode -> "linear-cached"): not a variant.
     protocol_keys: tuple[str, ...] = ()
     accepts_features_dir: bool = False  # runs on --features-dir instead of a checkpoint (SVM)
+    # Preset TOML files a plugin ships beside its module (the built-in presets are tasks/*.toml).
+    preset_files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -124,6 +126,9 @@ class TaskFamily:
         if not self.tables or not all(isinstance(t, TableSpec) for t in self.tables):
             found.append("tables must be a non-empty tuple of TableSpec")
         unknown_data = [d for d in self.datasets if any(p not in DATASETS for p in dataset_parts(d))]
+        missing = [str(f) for f in self.preset_files if not Path(f).is_file()]
+        if missing:
+            found.append(f"preset files not found: {', '.join(missing)}")
         if not self.datasets or unknown_data:
             found.append(
                 f"datasets must name known datasets ({', '.join(DATASETS)}), got {list(self.datasets)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, split_recor
 class Config:
     ks: tuple[int, ...] = (10, 20, 100, 200)  # mmselfsup; lemniscate reports k = 200
     temperature: float = 0.07  # NPID, Wu et al. 2018
-    layer: str = "AvgPool"
+    layer: Literal["AvgPool"] = "AvgPool"  # the protocol's global pooled features
     train_split: str = "train"
     test_split: str = "val"
     resize: int = 256  # evaluation transform: short side 256, center crop 224
@@ -41,8 +41,6 @@ class Config:
             raise ValueError(f"resize and crop must be at least 1 pixel, got {self.resize} and {self.crop}")
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
-        if self.layer != "AvgPool":
-            raise ValueError("the kNN protocol uses layer=AvgPool (global pooled features)")
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
