@@ -174,7 +174,8 @@ def objective(folder: Path, layer: str, cls: int) -> dict:
     from sklearn.svm import LinearSVC
 
     from npidbench.solvers.svm import eigen_embedding, gram_matrix, solve_cost_path
-    from npidbench.solvers.voc_svm import _linear_svc, binary_labels, class_weights, cost_list, normalise
+    from npidbench.solvers.voc_svm import binary_labels, class_weights, cost_list, normalise
+    from npidbench.solvers.voc_svm_sklearn import linear_svc
 
     costs = cost_list("mms")
     tr, trl, _, _ = _load(folder, layer)
@@ -189,7 +190,7 @@ def objective(folder: Path, layer: str, cls: int) -> dict:
     rows = []
     xn = x.numpy()
     for j, cost in enumerate(costs):
-        model: LinearSVC = _linear_svc(cost).fit(xn, y)
+        model: LinearSVC = linear_svc(cost).fit(xn, y)
         s = xn @ model.coef_.ravel() + model.intercept_[0]
         lib = 0.5 * (model.coef_.ravel() @ model.coef_.ravel() + model.intercept_[0] ** 2)
         lib += float(np.sum(cost * w * np.maximum(0, 1 - y * s) ** 2))

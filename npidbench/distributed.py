@@ -59,17 +59,22 @@ def check_global_batch(batch_size: int, world: DistInfo) -> None:
 
 
 def prepare_for_training(
-    model: torch.nn.Module, world: DistInfo, sync_bn: bool, channels_last: bool = True
+    model: torch.nn.Module,
+    world: DistInfo,
+    sync_bn: bool,
+    channels_last: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model on this rank's device, what to call in training steps): BatchNorm becomes
-    SyncBatchNorm under torchrun on GPUs (SyncBN has no CPU kernel), and the model is wrapped in
-    DistributedDataParallel when there are several processes."""
+    SyncBatchNorm under torchrun on GPUs (SyncBN has no CPU kernel), the model moves to the
+    device (and to ``dtype`` when given), and it is wrapped in DistributedDataParallel when there
+    are several processes."""
     from torch.nn.parallel import DistributedDataParallel
 
     device = torch.device(world.device)
     if sync_bn and world.world_size > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
+    model = model.to(device) if dtype is None else model.to(device, dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world.world_size == 1:

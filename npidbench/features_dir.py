@@ -18,13 +18,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 from npidbench.errors import BadInput
 
 SINGLE_LAYER = "features"
-CONVENTIONS = ("fair", "voc")
+LabelConvention = Literal["fair", "voc"]  # fair: 1 present / 0 absent / -1 difficult; voc: 1 / -1 / 0
+CONVENTIONS: tuple[str, ...] = get_args(LabelConvention)
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _read_layers(root: Path) -> list[str]:
     return layers
 
 
-def _read_labels(path: Path, convention: str) -> np.ndarray:
+def _read_labels(path: Path, convention: LabelConvention) -> np.ndarray:
     labels = _load_array(path)
     if labels.ndim != 2 or labels.shape[1] < 1:
         raise BadInput(f"{path} must be an (N, C) label matrix, found shape {labels.shape}")
@@ -119,7 +121,7 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def read_features_dir(
-    root: str | Path, convention: str = "fair", layers: list[str] | None = None
+    root: str | Path, convention: LabelConvention = "fair", layers: list[str] | None = None
 ) -> FeaturesDir:
     """Check a features directory completely (shapes, labels, NaN) before any work starts.
 

@@ -185,9 +185,13 @@ def test_cached_mode_is_recorded_and_marked_in_the_report(random_checkpoint, tin
 @pytest.mark.parametrize(
     "option, message",
     [
-        ("mode=fast", "mode=fast"),
+        ("mode=fast", "mode='fast' is not one of augmented, cached"),
         ("parts=[features,heads]", "parts"),
-        ("features_augment=jitter", "features_augment"),
+        (
+            "features_augment=jitter",
+            "features_augment='jitter' is not one of rrc, rrc-jitter-lighting, places",
+        ),
+        ("avgpool_augment=places365", "avgpool_augment='places365' is not one of rrc, "),
         ("avgpool_lr=-1", "positive"),
         ("crop=300", "crop"),
     ],

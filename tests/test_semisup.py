@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from npidbench.config import build_config, parse_set_options
 from npidbench.data.imagenet import load_imagefolder, read_subset_list, simclr_subset
 from npidbench.data.splits import DatasetSplit
 from npidbench.errors import BadInput
@@ -47,6 +48,18 @@ def test_one_grid_point_or_the_nine():
     assert Config(lr=0.01, head_mult=100.0).grid == [(0.01, 100.0)]
     with pytest.raises(ValueError, match="both lr and head_mult"):
         Config(lr=0.01)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("split=random", "split='random' is not one of simclr, drawn"),
+        ("selection=val", "selection='val' is not one of test, heldout"),
+    ],
+)
+def test_choices_are_refused_with_one_line(option, message):
+    with pytest.raises(BadInput, match=message):
+        build_config(Config, parse_set_options([option]))
 
 
 def test_balanced_draw_is_class_balanced_seeded_and_sized(tiny_root):

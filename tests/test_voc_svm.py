@@ -154,7 +154,8 @@ def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, resu
     assert 5 < record["metrics"]["svm"] < 100
     assert record["metrics"]["lowshot"]["layer"] == "Feature5"
     # precision and solver are part of how the number was made: named in the record
-    assert record["details"]["precision"] == "fp32" and record["details"]["solver"].startswith("npidbench batched")
+    assert record["details"]["precision"] == "fp32"
+    assert record["details"]["solver"].startswith("npidbench batched")
 
 
 def _corrupt(kind: str, root: Path) -> str:
@@ -206,9 +207,10 @@ def test_voc_convention_is_read_with_labels_voc(tmp_path, results_dir, capsys):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("solver=liblinear", "choose batched or sklearn"),
-        ("costs=abc", "not a cost list"),
-        ("selection=val", "heldout"),
+        ("solver=liblinear", "solver='liblinear' is not one of batched, sklearn"),
+        ("costs=abc", "costs='abc' is not one of mms, fair, vissl"),
+        ("selection=val", "selection='val' is not one of test, heldout"),
+        ("labels=x", "labels='x' is not one of fair, voc"),
         ("lowshot_layer=Feature9", "has no layer Feature9"),
     ],
 )
@@ -216,6 +218,24 @@ def test_bad_settings_are_refused(setting, message, tmp_path, results_dir, capsy
     fdir = write_features_dir(tmp_path / "feats")
     assert cli("run", "voc-svm", "--features-dir", str(fdir), "--set", setting) == 2
     assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_setting_choices_are_the_literals_of_the_config():
+    """The config's Literal fields are the one list of choices: cost lists, solvers, conventions."""
+    from typing import get_args
+
+    import npidbench.tasks.voc_svm as task
+    from npidbench.features_dir import CONVENTIONS, LabelConvention
+    from npidbench.solvers.voc_svm import USER_COSTS, CostListName, SolverName
+
+    assert tuple(USER_COSTS) == get_args(CostListName) == ("mms", "fair", "vissl")
+    assert tuple(task.SOLVERS) == get_args(SolverName) == ("batched", "sklearn")
+    assert CONVENTIONS == get_args(LabelConvention) == ("fair", "voc")
+    x, y = voc_like(60, 2, 4, seed=2)
+    with pytest.raises(ValueError, match="unknown solver 'liblinear'"):
+        full_svm(x, y, x, y, [1.0], solver="liblinear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown solver 'liblinear'"):
+        lowshot_svm(x, y, x, y, [1.0], layer="F", ks=(1,), solver="liblinear")  # type: ignore[arg-type]
 
 
 def test_ties_between_costs_go_to_the_first_in_list_order():

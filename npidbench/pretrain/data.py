@@ -16,7 +16,7 @@ from npidbench.data.splits import DatasetSplit
 from npidbench.errors import BadInput
 from npidbench.pretrain.recipe import Recipe
 
-PRELOAD_LIMIT = 20_000  # images decoded once and kept in memory (the small synthetic pool)
+PRELOAD_LIMIT = 20_000  # splits up to this size are decoded once and kept in memory (the synthetic ones)
 
 
 def paper_augmentation(recipe: Recipe) -> T.Compose:
@@ -32,19 +32,19 @@ def paper_augmentation(recipe: Recipe) -> T.Compose:
     )
 
 
-class AugmentedImages(Dataset):
-    """(uint8 augmented image, dataset index); decoded once in memory when the pool is small."""
+class SplitImages(Dataset):
+    """A split's training images under ``transform``, augmented per (seed, ``epoch``, index) by
+    the subclass's ``__getitem__``; a small split (the synthetic pools) is decoded once and kept
+    in memory (``images``), an unreadable image there is a BadInput naming the file."""
 
-    def __init__(self, split: DatasetSplit, recipe: Recipe) -> None:
-        self.split = split
-        self.transform = paper_augmentation(recipe)
-        self.seed = recipe.seed
+    def __init__(self, split: DatasetSplit, transform: T.Compose, seed: int) -> None:
+        self.split, self.transform, self.seed = split, transform, seed
         self.epoch = 0
         self.images: list[torch.Tensor] | None = None
         if len(split) <= PRELOAD_LIMIT:
-            self.images = [self._decode(i) for i in range(len(split))]
+            self.images = [self.decode(i) for i in range(len(split))]
 
-    def _decode(self, index: int) -> torch.Tensor:
+    def decode(self, index: int) -> torch.Tensor:
         path = self.split.samples[index][0]
         try:
             return decode_rgb(path)
@@ -54,8 +54,15 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
+
+class AugmentedImages(SplitImages):
+    """(uint8 augmented image, dataset index) with the paper's augmentation."""
+
+    def __init__(self, split: DatasetSplit, recipe: Recipe) -> None:
+        super().__init__(split, paper_augmentation(recipe), recipe.seed)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index] if self.images is not None else self._decode(index)
+        image = self.images[index] if self.images is not None else self.decode(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(self.seed, self.epoch, index))
             return self.transform(image), index

@@ -10,10 +10,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from npidbench.checkpoint.arch import SUPPORTED_ARCHS
-from npidbench.config import build_config, config_to_dict, parse_set_options, read_toml
+from npidbench.config import build_config, check_choices, config_to_dict, parse_set_options, read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
 from npidbench.progress import log
@@ -40,15 +40,15 @@ class Recipe:
     # lemniscate and mmselfsup decay every parameter (SGD over model.parameters()); false keeps
     # BatchNorm weights and biases out of the decay (a named departure, recorded with the run).
     norm_bias_decay: bool = True
-    lr_schedule: str = "step"  # step (the paper) or cosine
+    lr_schedule: Literal["step", "cosine"] = "step"  # step (the paper) or cosine
     lr_steps: tuple[int, ...] = (120, 160)
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
-    loss: str = "nce"  # nce (the paper, lemniscate) or softmax (mmselfsup)
+    loss: Literal["nce", "softmax"] = "nce"  # nce (the paper, lemniscate) or softmax (mmselfsup)
     negatives: int = 4096  # K
     temperature: float = 0.07
     bank_momentum: float = 0.5
-    bank_init: str = "lemniscate"
+    bank_init: Literal["lemniscate", "mmselfsup"] = "lemniscate"
     feature_dim: int = 128
     input_size: int = 224
     crop_scale: tuple[float, ...] = (0.2, 1.0)
@@ -79,12 +79,10 @@ class Recipe:
             or self.weight_decay < 0
         ):
             problems.append("lr must be a positive number and weight_decay a number >= 0")
-        if self.loss not in ("nce", "softmax"):
-            problems.append(f"loss must be nce or softmax, got {self.loss!r}")
-        if self.lr_schedule not in ("step", "cosine"):
-            problems.append(f"lr_schedule must be step or cosine, got {self.lr_schedule!r}")
-        if self.bank_init not in ("lemniscate", "mmselfsup"):
-            problems.append(f"bank_init must be lemniscate or mmselfsup, got {self.bank_init!r}")
+        try:
+            check_choices(self)  # loss, lr_schedule, bank_init
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.negatives < 1 or self.feature_dim < 1 or self.knn_k < 1:
             problems.append("negatives, feature_dim and knn_k must be at least 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from npidbench.atomic import atomic_write, atomic_write_text
@@ -29,7 +28,7 @@ from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkp
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
 from npidbench.data.splits import DatasetSplit
-from npidbench.distributed import DistInfo, distributed
+from npidbench.distributed import DistInfo, check_global_batch, distributed, prepare_for_training
 from npidbench.errors import BadInput, RunFailed
 from npidbench.precision import autocast, precision_name
 from npidbench.pretrain.data import AugmentedImages, ShardSampler
@@ -154,10 +153,7 @@ class _Trainer:
             load_split(recipe.dataset, recipe.train_split, data_root), recipe.pool_per_class
         )
         self.val_split = load_split(recipe.dataset, recipe.val_split, data_root) if recipe.knn_every else None
-        if recipe.batch_size % world.world_size:
-            raise BadInput(
-                f"batch_size {recipe.batch_size} is not divisible by the {world.world_size} processes"
-            )
+        check_global_batch(recipe.batch_size, world)
         self.local_batch = recipe.batch_size // world.world_size
         self.steps_per_epoch = len(self.train_split) // recipe.batch_size
         if self.steps_per_epoch == 0:
@@ -167,16 +163,7 @@ class _Trainer:
         torch.manual_seed(recipe.seed)  # identical initial weights on every rank
         backbone = build_resnet(recipe.arch)
         model = EmbeddingModel(backbone, layer_channels(backbone)["AvgPool"], recipe.feature_dim)
-        if recipe.sync_bn and world.world_size > 1 and self.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device, dtype).to(memory_format=torch.channels_last)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            if world.world_size > 1
-            else self.model
-        )
+        self.model, self.ddp = prepare_for_training(model, world, recipe.sync_bn, dtype=dtype)
         self.bank = MemoryBank(
             len(self.train_split),
             recipe.feature_dim,
@@ -336,26 +323,9 @@ class _Trainer:
         return bool(flag.item() > 0)
 
     def _train_epoch(self, stop: _StopRequest, progress, bar) -> None:
+        """Train the epoch in progress from its next step; returns early on a stop request."""
         recipe, world, state = self.recipe, self.world, self.state
-        self.dataset.epoch = state.epoch
-        sampler = ShardSampler(
-            len(self.dataset),
-            recipe.batch_size,
-            recipe.seed,
-            state.epoch,
-            state.step,
-            world.rank,
-            world.world_size,
-        )
-        workers = recipe.workers if recipe.workers >= 0 else (0 if self.dataset.images is not None else 2)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.local_batch,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=False,
-        )
+        loader = self._epoch_loader()
         self.ddp.train()
         if recipe.freeze_bn:
             for module in self.model.modules():
@@ -380,7 +350,34 @@ class _Trainer:
                 self.save_resume()
             if self._stop_everywhere(stop.requested):
                 return
-        elapsed = time.perf_counter() - started
+        self._end_epoch(lr, seen, time.perf_counter() - started)
+
+    def _epoch_loader(self) -> DataLoader:
+        """This rank's images of the epoch in progress, from its next step on."""
+        recipe, world, state = self.recipe, self.world, self.state
+        self.dataset.epoch = state.epoch
+        sampler = ShardSampler(
+            len(self.dataset),
+            recipe.batch_size,
+            recipe.seed,
+            state.epoch,
+            state.step,
+            world.rank,
+            world.world_size,
+        )
+        workers = recipe.workers if recipe.workers >= 0 else (0 if self.dataset.images is not None else 2)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.local_batch,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def _end_epoch(self, lr: float, seen: int, elapsed: float) -> None:
+        """The monitor line (kNN where due), then the resume file and the checkpoint."""
+        recipe, state = self.recipe, self.state
         line = {
             "epoch": state.epoch + 1,
             "loss": state.loss_sum / self.steps_per_epoch,
@@ -398,7 +395,7 @@ class _Trainer:
         state.loss_sum = 0.0
         self.save_resume()
         self.save_checkpoint(state.epoch)
-        if world.is_main:
+        if self.world.is_main:
             knn = f", kNN top-1 {line['knn_top1']:.2f}" if "knn_top1" in line else ""
             log(f"epoch {state.epoch}: loss {line['loss']:.4f}, {line['images_per_s']:.0f} img/s{knn}")
 

@@ -6,29 +6,39 @@ Arrays in, numbers out: features (N, D) and label matrices in VOC's convention (
 - ``batched`` (default): every (class, cost, fold) problem as one column of
   :func:`npidbench.solvers.svm.solve_cost_path`, on CPU or GPU.
 - ``sklearn``: the anchors' procedure, one LinearSVC per class and cost, 3-fold stratified
-  cross-validation with sklearn's average precision, for reproducing the old way side by side.
+  cross-validation with sklearn's average precision, for reproducing the old way side by side
+  (:mod:`npidbench.solvers.voc_svm_sklearn`).
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from npidbench.metrics import average_precision_columns, voc_ap_columns
-from npidbench.solvers.svm import eigen_embedding, gram_matrix, solve_cost_path
+from npidbench.solvers.svm import CostSolution, eigen_embedding, gram_matrix, solve_cost_path
 
-# User cost lists (PROTOCOLS.md): MMS is the default; FAIR and MMS append 0.5^n, n = 4..19.
-USER_COSTS: dict[str, list[float]] = {
-    "mms": [1.0, 10.0, 100.0],
-    "fair": [10.0**e for e in range(-7, 3)],  # 1e-7 .. 100 in decades
-    "vissl": [0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0],
-}
+SolverName = Literal["batched", "sklearn"]
+Selection = Literal["test", "heldout"]  # what a cost is chosen on: test (published) or held-out trainval
+CostListName = Literal["mms", "fair", "vissl"]
+# User cost lists (PROTOCOLS.md), one per CostListName in its order (zip fails on a missing one):
+# MMS is the default; FAIR and MMS append 0.5^n, n = 4..19.
+USER_COSTS: dict[str, list[float]] = dict(
+    zip(
+        get_args(CostListName),
+        (
+            [1.0, 10.0, 100.0],  # mms
+            [10.0**e for e in range(-7, 3)],  # fair: 1e-7 .. 100 in decades
+            [0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0],  # vissl
+        ),
+        strict=True,
+    )
+)
 LOWSHOT_KS = (1, 2, 4, 8, 16, 32, 64, 96)
 POSITIVE_WEIGHT = 2.0  # class_weight {1: 2, -1: 1} of the anchors
 NEGATIVES_PER_POSITIVE = 19  # low-shot: k positives, 19k negatives per class
@@ -110,6 +120,24 @@ def choose(values: np.ndarray) -> np.ndarray:
     return np.argmax(values, axis=-1)
 
 
+@dataclass
+class FullProblem:
+    """What either solver of the full SVM takes: one layer's trainval features and labels, its test
+    features, the cost list, the number of cross-validation folds and the classes to solve."""
+
+    train_x: np.ndarray
+    train_labels: np.ndarray
+    test_x: np.ndarray
+    costs: Sequence[float]
+    folds: int
+    classes: list[int]
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in get_args(SolverName):
+        raise ValueError(f"unknown solver {solver!r}; choose batched or sklearn")
+
+
 def full_svm(
     train_x: np.ndarray,
     train_labels: np.ndarray,
@@ -117,7 +145,7 @@ def full_svm(
     test_labels: np.ndarray,
     costs: Sequence[float],
     *,
-    solver: str = "batched",
+    solver: SolverName = "batched",
     folds: int = 3,
     classes: Sequence[int] | None = None,
     device: str = "cpu",
@@ -126,17 +154,17 @@ def full_svm(
     keep_kernel: bool = False,
 ) -> LayerResult:
     """VOC07 SVM of one layer: per class, the cost of best mean CV AP; test AP of its refit."""
+    _check_solver(solver)
     classes = list(range(train_labels.shape[1])) if classes is None else list(classes)
     started = time.perf_counter()
+    problem = FullProblem(train_x, train_labels, test_x, costs, folds, classes)
     kernel = None
     if solver == "batched":
-        cv_ap, test_scores, stats, kernel = _full_batched(
-            train_x, train_labels, test_x, costs, folds, classes, device, progress
-        )
-    elif solver == "sklearn":
-        cv_ap, test_scores, stats = _full_sklearn(train_x, train_labels, test_x, costs, folds, classes, jobs)
+        cv_ap, test_scores, stats, kernel = _full_batched(problem, device, progress)
     else:
-        raise ValueError(f"unknown solver {solver!r}; choose batched or sklearn")
+        from npidbench.solvers.voc_svm_sklearn import full_sklearn  # it imports this module
+
+        cv_ap, test_scores, stats = full_sklearn(problem, jobs)
     # test_scores: (N_test, classes, costs)
     n_test = test_scores.shape[0]
     labels = np.repeat(test_labels[:, classes], len(costs), axis=1)
@@ -155,24 +183,20 @@ def full_svm(
     )
 
 
-def _full_batched(
-    train_x: np.ndarray,
-    train_labels: np.ndarray,
-    test_x: np.ndarray,
-    costs: Sequence[float],
-    folds: int,
-    classes: list[int],
-    device: str,
-    progress: Callable[[str], None] | None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], TrainKernel]:
-    x = normalise(train_x, device)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    gram = gram_matrix(x)
-    z = eigen_embedding(gram.unsqueeze(0), _solver_dtype(device))
-    timings["gram_eigh_s"] = time.perf_counter() - t
-    # Columns: per class, the folds' training parts, then the refit on all of trainval.
-    n = x.shape[0]
+@dataclass
+class _FoldColumns:
+    """The full SVM's problems as columns: per class, the folds' training parts, then the refit on
+    all of trainval. Each fold column is scored on its held-out rows only (labels 0 elsewhere)."""
+
+    labels: np.ndarray  # (N, columns) +1 / -1
+    weights: np.ndarray  # (N, columns) class weights, 0 outside a fold's training part
+    held_out: np.ndarray  # (N, columns) int8: a fold column's labels on its held-out rows
+    fold_cols: list[int]
+    refit_cols: list[int]
+
+
+def _fold_columns(train_labels: np.ndarray, classes: list[int], folds: int) -> _FoldColumns:
+    n = train_labels.shape[0]
     ys, weights, held_out = [], [], []
     for c in classes:
         y = binary_labels(train_labels[:, c])
@@ -186,37 +210,35 @@ def _full_batched(
         ys.append(y)
         weights.append(w)
     per_class = folds + 1
-    # Each fold column is scored on its held-out rows only (labels 0 elsewhere: ignored).
     held_out_labels = np.zeros((n, len(ys)), dtype=np.int8)
     fold_cols = [i * per_class + f for i in range(len(classes)) for f in range(folds)]
     for col, val in zip(fold_cols, held_out, strict=True):
         held_out_labels[val, col] = ys[col][val]
-    labels_t = torch.tensor(np.stack(ys, 1), device=device).unsqueeze(0)
-    weights_t = torch.tensor(np.stack(weights, 1), device=device).unsqueeze(0)
+    refit_cols = [i * per_class + folds for i in range(len(classes))]
+    return _FoldColumns(np.stack(ys, 1), np.stack(weights, 1), held_out_labels, fold_cols, refit_cols)
+
+
+def _full_batched(
+    problem: FullProblem, device: str, progress: Callable[[str], None] | None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], TrainKernel]:
+    """CV AP (classes, costs), test scores (N_test, classes, costs), the solver's counts and
+    timings, and the trainval kernel."""
+    x = normalise(problem.train_x, device)
+    timings: dict[str, float] = {}
     t = time.perf_counter()
-    done = 0
-
-    def report(solution: Any) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(f"cost {done}/{len(costs)} (C={solution.cost:g})")
-
-    solutions = solve_cost_path(z, labels_t, weights_t, costs, on_cost=report)
+    gram = gram_matrix(x)
+    z = eigen_embedding(gram.unsqueeze(0), _solver_dtype(device))
+    timings["gram_eigh_s"] = time.perf_counter() - t
+    columns = _fold_columns(problem.train_labels, problem.classes, problem.folds)
+    labels_t = torch.tensor(columns.labels, device=device).unsqueeze(0)
+    weights_t = torch.tensor(columns.weights, device=device).unsqueeze(0)
+    on_cost = _cost_counter(progress, len(problem.costs))
+    t = time.perf_counter()
+    solutions = solve_cost_path(z, labels_t, weights_t, problem.costs, on_cost=on_cost)
     timings["solve_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    test = normalise(test_x, device)
-    cv_ap = np.zeros((len(classes), len(costs)))
-    test_scores = np.zeros((test.shape[0], len(classes), len(costs)))
-    refit_cols = [i * per_class + folds for i in range(len(classes))]
-    for j, solution in enumerate(solutions):
-        beta = solution.beta[0]  # (N, columns)
-        trainval_scores = (gram @ beta).cpu().numpy()  # held-out rows give the CV scores
-        cv_ap[:, j] = (
-            average_precision_columns(trainval_scores, held_out_labels)[fold_cols].reshape(-1, folds).mean(1)
-        )
-        refit = beta[:, refit_cols]  # w = X̃ᵀ β: weights Xᵀ β and bias Σ β
-        test_scores[:, :, j] = (test @ (x.T @ refit) + refit.sum(0)).cpu().numpy()
+    test = normalise(problem.test_x, device)
+    cv_ap, test_scores = _score_full(solutions, x, gram, test, columns, problem.folds)
     timings["score_s"] = time.perf_counter() - t
     stats = {
         "newton_steps": [s.newton_steps for s in solutions],
@@ -227,81 +249,49 @@ def _full_batched(
     return cv_ap, test_scores, stats, TrainKernel(x, gram, z[0])
 
 
+def _cost_counter(progress: Callable[[str], None] | None, total: int) -> Callable[[CostSolution], None]:
+    """solve_cost_path's on_cost: "cost i/total (C=...)" to ``progress``."""
+    done = 0
+
+    def report(solution: CostSolution) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(f"cost {done}/{total} (C={solution.cost:g})")
+
+    return report
+
+
+def _score_full(
+    solutions: list[CostSolution],
+    x: torch.Tensor,
+    gram: torch.Tensor,
+    test: torch.Tensor,
+    columns: _FoldColumns,
+    folds: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean CV AP (classes, costs) on the fold columns' held-out rows; test scores
+    (N_test, classes, costs) of the refits."""
+    shape = (len(columns.refit_cols), len(solutions))
+    cv_ap = np.zeros(shape)
+    test_scores = np.zeros((test.shape[0], *shape))
+    for j, solution in enumerate(solutions):
+        beta = solution.beta[0]  # (N, columns)
+        trainval_scores = (gram @ beta).cpu().numpy()  # held-out rows give the CV scores
+        cv_ap[:, j] = (
+            average_precision_columns(trainval_scores, columns.held_out)[columns.fold_cols]
+            .reshape(-1, folds)
+            .mean(1)
+        )
+        refit = beta[:, columns.refit_cols]  # w = X̃ᵀ β: weights Xᵀ β and bias Σ β
+        test_scores[:, :, j] = (test @ (x.T @ refit) + refit.sum(0)).cpu().numpy()
+    return cv_ap, test_scores
+
+
 def _solver_dtype(device: str | torch.device) -> torch.dtype:
     """float32 products for the Newton/CG iterations (objective within ~1e-8 of float64 runs on
     VOC07; twice as fast on a CPU); the Gram matrix and its eigendecomposition stay float64."""
     return torch.float32
-
-
-def _linear_svc(cost: float) -> Any:
-    from sklearn.svm import LinearSVC
-
-    # The anchors' parameters (PROTOCOLS.md): liblinear dual, L2 penalty, squared hinge.
-    return LinearSVC(
-        C=cost,
-        class_weight={1: POSITIVE_WEIGHT, -1: 1},
-        intercept_scaling=1.0,
-        penalty="l2",
-        loss="squared_hinge",
-        tol=1e-4,
-        dual=True,
-        max_iter=2000,
-    )
-
-
-def _sklearn_one(
-    x: np.ndarray, y: np.ndarray, test_x: np.ndarray, cost: float, folds: int
-) -> tuple[float, np.ndarray, list[int]]:
-    """One (class, cost) the anchors' way: cross-validated AP, then the refit on all trainval."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import StratifiedKFold, cross_validate
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # liblinear often stops at max_iter
-        cv = cross_validate(
-            _linear_svc(cost),
-            x,
-            y,
-            cv=StratifiedKFold(n_splits=folds),
-            scoring="average_precision",
-            return_estimator=True,
-        )
-        model = _linear_svc(cost).fit(x, y)
-    iterations = [int(e.n_iter_) for e in cv["estimator"]] + [int(model.n_iter_)]
-    return float(np.mean(cv["test_score"])), model.decision_function(test_x), iterations
-
-
-def _full_sklearn(
-    train_x: np.ndarray,
-    train_labels: np.ndarray,
-    test_x: np.ndarray,
-    costs: Sequence[float],
-    folds: int,
-    classes: list[int],
-    jobs: int,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    from joblib import Parallel, delayed
-
-    x = normalise(train_x).numpy()
-    test = normalise(test_x).numpy()
-    pairs = [(i, j) for i in range(len(classes)) for j in range(len(costs))]
-    outputs = Parallel(n_jobs=jobs)(
-        delayed(_sklearn_one)(x, binary_labels(train_labels[:, classes[i]]), test, float(costs[j]), folds)
-        for i, j in pairs
-    )
-    cv_ap = np.zeros((len(classes), len(costs)))
-    test_scores = np.zeros((test.shape[0], len(classes), len(costs)))
-    iterations = np.zeros((len(classes), len(costs), folds + 1), dtype=int)
-    for (i, j), (ap, scores, its) in zip(pairs, outputs, strict=True):
-        cv_ap[i, j] = ap
-        test_scores[:, i, j] = scores
-        iterations[i, j] = its
-    stats = {
-        "liblinear_iterations_by_cost": iterations.sum(axis=(0, 2)).tolist(),
-        "liblinear_max_iter_hits": int((iterations >= 2000).sum()),
-        "fits": int(iterations.size),
-    }
-    return cv_ap, test_scores, stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +352,57 @@ def draw_lowshot(
     return subsets
 
 
+@dataclass
+class _Draws:
+    """The problems of one k: every (sample, class) subset of trainval rows and its class."""
+
+    subsets: np.ndarray  # (samples * classes, 20k), sample-major
+    owner: np.ndarray  # (samples * classes,) the class of each subset
+
+    @classmethod
+    def draw(cls, train_labels: np.ndarray, k: int, samples: int, seed: int, classes: list[int]) -> _Draws:
+        draws = [draw_lowshot(train_labels, k, s, seed, classes) for s in range(samples)]
+        subsets = np.stack([sub for draw in draws for sub in draw])
+        return cls(subsets, np.array([c for _ in range(samples) for c in classes]))
+
+    def held_out(self, train_labels: np.ndarray) -> np.ndarray:
+        """(N, problems) labels of the trainval images not drawn for each problem (drawn: 0)."""
+        held = train_labels[:, self.owner].copy()
+        for p, sub in enumerate(self.subsets):
+            held[sub, p] = 0
+        return held
+
+
+@dataclass
+class _LowShotSpace:
+    """What every low-shot problem is solved and scored in: normalised trainval and test features,
+    the trainval Gram matrix, the test x trainval kernel (test scores from β), and the trainval
+    eigenbasis, computed once when a large k first needs it."""
+
+    x: torch.Tensor
+    test: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+    device: str
+    z: torch.Tensor | None = None  # (1, N, rank)
+
+    @classmethod
+    def build(
+        cls, train_x: np.ndarray, test_x: np.ndarray, kernel: TrainKernel | None, device: str
+    ) -> _LowShotSpace:
+        if kernel is None:
+            x = normalise(train_x, device)
+            kernel = TrainKernel(x, gram_matrix(x))
+        test = normalise(test_x, device)
+        z = None if kernel.z is None else kernel.z.unsqueeze(0)
+        return cls(kernel.x, test, kernel.gram, gram_matrix(test, kernel.x), device, z)
+
+    def basis(self) -> torch.Tensor:
+        if self.z is None:
+            self.z = eigen_embedding(self.gram.unsqueeze(0), _solver_dtype(self.device))
+        return self.z
+
+
 def lowshot_svm(
     train_x: np.ndarray,
     train_labels: np.ndarray,
@@ -373,8 +414,8 @@ def lowshot_svm(
     ks: Sequence[int] = LOWSHOT_KS,
     samples: int = 5,
     seed: int = 0,
-    selection: str = "test",
-    solver: str = "batched",
+    selection: Selection = "test",
+    solver: SolverName = "batched",
     classes: Sequence[int] | None = None,
     device: str = "cpu",
     jobs: int = 1,
@@ -385,52 +426,23 @@ def lowshot_svm(
     negatives, tested on the full test set (difficult removed). ``selection="test"`` picks the
     cost per k on the test mAP (the published, test-selected protocol); ``"heldout"`` picks it on
     the trainval images not drawn for the class."""
+    _check_solver(solver)
     classes = list(range(train_labels.shape[1])) if classes is None else list(classes)
     started = time.perf_counter()
-    if kernel is None:
-        x = normalise(train_x, device)
-        kernel = TrainKernel(x, gram_matrix(x))
-    x, gram = kernel.x, kernel.gram
-    test = normalise(test_x, device)
-    cross = gram_matrix(test, x)  # test x trainval kernel: scores of test images from β
-    embedding: list[torch.Tensor] = [] if kernel.z is None else [kernel.z.unsqueeze(0)]
-
-    def basis() -> torch.Tensor:
-        """The trainval eigenbasis, computed once when a large k first needs it."""
-        if not embedding:
-            embedding.append(eigen_embedding(gram.unsqueeze(0), _solver_dtype(device)))
-        return embedding[0]
-
+    space = _LowShotSpace.build(train_x, test_x, kernel, device)
     shape = (len(ks), samples, len(costs))
     maps, heldout_maps = np.zeros(shape), np.zeros(shape)
     stats: dict[str, Any] = {"newton_steps": {}, "cg_iterations": {}}
     for a, k in enumerate(ks):
-        draws = [draw_lowshot(train_labels, k, s, seed, classes) for s in range(samples)]
-        subsets = np.stack([sub for draw in draws for sub in draw])  # (samples*classes, 20k)
-        owner = np.array([c for _ in range(samples) for c in classes])
-        want_train = selection == "heldout"
-        if solver == "batched":
-            test_scores, train_scores, newton, cg = _lowshot_batched(
-                gram, basis, cross, subsets, owner, train_labels, costs, want_train, device
-            )
-            stats["newton_steps"][str(k)], stats["cg_iterations"][str(k)] = newton, cg
-        elif solver == "sklearn":
-            test_scores, train_scores = _lowshot_sklearn(
-                x.cpu().numpy(), test.cpu().numpy(), subsets, owner, train_labels, costs, want_train, jobs
-            )
-        else:
-            raise ValueError(f"unknown solver {solver!r}; choose batched or sklearn")
-        # scores: (images, problems, costs); one AP per column
-        labels = np.repeat(test_labels[:, owner], len(costs), axis=1)
-        ap = voc_ap_columns(test_scores.reshape(test_scores.shape[0], -1), labels)
-        maps[a] = 100 * ap.reshape(samples, len(classes), len(costs)).mean(axis=1)
+        draws = _Draws.draw(train_labels, k, samples, seed, classes)
+        test_scores, train_scores, counts = _solve_lowshot(
+            space, draws, train_labels, costs, selection == "heldout", solver, jobs
+        )
+        if counts is not None:
+            stats["newton_steps"][str(k)], stats["cg_iterations"][str(k)] = counts
+        maps[a] = _sample_maps(test_scores, test_labels[:, draws.owner], samples)
         if train_scores is not None:
-            held = train_labels[:, owner].copy()
-            for p, sub in enumerate(subsets):
-                held[sub, p] = 0  # the drawn images are not held out
-            held = np.repeat(held, len(costs), axis=1)
-            hap = voc_ap_columns(train_scores.reshape(train_scores.shape[0], -1), held)
-            heldout_maps[a] = 100 * hap.reshape(samples, len(classes), len(costs)).mean(axis=1)
+            heldout_maps[a] = _sample_maps(train_scores, draws.held_out(train_labels), samples)
         if progress is not None:
             progress(f"low-shot k={k}")
     return LowShotResult(
@@ -446,130 +458,105 @@ def lowshot_svm(
     )
 
 
-def _lowshot_batched(
-    gram: torch.Tensor,
-    basis: Callable[[], torch.Tensor],
-    cross: torch.Tensor,
-    subsets: np.ndarray,
-    owner: np.ndarray,
+_Counts = tuple[list[int], list[int]]  # Newton steps and CG iterations per cost
+
+
+def _solve_lowshot(
+    space: _LowShotSpace,
+    draws: _Draws,
     train_labels: np.ndarray,
     costs: Sequence[float],
     want_train: bool,
-    device: str,
-) -> tuple[np.ndarray, np.ndarray | None, list[int], list[int]]:
-    """Every (sample, class) subset of one k, solved as a batch. Scores of test (and trainval)
-    images come from the dual coefficients: K_other,subset β.
+    solver: SolverName,
+    jobs: int,
+) -> tuple[np.ndarray, np.ndarray | None, _Counts | None]:
+    """Scores (images, problems, costs) of one k's problems on test and, when wanted, trainval, by
+    either solver; the batched one also counts its work. Scores come from the dual coefficients:
+    K_other,subset β.
 
-    Small subsets get their own Gram block and eigenbasis (batches of equal-size problems, in
-    chunks that keep the blocks near 256 MB). From a quarter of trainval up, eigendecomposing
-    every block costs more than solving all subsets as masked columns of the trainval basis
-    (measured at k = 64/96 on VOC07: eigh alone took 51 s of 123 s), so they share that one."""
-    problems, size = subsets.shape
-    n = gram.shape[0]
-    if 4 * size > n:
-        return _lowshot_shared_basis(gram, basis, cross, subsets, owner, train_labels, costs, want_train)
+    Batched: small subsets get their own Gram block and eigenbasis. From a quarter of trainval up,
+    eigendecomposing every block costs more than solving all subsets as masked columns of the
+    trainval basis (measured at k = 64/96 on VOC07: eigh alone took 51 s of 123 s), so they share
+    that one."""
+    if solver == "batched":
+        if 4 * draws.subsets.shape[1] > space.gram.shape[0]:
+            return _lowshot_shared_basis(space, draws, train_labels, costs, want_train)
+        return _lowshot_blocks(space, draws, train_labels, costs, want_train)
+    from npidbench.solvers.voc_svm_sklearn import lowshot_sklearn  # it imports this module
+
+    x, test = space.x.cpu().numpy(), space.test.cpu().numpy()
+    test_scores, train_scores = lowshot_sklearn(
+        x, test, draws.subsets, draws.owner, train_labels, costs, want_train, jobs
+    )
+    return test_scores, train_scores, None
+
+
+def _sample_maps(scores: np.ndarray, labels: np.ndarray, samples: int) -> np.ndarray:
+    """(images, problems, costs) scores and (images, problems) labels -> (samples, costs) mAP x100,
+    the mean over the classes of a sample."""
+    costs = scores.shape[-1]
+    ap = voc_ap_columns(scores.reshape(scores.shape[0], -1), np.repeat(labels, costs, axis=1))
+    return 100 * ap.reshape(samples, -1, costs).mean(axis=1)
+
+
+def _lowshot_blocks(
+    space: _LowShotSpace, draws: _Draws, train_labels: np.ndarray, costs: Sequence[float], want_train: bool
+) -> tuple[np.ndarray, np.ndarray | None, _Counts]:
+    """Every (sample, class) subset of one k, solved as a batch, each on its own Gram block and
+    eigenbasis (batches of equal-size problems, in chunks that keep the blocks near 256 MB)."""
+    problems, size = draws.subsets.shape
     chunk = max(1, int(CHUNK_BYTES // (8 * size * size)))
-    test_scores = np.zeros((cross.shape[0], problems, len(costs)))
-    train_scores = np.zeros((gram.shape[0], problems, len(costs))) if want_train else None
+    test_scores = np.zeros((space.cross.shape[0], problems, len(costs)))
+    train_scores = np.zeros((space.gram.shape[0], problems, len(costs))) if want_train else None
     newton = [0] * len(costs)
     cg = [0] * len(costs)
     for start in range(0, problems, chunk):
-        part = subsets[start : start + chunk]
-        idx = torch.as_tensor(part, device=gram.device)
-        block = gram[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (P, size, size)
-        z = eigen_embedding(block, _solver_dtype(device))
-        del block
-        y = np.stack(
-            [
-                binary_labels(train_labels[sub, c])
-                for sub, c in zip(part, owner[start : start + chunk], strict=True)
-            ]
-        )
-        y_t = torch.tensor(y, device=gram.device).unsqueeze(-1)
-        w_t = torch.tensor(class_weights(y), device=gram.device).unsqueeze(-1)
-        solutions = solve_cost_path(z, y_t, w_t, costs)
-        del z
+        part = slice(start, start + chunk)
+        idx, solutions = _solve_chunk(space, draws.subsets[part], draws.owner[part], train_labels, costs)
         beta = torch.cat([s.beta for s in solutions], dim=-1)  # (P, size, costs)
-        for p in range(len(part)):
-            test_scores[:, start + p] = (cross[:, idx[p]] @ beta[p]).cpu().numpy()
+        for p in range(len(idx)):
+            test_scores[:, start + p] = (space.cross[:, idx[p]] @ beta[p]).cpu().numpy()
             if train_scores is not None:
-                train_scores[:, start + p] = (gram[:, idx[p]] @ beta[p]).cpu().numpy()
+                train_scores[:, start + p] = (space.gram[:, idx[p]] @ beta[p]).cpu().numpy()
         for j, solution in enumerate(solutions):
             newton[j] += solution.newton_steps
             cg[j] += solution.cg_iterations
-    return test_scores, train_scores, newton, cg
+    return test_scores, train_scores, (newton, cg)
+
+
+def _solve_chunk(
+    space: _LowShotSpace,
+    subsets: np.ndarray,
+    owner: np.ndarray,
+    train_labels: np.ndarray,
+    costs: Sequence[float],
+) -> tuple[torch.Tensor, list[CostSolution]]:
+    """Equal-size subsets, each on its own Gram block and eigenbasis: their indices, solutions."""
+    idx = torch.as_tensor(subsets, device=space.gram.device)
+    block = space.gram[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # (P, size, size)
+    z = eigen_embedding(block, _solver_dtype(space.device))
+    del block
+    y = np.stack([binary_labels(train_labels[sub, c]) for sub, c in zip(subsets, owner, strict=True)])
+    y_t = torch.tensor(y, device=space.gram.device).unsqueeze(-1)
+    w_t = torch.tensor(class_weights(y), device=space.gram.device).unsqueeze(-1)
+    return idx, solve_cost_path(z, y_t, w_t, costs)
 
 
 def _lowshot_shared_basis(
-    gram: torch.Tensor,
-    basis: Callable[[], torch.Tensor],
-    cross: torch.Tensor,
-    subsets: np.ndarray,
-    owner: np.ndarray,
-    train_labels: np.ndarray,
-    costs: Sequence[float],
-    want_train: bool,
-) -> tuple[np.ndarray, np.ndarray | None, list[int], list[int]]:
+    space: _LowShotSpace, draws: _Draws, train_labels: np.ndarray, costs: Sequence[float], want_train: bool
+) -> tuple[np.ndarray, np.ndarray | None, _Counts]:
     """All subsets as columns over the whole trainval basis; rows outside a subset weigh 0."""
-    z = basis()
-    y = binary_labels(train_labels[:, owner])  # (N, problems)
+    z = space.basis()
+    y = binary_labels(train_labels[:, draws.owner])  # (N, problems)
     member = np.zeros_like(y)
-    for p, sub in enumerate(subsets):
+    for p, sub in enumerate(draws.subsets):
         member[sub, p] = 1
-    y_t = torch.tensor(y, device=gram.device).unsqueeze(0)
-    w_t = torch.tensor(class_weights(y) * member, device=gram.device).unsqueeze(0)
+    y_t = torch.tensor(y, device=space.gram.device).unsqueeze(0)
+    w_t = torch.tensor(class_weights(y) * member, device=space.gram.device).unsqueeze(0)
     solutions = solve_cost_path(z, y_t, w_t, costs)
-    test_scores = np.stack([(cross @ s.beta[0]).cpu().numpy() for s in solutions], axis=-1)
+    test_scores = np.stack([(space.cross @ s.beta[0]).cpu().numpy() for s in solutions], axis=-1)
     train_scores = (
-        np.stack([(gram @ s.beta[0]).cpu().numpy() for s in solutions], axis=-1) if want_train else None
+        np.stack([(space.gram @ s.beta[0]).cpu().numpy() for s in solutions], axis=-1) if want_train else None
     )
-    return (
-        test_scores,
-        train_scores,
-        [s.newton_steps for s in solutions],
-        [s.cg_iterations for s in solutions],
-    )
-
-
-def _sklearn_lowshot_one(
-    x: np.ndarray,
-    test: np.ndarray,
-    subset: np.ndarray,
-    y: np.ndarray,
-    costs: Sequence[float],
-    want_train: bool,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    from sklearn.exceptions import ConvergenceWarning
-
-    test_scores = np.zeros((test.shape[0], len(costs)))
-    train_scores = np.zeros((x.shape[0], len(costs))) if want_train else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for j, cost in enumerate(costs):
-            model = _linear_svc(float(cost)).fit(x[subset], y)
-            test_scores[:, j] = model.decision_function(test)
-            if train_scores is not None:
-                train_scores[:, j] = model.decision_function(x)
-    return test_scores, train_scores
-
-
-def _lowshot_sklearn(
-    x: np.ndarray,
-    test: np.ndarray,
-    subsets: np.ndarray,
-    owner: np.ndarray,
-    train_labels: np.ndarray,
-    costs: Sequence[float],
-    want_train: bool,
-    jobs: int,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The anchors' low-shot: one LinearSVC per (subset, cost)."""
-    from joblib import Parallel, delayed
-
-    outputs = Parallel(n_jobs=jobs)(
-        delayed(_sklearn_lowshot_one)(x, test, sub, binary_labels(train_labels[sub, c]), costs, want_train)
-        for sub, c in zip(subsets, owner, strict=True)
-    )
-    test_scores = np.stack([o[0] for o in outputs], axis=1)
-    train_scores = np.stack([o[1] for o in outputs], axis=1) if want_train else None
-    return test_scores, train_scores
+    counts = ([s.newton_steps for s in solutions], [s.cg_iterations for s in solutions])
+    return test_scores, train_scores, counts

@@ -10,8 +10,9 @@ and named so in the record and the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from npidbench.backbone import FEATURE_LAYERS, POOLING, MultiLayerFeatures, layer_channels
+from npidbench.config import check_choices
 from npidbench.data import load_split
-from npidbench.data.images import EvalTransform, normalize_batch
+from npidbench.data.images import EvalTransform
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
@@ -28,19 +30,20 @@ from npidbench.precision import autocast, precision_name
 from npidbench.solvers.linear import HeadSet, build_heads, topk_correct
 from npidbench.tables import TableSpec, npid_reference
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
-from npidbench.training.augment import AUGMENTATIONS, TrainAugment, TrainImages
-from npidbench.training.batches import augmented_batches, eval_batches, row_batches, training_input
-from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
+from npidbench.training.augment import Augmentation, TrainAugment, TrainImages
+from npidbench.training.batches import augmented_batches, row_batches, training_input
+from npidbench.training.evaluate import forward_on, topk_accuracy
+from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit, scaled_lr
 
 PARTS = ("features", "avgpool")
-MODES = ("augmented", "cached")
+Mode = Literal["augmented", "cached"]
 PROTOCOLS = {"augmented": "linear-mhead", "cached": "linear-cached"}
 
 
 @dataclass(frozen=True)
 class Config:
     parts: tuple[str, ...] = PARTS
-    mode: str = "augmented"  # cached: heads on features extracted once, no augmentation
+    mode: Mode = "augmented"  # cached: heads on features extracted once, no augmentation
     batch_size: int = 256  # global batch; lrs below are for 256 and scaled linearly
     seed: int = 0
     resize: int = 256  # test transform: short side 256, center crop 224
@@ -56,7 +59,7 @@ class Config:
     features_lr: float = 0.01
     features_weight_decay: float = 1e-4
     features_nesterov: bool = True
-    features_augment: str = "rrc-jitter-lighting"
+    features_augment: Augmentation = "rrc-jitter-lighting"
     color_jitter: float = 0.4
     lighting: float = 0.1
     # AvgPool head (MoCo protocol: lr 30, wd 0, 100 epochs, steps 60/80, best epoch)
@@ -64,22 +67,18 @@ class Config:
     avgpool_milestones: tuple[int, ...] = (60, 80)
     avgpool_lr: float = 30.0
     avgpool_weight_decay: float = 0.0
-    avgpool_augment: str = "rrc"
+    avgpool_augment: Augmentation = "rrc"
     avgpool_eval_every: int = 1
     amp: bool = True  # bf16 autocast of the frozen forward on CUDA (recorded); false: fp32
 
     def __post_init__(self) -> None:
+        check_choices(self)  # the Literal fields, also when built in Python
         if (
             not self.parts
             or any(p not in PARTS for p in self.parts)
             or len(set(self.parts)) != len(self.parts)
         ):
             raise ValueError(f"parts must be some of {', '.join(PARTS)}, got {list(self.parts)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode}; choose augmented (the protocol) or cached (fast)")
-        for name in ("features_augment", "avgpool_augment"):
-            if getattr(self, name) not in AUGMENTATIONS:
-                raise ValueError(f"{name}={getattr(self, name)}; choose one of {', '.join(AUGMENTATIONS)}")
         if self.batch_size < 1 or self.features_epochs < 1 or self.avgpool_epochs < 1:
             raise ValueError("batch_size, features_epochs and avgpool_epochs must be at least 1")
         if min(self.features_lr, self.avgpool_lr) <= 0:
@@ -142,24 +141,21 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
+    probe = _Probe(ctx, config, train, test, world)
     if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
         layers = tuple(layer for name in config.parts for layer in config.part(name).layers)
-        transform = EvalTransform(config.resize, config.crop, "center-crop")
         for split in (train, test):
-            ctx.features(split, transform, layers)
+            ctx.features(split, probe.test_transform, layers)
     states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
     for name in config.parts:
         part = config.part(name)
         identity = run_identity(ctx, config, world.world_size, part=part.name, data=train.fingerprint)
         state = ResumeState(ctx.cache.root, identity, world)
-        history = _train_part(ctx, config, part, train, test, world, state)
+        history = _train_part(probe, part, state)
         histories[name] = history
         states.append(state)
-        evaluated = [line for line in history if "eval" in line]
-        if name == "features":  # mmselfsup reports the last epoch of the multi-head run
-            chosen = evaluated[-1]
-        else:  # MoCo reports the best epoch of the AvgPool run
-            chosen = max(evaluated, key=lambda line: line["eval"]["AvgPool"]["top1"])
+        chosen = _reported(part, history)
+        if name == "avgpool":
             metrics["avgpool_best_epoch"] = chosen["epoch"]
         for layer in part.layers:
             metrics["top1"][layer] = chosen["eval"][layer]["top1"]
@@ -181,110 +177,129 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     )
 
 
-def _train_part(
-    ctx: RunContext,
-    config: Config,
-    part: _Part,
-    train: DatasetSplit,
-    test: DatasetSplit,
-    world: DistInfo,
-    state: ResumeState,
-) -> list[dict[str, Any]]:
-    device = torch.device(world.device)
-    model = ctx.model.model
-    channels = layer_channels(model)
-    grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
+def _reported(part: _Part, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The history line a part reports: mmselfsup reports the last epoch of the multi-head run,
+    MoCo the best epoch of the AvgPool run."""
+    evaluated = [line for line in history if "eval" in line]
+    if part.name == "features":
+        return evaluated[-1]
+    return max(evaluated, key=lambda line: line["eval"]["AvgPool"]["top1"])
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the parts of one linear run share: the context, the settings, the splits, the world."""
+
+    ctx: RunContext
+    config: Config
+    train: DatasetSplit
+    test: DatasetSplit
+    world: DistInfo
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.world.device)
+
+    @property
+    def local_batch(self) -> int:
+        return self.config.batch_size // self.world.world_size
+
+    @property
+    def test_transform(self) -> EvalTransform:
+        return EvalTransform(self.config.resize, self.config.crop, "center-crop")
+
+
+Features = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a part's head inputs come from: ``batches(epoch)``, ``inputs(batch)`` -> (features,
+    labels) of a training batch, ``test()`` -> the test split's, ``size`` images per epoch."""
+
+    batches: Callable[[int], Iterable[Any]]
+    inputs: Callable[[Any], tuple[Features, torch.Tensor]]
+    test: Callable[[], Iterator[tuple[Features, torch.Tensor]]]
+    size: int
+
+
+def _augmented_source(probe: _Probe, part: _Part) -> _Source:
+    """Augmented training images through the frozen backbone at every step (the protocol)."""
+    ctx, config, device = probe.ctx, probe.config, probe.device
+    extractor = frozen_extractor(ctx.model.model, part.layers, device)
+    images = TrainImages(probe.train, part.augment, config.seed)
+
+    def inputs(batch) -> tuple[Features, torch.Tensor]:
+        with torch.no_grad(), autocast(device, config.amp):
+            features = extractor(training_input(batch, device))
+        return _float(features), batch.labels.to(device)
+
+    def test() -> Iterator[tuple[Features, torch.Tensor]]:
+        outputs = forward_on(
+            extractor, probe.test, probe.test_transform, probe.world, ctx.extract, config.amp
+        )
+        return ((_float(features), labels) for features, labels in outputs)
+
+    batches = augmented_batches(images, probe.world, probe.local_batch, ctx.extract.workers, device)
+    return _Source(batches, inputs, test, len(probe.train))
+
+
+def _cached_source(probe: _Probe, part: _Part) -> _Source:
+    """Rows of the features extracted once with the test transform (``mode=cached``)."""
+    world, device = probe.world, probe.device
+    train_x, train_y = _cached(probe.ctx, probe.train, probe.test_transform, part.layers)
+    test_x, test_y = _cached(probe.ctx, probe.test, probe.test_transform, part.layers)
+
+    def inputs(rows: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        return _rows(train_x, rows, device), train_y[rows].to(device)
+
+    def test() -> Iterator[tuple[Features, torch.Tensor]]:
+        shard = torch.arange(world.rank, len(test_y), world.world_size)
+        for rows in shard.split(probe.ctx.extract.batch_size):
+            yield _rows(test_x, rows, device), test_y[rows].to(device)
+
+    batches = row_batches(len(train_y), world, probe.local_batch, probe.config.seed)
+    return _Source(batches, inputs, test, len(train_y))
+
+
+def _train_part(probe: _Probe, part: _Part, state: ResumeState) -> list[dict[str, Any]]:
+    config = probe.config
+    lr = scaled_lr(part.lr, config.batch_size)
     torch.manual_seed(config.seed)  # the heads' initial weights
     heads, trainable = prepare_for_training(
-        build_heads(part.layers, channels, grids, len(train.classes)),
-        world,
+        frozen_heads_for(probe.ctx.model.model, len(probe.train.classes), part.layers),
+        probe.world,
         sync_bn=False,
         channels_last=False,
     )
     # The heads hold Linear layers only (BN has no affine): weight decay applies to all of them.
-    optimizer = sgd(
-        heads.parameters(),
-        scaled_lr(part.lr, config.batch_size),
-        config.momentum,
-        part.nesterov,
-        part.weight_decay,
-    )
-    local_batch = config.batch_size // world.world_size
-    test_transform = EvalTransform(config.resize, config.crop, "center-crop")
+    optimizer = sgd(heads.parameters(), lr, config.momentum, part.nesterov, part.weight_decay)
+    source = (_augmented_source if config.mode == "augmented" else _cached_source)(probe, part)
     shown = part.layers[-1]
 
-    def loss_of(features: dict[str, torch.Tensor], labels: torch.Tensor) -> StepResult:
+    def step(batch) -> StepResult:
+        features, labels = source.inputs(batch)
         logits = trainable(features)
         loss = sum(F.cross_entropy(out, labels) for out in logits.values())
         return StepResult(loss, len(labels), topk_correct(logits[shown].detach(), labels, (1,))[1])
 
-    if config.mode == "augmented":
-        extractor = frozen_extractor(model, part.layers, device)
-        images = TrainImages(train, part.augment, config.seed)
-        batches = augmented_batches(images, world, local_batch, ctx.extract.workers, device)
-
-        def step(batch) -> StepResult:
-            with torch.no_grad(), autocast(device, config.amp):
-                features = extractor(training_input(batch, device))
-            return loss_of(_float(features), batch.labels.to(device))
-
-        def test_features():
-            for uint8, labels in eval_batches(
-                test, test_transform, world, ctx.extract.batch_size, ctx.extract.workers
-            ):
-                with torch.no_grad(), autocast(device, config.amp):
-                    features = extractor(normalize_batch(uint8.to(device)))
-                yield _float(features), labels.to(device)
-
-        size = len(train)
-    else:
-        train_x, train_y = _cached(ctx, train, test_transform, part.layers)
-        test_x, test_y = _cached(ctx, test, test_transform, part.layers)
-        batches = row_batches(len(train_y), world, local_batch, config.seed)
-
-        def step(rows: torch.Tensor) -> StepResult:
-            return loss_of(_rows(train_x, rows, device), train_y[rows].to(device))
-
-        def test_features():
-            shard = torch.arange(world.rank, len(test_y), world.world_size)
-            for rows in shard.split(ctx.extract.batch_size):
-                yield _rows(test_x, rows, device), test_y[rows].to(device)
-
-        size = len(train_y)
-
-    @torch.no_grad()
     def evaluate() -> dict[str, Any]:
-        heads.eval()
-        counts = torch.zeros(len(part.layers), 2, dtype=torch.float64, device=device)
-        total = torch.zeros(1, dtype=torch.float64, device=device)
-        for features, labels in test_features():
-            for i, out in enumerate(heads(features).values()):
-                hits = topk_correct(out, labels, (1, 5))
-                counts[i, 0] += hits[1]
-                counts[i, 1] += hits[5]
-            total += len(labels)
-        all_reduce_sum(counts, world)
-        all_reduce_sum(total, world)
-        heads.train()
-        n = float(total.item())
-        return {
-            layer: {"top1": round(100 * float(c[0]) / n, 3), "top5": round(100 * float(c[1]) / n, 3)}
-            for layer, c in zip(part.layers, counts, strict=True)
-        }
+        outputs = ((heads(features).values(), labels) for features, labels in source.test())
+        return topk_accuracy(heads, outputs, part.layers, probe.world)
 
     return fit(
         label=f"linear {part.name}" + (" (cached)" if config.mode == "cached" else ""),
         trainable=heads,
         optimizer=optimizer,
-        base_lrs=[scaled_lr(part.lr, config.batch_size)],
+        base_lrs=[lr],
         schedule=part.schedule,
-        batches=batches,
+        batches=source.batches,
         step=step,
         evaluate=evaluate,
         evaluate_at=part.evaluate_at,
         state=state,
-        world=world,
-        images_per_epoch=size,
+        world=probe.world,
+        images_per_epoch=source.size,
     )
 
 
@@ -327,7 +342,8 @@ def _rows(arrays: dict[str, np.ndarray], rows: torch.Tensor, device: torch.devic
 
 
 def frozen_heads_for(model: nn.Module, classes: int, layers: tuple[str, ...] = FEATURE_LAYERS) -> HeadSet:
-    """The heads a probe of ``model`` trains (used by tests and benchmarks to read their sizes)."""
+    """The heads a probe of ``model`` trains (the probe builds them here; tests and benchmarks read
+    their sizes)."""
     grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
     return build_heads(layers, layer_channels(model), grids, classes)
 

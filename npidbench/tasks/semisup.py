@@ -18,16 +18,17 @@ import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from npidbench.backbone import layer_channels
+from npidbench.config import check_choices
 from npidbench.data import load_split
 from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
-from npidbench.data.images import EvalTransform, normalize_batch
+from npidbench.data.images import EvalTransform
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.precision import autocast, precision_name
@@ -36,18 +37,19 @@ from npidbench.solvers.linear import topk_correct
 from npidbench.tables import NPID_CONFIG, NPID_MODEL, TableSpec
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
 from npidbench.training.augment import TrainAugment, TrainImages
-from npidbench.training.batches import augmented_batches, eval_batches, training_input
-from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit, scaled_lr
+from npidbench.training.batches import augmented_batches, training_input
+from npidbench.training.evaluate import forward_on, topk_accuracy
+from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit, scaled_lr
 
-SELECTIONS = ("test", "heldout")
-SPLITS = ("simclr", "drawn")
+Selection = Literal["test", "heldout"]
+Split = Literal["simclr", "drawn"]
 PROTOCOL = "semisup-finetune"
 
 
 @dataclass(frozen=True)
 class Config:
     fraction: float = 0.01  # of the train split: 0.01 or 0.1 for SimCLR's lists
-    split: str = "simclr"  # simclr: SimCLR's list for `fraction` (shipped); drawn: seeded draw
+    split: Split = "simclr"  # simclr: SimCLR's list for `fraction` (shipped); drawn: seeded draw
     split_file: str = ""  # another list in SimCLR's format (one train file name per line)
     lrs: tuple[float, ...] = (0.001, 0.01, 0.1)  # base lr grid (for batch 256)
     head_mults: tuple[float, ...] = (1.0, 10.0, 100.0)  # head lr multiplier grid
@@ -59,7 +61,7 @@ class Config:
     weight_decay: float = 5e-4  # 1%: 5e-4, 10%: 1e-4
     momentum: float = 0.9
     batch_size: int = 256  # global; lrs are for 256 and scaled linearly
-    selection: str = "test"  # test: best point on val (published); heldout: on labelled data
+    selection: Selection = "test"  # test: best point on val (published); heldout: on labelled data
     heldout_fraction: float = 0.2
     seed: int = 0
     resize: int = 256  # test transform
@@ -70,18 +72,15 @@ class Config:
     amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
 
     def __post_init__(self) -> None:
+        check_choices(self)  # the Literal fields, also when built in Python
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split={self.split}; choose simclr (SimCLR's list, published) or drawn")
         if (self.lr is None) != (self.head_mult is None):
             raise ValueError("give both lr and head_mult for one grid point, or neither for the grid")
         if not self.lrs or not self.head_mults or min(self.lrs) <= 0 or min(self.head_mults) <= 0:
             raise ValueError("lrs and head_mults must be non-empty lists of positive numbers")
         if self.lr is not None and (self.lr <= 0 or self.head_mult <= 0):  # type: ignore[operator]
             raise ValueError("lr and head_mult must be positive")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection}; choose test (published) or heldout")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -167,44 +166,9 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
     labelled, split_info = labelled_split(train, config)
-    eval_transform = EvalTransform(config.resize, config.crop, "center-crop")
-    states: list[ResumeState] = []
-
-    def finetune(
-        lr: float, mult: float, data: DatasetSplit, judge: DatasetSplit, tag: str
-    ) -> dict[str, float]:
-        identity = run_identity(
-            ctx,
-            config,
-            world.world_size,
-            point=point_name(lr, mult),
-            judge=tag,
-            data=data.fingerprint,
-            images=[Path(p).name for p, _ in data.samples],
-        )
-        state = ResumeState(ctx.cache.root, identity, world)
-        states.append(state)
-        history = _finetune(ctx, config, lr, mult, data, judge, eval_transform, world, state, tag)
-        return history[-1]["eval"]
-
-    grid_scores: dict[str, dict[str, float]] = {}
-    if config.selection == "test":
-        for lr, mult in config.grid:
-            grid_scores[point_name(lr, mult)] = finetune(lr, mult, labelled, test, "val")
-        chosen = choose_point({name: s["top1"] for name, s in grid_scores.items()})
-        final = grid_scores[chosen]
-    else:
-        fit_rows, held_rows = held_out(labelled, config.heldout_fraction, config.seed)
-        fit_split = labelled.subset(fit_rows, f"{labelled.split}-fit")
-        held_split = labelled.subset(held_rows, f"{labelled.split}-heldout")
-        for lr, mult in config.grid:
-            grid_scores[point_name(lr, mult)] = finetune(lr, mult, fit_split, held_split, "heldout")
-        chosen = choose_point({name: s["top1"] for name, s in grid_scores.items()})
-        lr, mult = dict((point_name(a, b), (a, b)) for a, b in config.grid)[chosen]
-        log(f"semisup: {chosen} is best on the held-out images; refitting it on all {len(labelled)}")
-        final = finetune(lr, mult, labelled, test, "val")
-    for state in states:
-        state.clear()
+    tuner = _FineTuner(ctx, config, world)
+    grid_scores, chosen, final = _select(tuner, labelled, test)
+    tuner.clear()
     return TaskOutput(
         metrics={
             "top1": final["top1"],
@@ -228,6 +192,29 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     )
 
 
+def _select(
+    tuner: _FineTuner, labelled: DatasetSplit, test: DatasetSplit
+) -> tuple[dict[str, dict[str, float]], str, dict[str, float]]:
+    """(every grid point's scores, the chosen point, its val scores). ``selection=test`` judges
+    the points on val (published); ``heldout`` on held-out labelled images, then refits the
+    chosen point on all of them for val."""
+    config = tuner.config
+    if config.selection == "test":
+        scores = {point_name(*point): tuner.score(*point, labelled, test, "val") for point in config.grid}
+        chosen = choose_point({name: s["top1"] for name, s in scores.items()})
+        return scores, chosen, scores[chosen]
+    fit_rows, held_rows = held_out(labelled, config.heldout_fraction, config.seed)
+    fit_split = labelled.subset(fit_rows, f"{labelled.split}-fit")
+    held_split = labelled.subset(held_rows, f"{labelled.split}-heldout")
+    scores = {
+        point_name(*point): tuner.score(*point, fit_split, held_split, "heldout") for point in config.grid
+    }
+    chosen = choose_point({name: s["top1"] for name, s in scores.items()})
+    lr, mult = dict((point_name(a, b), (a, b)) for a, b in config.grid)[chosen]
+    log(f"semisup: {chosen} is best on the held-out images; refitting it on all {len(labelled)}")
+    return scores, chosen, tuner.score(lr, mult, labelled, test, "val")
+
+
 def _with_labelled(record: dict[str, Any], split_info: dict[str, Any]) -> dict[str, Any]:
     record["train"]["labelled"] = split_info  # how the labelled subset was made
     return record
@@ -247,78 +234,91 @@ class _Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def _finetune(
-    ctx: RunContext,
-    config: Config,
-    lr: float,
-    mult: float,
-    data: DatasetSplit,
-    judge: DatasetSplit,
-    transform: EvalTransform,
-    world: DistInfo,
-    state: ResumeState,
-    tag: str,
-) -> list[dict[str, Any]]:
-    device = torch.device(world.device)
-    torch.manual_seed(config.seed)  # the head's initial weights
-    model: nn.Module = _Classifier(copy.deepcopy(ctx.model.model), len(data.classes))
-    model, wrapped = prepare_for_training(model, world, config.sync_bn)
-    base = scaled_lr(lr, config.batch_size)
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model.backbone.parameters(), "lr": base},
-            {"params": model.head.parameters(), "lr": base * mult},
-        ],
-        lr=base,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        fused=True,  # one kernel for all parameters (several times faster on a CPU)
-    )
-    images = TrainImages(data, TrainAugment("rrc", config.crop, config.resize), config.seed)
-    batches = augmented_batches(
-        images, world, config.batch_size // world.world_size, ctx.extract.workers, device
-    )
-    amp = autocast(device, config.amp)
+class _FineTuner:
+    """Fine-tunes grid points of one run; keeps their resume states until the record is written."""
 
-    def step(batch) -> StepResult:
-        labels = batch.labels.to(device)
-        with amp:
-            logits = wrapped(training_input(batch, device))
-        loss = F.cross_entropy(logits.float(), labels)
-        return StepResult(loss, len(labels), topk_correct(logits.detach(), labels, (1,))[1])
+    def __init__(self, ctx: RunContext, config: Config, world: DistInfo) -> None:
+        self.ctx, self.config, self.world = ctx, config, world
+        self.device = torch.device(world.device)
+        self.transform = EvalTransform(config.resize, config.crop, "center-crop")
+        self.states: list[ResumeState] = []
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        counts = torch.zeros(3, dtype=torch.float64, device=device)
-        for uint8, labels in eval_batches(
-            judge, transform, world, ctx.extract.batch_size, ctx.extract.workers
-        ):
-            with amp:
-                logits = model(normalize_batch(uint8.to(device)))
-            hits = topk_correct(logits.float(), labels.to(device), (1, 5))
-            counts += torch.tensor([hits[1], hits[5], len(labels)], dtype=torch.float64, device=device)
-        all_reduce_sum(counts, world)
-        model.train()
-        return {
-            "top1": round(100 * float(counts[0] / counts[2]), 3),
-            "top5": round(100 * float(counts[1] / counts[2]), 3),
-        }
+    def score(
+        self, lr: float, mult: float, data: DatasetSplit, judge: DatasetSplit, tag: str
+    ) -> dict[str, float]:
+        """Top-1 / top-5 on ``judge`` after fine-tuning the point (lr, mult) on ``data``."""
+        identity = run_identity(
+            self.ctx,
+            self.config,
+            self.world.world_size,
+            point=point_name(lr, mult),
+            judge=tag,
+            data=data.fingerprint,
+            images=[Path(p).name for p, _ in data.samples],
+        )
+        state = ResumeState(self.ctx.cache.root, identity, self.world)
+        self.states.append(state)
+        return self._finetune(lr, mult, data, judge, state, tag)[-1]["eval"]
 
-    return fit(
-        label=f"semisup {point_name(lr, mult)}" + (" (held-out)" if tag == "heldout" else ""),
-        trainable=model,
-        optimizer=optimizer,
-        base_lrs=[base, base * mult],
-        schedule=StepSchedule(config.epochs, config.milestones, config.gamma),
-        batches=batches,
-        step=step,
-        evaluate=evaluate,
-        evaluate_at=lambda epoch: epoch + 1 == config.epochs,
-        state=state,
-        world=world,
-        images_per_epoch=len(data),
-    )
+    def clear(self) -> None:
+        for state in self.states:
+            state.clear()
+
+    def _model(self, lr: float, mult: float, classes: int) -> tuple[nn.Module, nn.Module, torch.optim.SGD]:
+        """(the classifier, what training steps call, SGD with the head at ``mult`` x the lr)."""
+        config = self.config
+        torch.manual_seed(config.seed)  # the head's initial weights
+        model: nn.Module = _Classifier(copy.deepcopy(self.ctx.model.model), classes)
+        model, wrapped = prepare_for_training(model, self.world, config.sync_bn)
+        base = scaled_lr(lr, config.batch_size)
+        optimizer = torch.optim.SGD(
+            [
+                {"params": model.backbone.parameters(), "lr": base},
+                {"params": model.head.parameters(), "lr": base * mult},
+            ],
+            lr=base,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            fused=True,  # one kernel for all parameters (several times faster on a CPU)
+        )
+        return model, wrapped, optimizer
+
+    def _finetune(
+        self, lr: float, mult: float, data: DatasetSplit, judge: DatasetSplit, state: ResumeState, tag: str
+    ) -> list[dict[str, Any]]:
+        config, device = self.config, self.device
+        model, wrapped, optimizer = self._model(lr, mult, len(data.classes))
+        images = TrainImages(data, TrainAugment("rrc", config.crop, config.resize), config.seed)
+        local_batch = config.batch_size // self.world.world_size
+
+        def step(batch) -> StepResult:
+            labels = batch.labels.to(device)
+            with autocast(device, config.amp):
+                logits = wrapped(training_input(batch, device))
+            loss = F.cross_entropy(logits.float(), labels)
+            return StepResult(loss, len(labels), topk_correct(logits.detach(), labels, (1,))[1])
+
+        def evaluate() -> dict[str, float]:
+            outputs = forward_on(model, judge, self.transform, self.world, self.ctx.extract, config.amp)
+            return topk_accuracy(
+                model, (([logits.float()], y) for logits, y in outputs), ("head",), self.world
+            )["head"]
+
+        base = scaled_lr(lr, config.batch_size)
+        return fit(
+            label=f"semisup {point_name(lr, mult)}" + (" (held-out)" if tag == "heldout" else ""),
+            trainable=model,
+            optimizer=optimizer,
+            base_lrs=[base, base * mult],
+            schedule=StepSchedule(config.epochs, config.milestones, config.gamma),
+            batches=augmented_batches(images, self.world, local_batch, self.ctx.extract.workers, device),
+            step=step,
+            evaluate=evaluate,
+            evaluate_at=lambda epoch: epoch + 1 == config.epochs,
+            state=state,
+            world=self.world,
+            images_per_epoch=len(data),
+        )
 
 
 SEMISUP_COLUMNS = ("Fine-tuned Config", "Top-1 (%)", "Top-5 (%)")

@@ -17,24 +17,33 @@ import numpy as np
 
 from npidbench.atomic import atomic_write_text
 from npidbench.backbone import FEATURE_LAYERS, LAYERS
-from npidbench.config import config_to_dict
+from npidbench.config import check_choices, config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
-from npidbench.features_dir import CONVENTIONS, read_features_dir
+from npidbench.features_dir import LabelConvention, read_features_dir
 from npidbench.progress import log, make_progress
-from npidbench.solvers.voc_svm import LOWSHOT_KS, USER_COSTS, TrainKernel, cost_list, full_svm, lowshot_svm
+from npidbench.solvers.voc_svm import (
+    LOWSHOT_KS,
+    CostListName,
+    LayerResult,
+    Selection,
+    SolverName,
+    TrainKernel,
+    cost_list,
+    full_svm,
+    lowshot_svm,
+)
 from npidbench.tables import TableSpec, npid_reference
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
 
 NAME = "voc-svm"
 PARTS = ("full", "lowshot")
-SELECTIONS = ("test", "heldout")
 PROTOCOL = "voc07-svm"
 
 
 # The solver is part of how a number was made (both reach liblinear's objective; benchmarks/).
-SOLVERS = {
+SOLVERS: dict[SolverName, str] = {
     "batched": "npidbench batched truncated-Newton on the trainval Gram matrix (float64), "
     "every class x cost x fold at once",
     "sklearn": "sklearn LinearSVC (liblinear, dual), one fit per class x cost x fold",
@@ -45,8 +54,8 @@ SOLVERS = {
 class Config:
     parts: tuple[str, ...] = PARTS
     layers: tuple[str, ...] = FEATURE_LAYERS
-    costs: str = "mms"  # cost list: mms (default), fair or vissl
-    solver: str = "batched"  # batched, or sklearn: the anchors' LinearSVC one fit at a time
+    costs: CostListName = "mms"  # cost list: mms (default), fair or vissl
+    solver: SolverName = "batched"  # batched, or sklearn: the anchors' LinearSVC one fit at a time
     jobs: int = 1  # sklearn solver: parallel processes (1 = the anchors' way)
     folds: int = 3
     lowshot_ks: tuple[int, ...] = LOWSHOT_KS
@@ -55,22 +64,15 @@ class Config:
     lowshot_layer: str = (
         "auto"  # auto: the best layer (this run, else the latest full-SVM record), else Feature5
     )
-    selection: str = "test"  # test: published (test-selected) choices; heldout: chosen on trainval
-    labels: str = "fair"  # --features-dir label convention: fair (1/0/-1) or voc (1/-1/0)
+    selection: Selection = "test"  # test: published (test-selected) choices; heldout: chosen on trainval
+    labels: LabelConvention = "fair"  # --features-dir label convention: fair (1/0/-1) or voc (1/-1/0)
     resize: int = 256  # short side 256, then squashed to size x size (no crop)
     size: int = 224
 
     def __post_init__(self) -> None:
+        check_choices(self)  # the Literal fields, also when built in Python
         if not self.parts or any(p not in PARTS for p in self.parts):
             raise ValueError(f"parts must be a list of {', '.join(PARTS)}, got {list(self.parts)}")
-        if self.costs not in USER_COSTS:
-            raise ValueError(f"costs={self.costs} is not a cost list; choose {', '.join(USER_COSTS)}")
-        if self.solver not in ("batched", "sklearn"):
-            raise ValueError(f"solver={self.solver} is not a solver; choose batched or sklearn")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection={self.selection}; choose test (published) or heldout")
-        if self.labels not in CONVENTIONS:
-            raise ValueError(f"labels={self.labels}; choose fair (1/0/-1) or voc (1/-1/0)")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if self.jobs < 1 or self.lowshot_samples < 1:
@@ -96,6 +98,15 @@ class _Inputs:
 
     def features(self, split: str, layer: str) -> np.ndarray:
         return self.source(split, layer)
+
+    def arrays(self, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What the solvers take: trainval features and labels, test features and labels."""
+        return (
+            self.features("trainval", layer),
+            self.train_labels,
+            self.features("test", layer),
+            self.test_labels,
+        )
 
 
 def _from_features_dir(ctx: RunContext, config: Config, layers: list[str] | None) -> _Inputs:
@@ -181,134 +192,168 @@ def _model_sha(ctx: RunContext, inputs: _Inputs) -> str:
     return inputs.model["sha256"] if inputs.model else ctx.model.sha256
 
 
-def run(ctx: RunContext, config: Config) -> TaskOutput:
-    device = ctx.extract.device
-    costs = cost_list(config.costs)
-    full = "full" in config.parts
-    explicit = None if config.lowshot_layer == "auto" else config.lowshot_layer
+def _explicit_layer(config: Config) -> str | None:
+    return None if config.lowshot_layer == "auto" else config.lowshot_layer
+
+
+def _load_inputs(ctx: RunContext, config: Config) -> _Inputs:
     if ctx.features_dir is not None:
-        inputs = _from_features_dir(ctx, config, None)  # every layer the directory has
-    else:
-        # One forward pass yields every layer: a low-shot run whose layer is only known from a
-        # previous record extracts them all (and a later full SVM finds them cached).
-        if explicit is not None and explicit not in LAYERS:
-            raise BadInput(
-                f"lowshot_layer={explicit} is not a layer; choose auto or one of {', '.join(LAYERS)}"
-            )
-        layers = [explicit] if explicit is not None and not full else list(config.layers)
-        inputs = _from_checkpoint(ctx, config, layers)
+        return _from_features_dir(ctx, config, None)  # every layer the directory has
+    # One forward pass yields every layer: a low-shot run whose layer is only known from a
+    # previous record extracts them all (and a later full SVM finds them cached).
+    explicit = _explicit_layer(config)
+    if explicit is not None and explicit not in LAYERS:
+        raise BadInput(f"lowshot_layer={explicit} is not a layer; choose auto or one of {', '.join(LAYERS)}")
+    layers = [explicit] if explicit is not None and "full" not in config.parts else list(config.layers)
+    return _from_checkpoint(ctx, config, layers)
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    costs = cost_list(config.costs)
+    inputs = _load_inputs(ctx, config)
     _check_labels(inputs)
     metrics: dict[str, Any] = {"selection": config.selection, "cost_list": config.costs}
-    details: dict[str, Any] = {"costs": costs, "solver": SOLVERS[config.solver]}
     best: str | None = None
-    if full:
-        summaries: dict[str, dict[str, Any]] = {}
-        kernels: dict[str, TrainKernel] = {}
+    kernel: TrainKernel | None = None
+    partial: _PartialLayers | None = None
+    if "full" in config.parts:
         partial = _PartialLayers(ctx, config, _model_sha(ctx, inputs), inputs.dataset["fingerprint"], costs)
-
-        # Best layer: the published protocol takes the highest test mAP; heldout takes the
-        # highest mean cross-validated AP, which never looks at the test set.
-        def key(name: str) -> float:
-            return float(summaries[name]["mAP" if config.selection == "test" else "cv_map"])
-
-        for layer in inputs.layers:
-            saved = partial.load(layer)
-            if saved is not None:
-                summaries[layer] = saved
-                log(f"  {layer}: mAP {saved['mAP']:.2f} (kept from an interrupted run)")
-                continue
-            log(
-                f"VOC07 SVM {layer}: {train_dims(inputs, layer)} dims, {len(costs)} costs, solver {config.solver}"
-            )
-            with make_progress("cost") as bar:
-                # the batched solver reports each cost of the path; sklearn reports at the end
-                task = bar.add_task(f"SVM {layer}", total=len(costs))
-                result = full_svm(
-                    inputs.features("trainval", layer),
-                    inputs.train_labels,
-                    inputs.features("test", layer),
-                    inputs.test_labels,
-                    costs,
-                    solver=config.solver,
-                    folds=config.folds,
-                    device=device,
-                    jobs=config.jobs,
-                    keep_kernel="lowshot" in config.parts,
-                    progress=lambda _message, task=task: bar.advance(task),
-                )
-                bar.update(task, completed=len(costs))
-            summaries[layer] = result.summary()
-            partial.save(layer, summaries[layer])
-            log(f"  {layer}: mAP {result.map:.2f} ({result.seconds:.1f} s)")
-            # Keep only the best layer's trainval kernel so far: low-shot reuses it.
-            if result.kernel is not None and max(summaries, key=key) == layer:
-                kernels = {layer: result.kernel}
-        best = max(summaries, key=key)
-        kernel = kernels.get(best)
-        metrics["layers"] = summaries
-        metrics["best_layer"] = best
-        metrics["svm"] = summaries[best]["mAP"]
-    else:
-        kernel = None
+        full, best, kernel = _run_full(ctx, config, inputs, costs, partial)
+        metrics.update(full)
     seeds: list[int] = []
     if "lowshot" in config.parts:
-        layer = (
-            explicit
-            or best
-            or _previous_best_layer(ctx, _model_sha(ctx, inputs), inputs.dataset["fingerprint"])
-        )
-        if layer is None and ctx.features_dir is not None and len(inputs.layers) == 1:
-            layer = inputs.layers[0]
-        layer = layer or "Feature5"
-        if layer not in inputs.layers:
-            if ctx.features_dir is not None:
-                raise BadInput(
-                    f"{ctx.features_dir} has no layer {layer}; set lowshot_layer to one of {inputs.layers}"
-                )
-            inputs = _from_checkpoint(ctx, config, [layer])
-        log(f"VOC07 low-shot SVM on {layer}: k = {list(config.lowshot_ks)}, {config.lowshot_samples} samples")
-        try:
-            with make_progress("k") as bar:
-                task = bar.add_task(f"low-shot {layer}", total=len(config.lowshot_ks))
-                low = lowshot_svm(
-                    inputs.features("trainval", layer),
-                    inputs.train_labels,
-                    inputs.features("test", layer),
-                    inputs.test_labels,
-                    costs,
-                    layer=layer,
-                    ks=config.lowshot_ks,
-                    samples=config.lowshot_samples,
-                    seed=config.seed,
-                    selection=config.selection,
-                    solver=config.solver,
-                    device=device,
-                    jobs=config.jobs,
-                    kernel=kernel if layer == best else None,
-                    progress=lambda _message: bar.advance(task),
-                )
-        except ValueError as exc:  # too few positives / negatives for a k
-            raise BadInput(f"{exc}: lower it with --set lowshot_ks=[...]") from exc
-        metrics["lowshot"] = {
-            "layer": layer,
-            "layer_from": "explicit" if explicit else ("this run" if best else "previous record or Feature5"),
-            "selection": config.selection,
-            "seed": config.seed,
-            "k": low.summary(),
-            "seconds": round(low.seconds, 2),
-            **low.stats,
-        }
+        layer, layer_from = _lowshot_layer(ctx, config, inputs, best)
+        inputs = _with_layer(ctx, config, inputs, layer)
+        low_kernel = kernel if layer == best else None
+        metrics["lowshot"] = _run_lowshot(ctx, config, inputs, costs, layer, layer_from, low_kernel)
         seeds = [config.seed]
-    if full:
+    if partial is not None:
         partial.clear()  # the record holds it all now
     return TaskOutput(
         metrics=metrics,
         dataset=inputs.dataset,
         protocol=PROTOCOL,
         seeds=seeds,
-        details=details,
+        details={"costs": costs, "solver": SOLVERS[config.solver]},
         model=inputs.model,
     )
+
+
+def _run_full(
+    ctx: RunContext, config: Config, inputs: _Inputs, costs: list[float], partial: _PartialLayers
+) -> tuple[dict[str, Any], str, TrainKernel | None]:
+    """The full SVM on every layer (finished ones kept from an interrupted run): the metrics'
+    layers, best_layer and svm, the best layer, and its trainval kernel when low-shot follows."""
+    summaries: dict[str, dict[str, Any]] = {}
+    kernels: dict[str, TrainKernel] = {}
+
+    # Best layer: the published protocol takes the highest test mAP; heldout takes the
+    # highest mean cross-validated AP, which never looks at the test set.
+    def key(name: str) -> float:
+        return float(summaries[name]["mAP" if config.selection == "test" else "cv_map"])
+
+    for layer in inputs.layers:
+        saved = partial.load(layer)
+        if saved is not None:
+            summaries[layer] = saved
+            log(f"  {layer}: mAP {saved['mAP']:.2f} (kept from an interrupted run)")
+            continue
+        result = _full_layer(ctx, config, inputs, layer, costs)
+        summaries[layer] = result.summary()
+        partial.save(layer, summaries[layer])
+        log(f"  {layer}: mAP {result.map:.2f} ({result.seconds:.1f} s)")
+        # Keep only the best layer's trainval kernel so far: low-shot reuses it.
+        if result.kernel is not None and max(summaries, key=key) == layer:
+            kernels = {layer: result.kernel}
+    best = max(summaries, key=key)
+    return {"layers": summaries, "best_layer": best, "svm": summaries[best]["mAP"]}, best, kernels.get(best)
+
+
+def _full_layer(
+    ctx: RunContext, config: Config, inputs: _Inputs, layer: str, costs: list[float]
+) -> LayerResult:
+    log(f"VOC07 SVM {layer}: {train_dims(inputs, layer)} dims, {len(costs)} costs, solver {config.solver}")
+    with make_progress("cost") as bar:
+        # the batched solver reports each cost of the path; sklearn reports at the end
+        task = bar.add_task(f"SVM {layer}", total=len(costs))
+        result = full_svm(
+            *inputs.arrays(layer),
+            costs,
+            solver=config.solver,
+            folds=config.folds,
+            device=ctx.extract.device,
+            jobs=config.jobs,
+            keep_kernel="lowshot" in config.parts,
+            progress=lambda _message: bar.advance(task),
+        )
+        bar.update(task, completed=len(costs))
+    return result
+
+
+def _lowshot_layer(ctx: RunContext, config: Config, inputs: _Inputs, best: str | None) -> tuple[str, str]:
+    """The low-shot layer and where it came from: the explicit lowshot_layer, else this run's
+    best layer, else the latest full-SVM record's, else a features directory's only layer, else
+    Feature5."""
+    explicit = _explicit_layer(config)
+    layer = (
+        explicit or best or _previous_best_layer(ctx, _model_sha(ctx, inputs), inputs.dataset["fingerprint"])
+    )
+    if layer is None and ctx.features_dir is not None and len(inputs.layers) == 1:
+        layer = inputs.layers[0]
+    layer_from = "explicit" if explicit else ("this run" if best else "previous record or Feature5")
+    return layer or "Feature5", layer_from
+
+
+def _with_layer(ctx: RunContext, config: Config, inputs: _Inputs, layer: str) -> _Inputs:
+    """``inputs``, or the checkpoint's features of ``layer`` when they lack it."""
+    if layer in inputs.layers:
+        return inputs
+    if ctx.features_dir is not None:
+        raise BadInput(
+            f"{ctx.features_dir} has no layer {layer}; set lowshot_layer to one of {inputs.layers}"
+        )
+    return _from_checkpoint(ctx, config, [layer])
+
+
+def _run_lowshot(
+    ctx: RunContext,
+    config: Config,
+    inputs: _Inputs,
+    costs: list[float],
+    layer: str,
+    layer_from: str,
+    kernel: TrainKernel | None,
+) -> dict[str, Any]:
+    """The low-shot SVM on ``layer``: the metrics' lowshot part."""
+    log(f"VOC07 low-shot SVM on {layer}: k = {list(config.lowshot_ks)}, {config.lowshot_samples} samples")
+    try:
+        with make_progress("k") as bar:
+            task = bar.add_task(f"low-shot {layer}", total=len(config.lowshot_ks))
+            low = lowshot_svm(
+                *inputs.arrays(layer),
+                costs,
+                layer=layer,
+                ks=config.lowshot_ks,
+                samples=config.lowshot_samples,
+                seed=config.seed,
+                selection=config.selection,
+                solver=config.solver,
+                device=ctx.extract.device,
+                jobs=config.jobs,
+                kernel=kernel,
+                progress=lambda _message: bar.advance(task),
+            )
+    except ValueError as exc:  # too few positives / negatives for a k
+        raise BadInput(f"{exc}: lower it with --set lowshot_ks=[...]") from exc
+    return {
+        "layer": layer,
+        "layer_from": layer_from,
+        "selection": config.selection,
+        "seed": config.seed,
+        "k": low.summary(),
+        "seconds": round(low.seconds, 2),
+        **low.stats,
+    }
 
 
 class _PartialLayers:

@@ -8,18 +8,17 @@ index), so a resumed run and a run on another number of processes see the same a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torchvision.transforms.v2 as T
-from torch.utils.data import Dataset
 
 from npidbench.data.images import IMAGENET_STD, decode_error_reason, decode_rgb
 from npidbench.data.splits import DatasetSplit
-from npidbench.errors import BadInput
-from npidbench.pretrain.data import mix_seed
+from npidbench.pretrain.data import SplitImages, mix_seed
 
-AUGMENTATIONS = ("rrc", "rrc-jitter-lighting", "places")
-PRELOAD_LIMIT = 20_000  # small splits (the synthetic ones) are decoded once and kept in memory
+Augmentation = Literal["rrc", "rrc-jitter-lighting", "places"]  # a config field's type
+AUGMENTATIONS: tuple[str, ...] = get_args(Augmentation)
 
 # PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), as used by fb.resnet.torch and mmselfsup's
 # Lighting transform: eigenvalues and eigenvectors (columns) in [0, 1] pixel units.
@@ -38,7 +37,7 @@ class TrainAugment:
     ``places``: resize ``resize``, center crop ``resize``, random crop ``crop`` + flip (Places205).
     """
 
-    kind: str = "rrc"
+    kind: Augmentation = "rrc"
     crop: int = 224
     resize: int = 256
     color_jitter: float = 0.4
@@ -70,27 +69,13 @@ class TrainAugment:
         return self.kind == "rrc-jitter-lighting" and self.lighting > 0
 
 
-class TrainImages(Dataset):
+class TrainImages(SplitImages):
     """(uint8 augmented image or None, label, lighting offset, error) per index, deterministic per
     (seed, epoch, index). Decoding errors travel to the main process, which names the file."""
 
     def __init__(self, split: DatasetSplit, augment: TrainAugment, seed: int) -> None:
-        self.split, self.augment, self.seed = split, augment, seed
-        self.transform = augment.build()
-        self.epoch = 0
-        self.images: list[torch.Tensor] | None = None
-        if len(split) <= PRELOAD_LIMIT:
-            self.images = [self._decode_or_raise(i) for i in range(len(split))]
-
-    def _decode_or_raise(self, index: int) -> torch.Tensor:
-        path = self.split.samples[index][0]
-        try:
-            return decode_rgb(path)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise BadInput(f"unreadable training image {path}: {decode_error_reason(exc)}") from exc
-
-    def __len__(self) -> int:
-        return len(self.split)
+        self.augment = augment
+        super().__init__(split, augment.build(), seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, torch.Tensor, int, str | None]:
         label = self.split.samples[index][1]

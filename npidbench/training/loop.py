@@ -130,77 +130,164 @@ def fit(
     of this loop: ``lr_at(iteration)`` then sets the lr factor at every step (warm-up, poly), and
     with ``step_seed`` torch's generator is seeded per iteration (RoI sampling, dropout), so that
     a resumed run repeats the uninterrupted one."""
-    history: list[dict[str, Any]] = []
-    start = 0
-    saved = state.load()
-    if saved is not None:
-        trainable.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history, start = list(saved["history"]), int(saved["epoch"])
-        log(f"{label}: resuming after epoch {start} of {schedule.epochs} ({state.folder})")
+    run = _Training(
+        label,
+        trainable,
+        optimizer,
+        base_lrs,
+        schedule,
+        batches,
+        step,
+        evaluate,
+        evaluate_at,
+        world,
+        iterations_per_epoch,
+        lr_at,
+        step_seed,
+    )
+    history, start = run.resume(state)
     try:
+        return run.epochs(state, history, start, images_per_epoch)
+    except KeyboardInterrupt:
+        raise _interrupted(label, schedule.epochs, state) from None
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What ``fit`` trains and how: one epoch at a time, resumable."""
+
+    label: str
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: Sequence[float]
+    schedule: StepSchedule
+    batches: Callable[[int], Iterable[Any]]
+    step: Callable[[Any], StepResult]
+    evaluate: Callable[[], dict[str, Any]] | None
+    evaluate_at: Callable[[int], bool]
+    world: DistInfo
+    iterations_per_epoch: int  # with lr_at / step_seed: an iteration-based schedule (see fit)
+    lr_at: Callable[[int], float] | None
+    step_seed: int | None
+
+    def resume(self, state: ResumeState) -> tuple[list[dict[str, Any]], int]:
+        """(the history so far, the first epoch to train): where the saved state left off."""
+        saved = state.load()
+        if saved is None:
+            return [], 0
+        self.trainable.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        history, start = list(saved["history"]), int(saved["epoch"])
+        log(f"{self.label}: resuming after epoch {start} of {self.schedule.epochs} ({state.folder})")
+        return history, start
+
+    def epochs(
+        self, state: ResumeState, history: list[dict[str, Any]], start: int, images_per_epoch: int
+    ) -> list[dict[str, Any]]:
+        """Train from epoch ``start`` to the end, evaluating and saving the state after each."""
         with make_progress(unit="img") as progress:
             bar = progress.add_task(
-                label, total=images_per_epoch * schedule.epochs, completed=images_per_epoch * start
+                self.label,
+                total=images_per_epoch * self.schedule.epochs,
+                completed=images_per_epoch * start,
             )
-            for epoch in range(start, schedule.epochs):
-                factor = schedule.factor(epoch)
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-                started, seen, correct, loss_sum, steps = time.perf_counter(), 0, 0, 0.0, 0
-                trainable.train()
-                for batch in batches(epoch):
-                    iteration = epoch * iterations_per_epoch + steps
-                    if lr_at is not None:
-                        factor = lr_at(iteration)
-                        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                            group["lr"] = base * factor
-                    if step_seed is not None:
-                        torch.manual_seed(mix_seed(step_seed, iteration, 5))
-                    result = step(batch)
-                    value = float(result.loss.detach())
-                    if not math.isfinite(value):
-                        raise RunFailed(
-                            f"{label}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
-                            "with --set and run again (finished epochs are kept and resumed)"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    result.loss.backward()
-                    optimizer.step()
-                    seen += result.images
-                    correct += result.correct or 0
-                    shown = f" acc {100 * correct / max(seen, 1):.1f}%" if result.correct is not None else ""
-                    loss_sum += value
-                    steps += 1
-                    progress.update(
-                        bar,
-                        advance=result.images * world.world_size,
-                        description=f"{label} ep {epoch + 1}/{schedule.epochs} loss {value:.3f}{shown}",
-                    )
-                seconds = time.perf_counter() - started
-                line: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "lr_factor": round(factor, 10),
-                    "loss": round(loss_sum / max(steps, 1), 5),
-                    "train_top1": round(100 * correct / max(seen, 1), 3),
-                    "images_per_s": round(seen * world.world_size / seconds, 1) if seconds > 0 else 0.0,
-                }
-                if evaluate is not None and evaluate_at(epoch):
-                    line["eval"] = evaluate()
-                history.append(line)
-                state.save(
-                    {
-                        "epoch": epoch + 1,
-                        "model": trainable.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    }
+            for epoch in range(start, self.schedule.epochs):
+                line = self.train_one_epoch(
+                    epoch, lambda n, text: progress.update(bar, advance=n, description=text)
                 )
+                if self.evaluate is not None and self.evaluate_at(epoch):
+                    line["eval"] = self.evaluate()
+                history.append(line)
+                self.save(state, epoch, history)
         return history
-    except KeyboardInterrupt:
-        saved = state.load()
-        done = int(saved["epoch"]) if saved is not None else 0
-        raise RunFailed(
-            f"{label}: interrupted after {done} of {schedule.epochs} epochs; they are saved in {state.folder}: "
-            "run the same command again to continue"
-        ) from None
+
+    def set_lr(self, factor: float) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def train_one_epoch(self, epoch: int, advance: Callable[[int, str], None]) -> dict[str, Any]:
+        """Train one epoch; returns its history line (without the evaluation). ``advance(images,
+        text)`` moves the progress bar after every step."""
+        factor = self.schedule.factor(epoch)
+        self.set_lr(factor)
+        started, tally = time.perf_counter(), _Tally()
+        self.trainable.train()
+        for batch in self.batches(epoch):
+            iteration = epoch * self.iterations_per_epoch + tally.steps
+            if self.lr_at is not None:
+                factor = self.lr_at(iteration)
+                self.set_lr(factor)
+            if self.step_seed is not None:
+                torch.manual_seed(mix_seed(self.step_seed, iteration, 5))
+            result = self.step(batch)
+            value = self._finite_loss(result, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            self.optimizer.step()
+            tally.add(result, value)
+            shown = f" acc {tally.top1():.1f}%" if result.correct is not None else ""
+            advance(
+                result.images * self.world.world_size,
+                f"{self.label} ep {epoch + 1}/{self.schedule.epochs} loss {value:.3f}{shown}",
+            )
+        seconds = time.perf_counter() - started
+        return tally.line(epoch, factor, self.world.world_size, seconds)
+
+    def _finite_loss(self, result: StepResult, epoch: int) -> float:
+        value = float(result.loss.detach())
+        if not math.isfinite(value):
+            raise RunFailed(
+                f"{self.label}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
+                "with --set and run again (finished epochs are kept and resumed)"
+            )
+        return value
+
+    def save(self, state: ResumeState, epoch: int, history: list[dict[str, Any]]) -> None:
+        """The state after ``epoch``: a rerun continues with the next one."""
+        state.save(
+            {
+                "epoch": epoch + 1,
+                "model": self.trainable.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": history,
+            }
+        )
+
+
+@dataclass
+class _Tally:
+    """One epoch's running totals."""
+
+    seen: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    steps: int = 0
+
+    def add(self, result: StepResult, loss: float) -> None:
+        self.seen += result.images
+        self.correct += result.correct or 0
+        self.loss_sum += loss
+        self.steps += 1
+
+    def top1(self) -> float:
+        return 100 * self.correct / max(self.seen, 1)
+
+    def line(self, epoch: int, factor: float, world_size: int, seconds: float) -> dict[str, Any]:
+        """The epoch's history line (``factor``: the lr factor of its last step)."""
+        return {
+            "epoch": epoch + 1,
+            "lr_factor": round(factor, 10),
+            "loss": round(self.loss_sum / max(self.steps, 1), 5),
+            "train_top1": round(self.top1(), 3),
+            "images_per_s": round(self.seen * world_size / seconds, 1) if seconds > 0 else 0.0,
+        }
+
+
+def _interrupted(label: str, epochs: int, state: ResumeState) -> RunFailed:
+    """Ctrl-C: what the user is told (the finished epochs are in the saved state)."""
+    saved = state.load()
+    done = int(saved["epoch"]) if saved is not None else 0
+    return RunFailed(
+        f"{label}: interrupted after {done} of {epochs} epochs; they are saved in {state.folder}: "
+        "run the same command again to continue"
+    )
