@@ -8,6 +8,7 @@ keys are refused with the list of valid ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -130,6 +131,39 @@ def coerce(value: Any, hint: Any, key: str, origin: str = "--set") -> Any:
             raise BadInput(f"{origin}: {key}={value!r} is not a string")
         return value
     return value
+
+
+def check_choices(config: Any) -> None:
+    """Every ``Literal[...]`` field of dataclass instance ``config`` (and every item of a tuple of
+    Literals) holds one of its choices: the check for configs built in Python, not through
+    ``build_config`` (which coerces first). Raises ValueError naming the field and the choices."""
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        value = getattr(config, f.name)
+        if (
+            typing.get_origin(hint) is tuple
+            and typing.get_args(hint)[:1]
+            and _is_literal(typing.get_args(hint)[0])
+        ):
+            hint, values = typing.get_args(hint)[0], list(value)
+        elif _is_literal(hint):
+            values = [value]
+        else:
+            continue
+        choices = typing.get_args(hint)
+        for item in values:
+            if item not in choices:
+                raise ValueError(f"{f.name}={item!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _is_literal(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Literal
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from npidbench.cache import CachedFeatures
+from npidbench.config import check_choices
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
@@ -33,6 +34,7 @@ class Config:
     crop: int = 224
 
     def __post_init__(self) -> None:
+        check_choices(self)  # the Literal fields, also when built in Python
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be positive integers, got {list(self.ks)}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
