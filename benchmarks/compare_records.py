@@ -46,7 +46,11 @@ def differences(before: Any, after: Any, where: str = "") -> list[str]:
                 out.extend(differences(before[key], after[key], f"{where}.{key}"))
         return out
     if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [d for i, (b, a) in enumerate(zip(before, after, strict=True)) for d in differences(b, a, f"{where}[{i}]")]
+        return [
+            d
+            for i, (b, a) in enumerate(zip(before, after, strict=True))
+            for d in differences(b, a, f"{where}[{i}]")
+        ]
     return [] if before == after else [f"{where}: {json.dumps(before)[:80]} -> {json.dumps(after)[:80]}"]
 
 

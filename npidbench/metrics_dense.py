@@ -1,5 +1,7 @@
 """Metrics of the detection and segmentation transfer benchmarks (PROTOCOLS.md "Detection",
-"Segmentation"): VOC07 detection AP, COCO AP through pycocotools, mIoU from a confusion matrix.
+"Segmentation"): VOC07 detection AP, COCO AP through pycocotools, mIoU from a confusion matrix,
+and the detection table's numbers from a detector's outputs on a split (``voc_metrics``,
+``coco_metrics``: outputs as (image index, torchvision detection dict on the CPU)).
 
 The VOC detection AP is written here rather than taken from a library: pycocotools implements
 COCO's 101-point rule, not the VOC07 11-point rule with difficult objects ignored that the VOC
@@ -10,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from npidbench.data.splits import DetectionSplit
 
 VOC_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # .50:.95, as detectron2
 
@@ -144,6 +150,73 @@ def coco_ap(
         evaluator.summarize()
     stats = evaluator.stats
     return {"AP": float(stats[0]) * 100, "AP50": float(stats[1]) * 100, "AP75": float(stats[2]) * 100}
+
+
+def voc_written(image: str, score: float, box: list[float]) -> tuple[str, float, list[float]]:
+    """A detection as detectron2's PascalVOCDetectionEvaluator writes it and voc_eval reads it
+    back: the score with 3 decimals, the coordinates with 1 ("{score:.3f} {xmin:.1f} ...",
+    pascal_voc_evaluation.py:67; parsed with float(), :241-242)."""
+    return image, float(f"{score:.3f}"), [float(f"{v:.1f}") for v in box]
+
+
+def voc_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]]) -> dict[str, float]:
+    """VOC07 11-point AP as detectron2's PascalVOCDetectionEvaluator computes it: the model's
+    0-based boxes (the training targets are, as detectron2's VOC loader) go back to VOC's 1-based
+    pixels with x1 + 1, y1 + 1 in float32 (pascal_voc_evaluation.py:64-65 on the float32 box),
+    each detection is rounded as the evaluator writes it (``voc_written``), and they are listed
+    in image order, each image's in the model's order, as the evaluator writes them, so that
+    ``voc_detection_ap`` visits tied scores in voc_eval's order. Compared with the annotation's
+    boxes, difficult objects ignored; a class without ground truth has AP 0."""
+    detections: list[list[tuple[str, float, list[float]]]] = [[] for _ in split.classes]
+    for index, result in sorted(outputs, key=lambda item: item[0]):  # stable: ranks' shares merged
+        boxes = result["boxes"].to(torch.float32).clone()
+        boxes[:, :2] += 1  # float32 arithmetic, as detectron2's numpy float32 box
+        for label, score, box in zip(
+            result["labels"].tolist(), result["scores"].tolist(), boxes.tolist(), strict=True
+        ):
+            detections[int(label) - 1].append(voc_written(str(index), score, box))
+    per_class = {}
+    for c, name in enumerate(split.classes):
+        truth = {
+            str(i): GroundTruth(
+                image.boxes[image.labels == c].astype(np.float64), image.difficult[image.labels == c]
+            )
+            for i, image in enumerate(split.images)
+        }
+        per_class[name] = (detections[c], truth)
+    summary = voc_detection_summary(per_class)
+    return {"mAP": summary["AP"], "AP50": summary["AP50"], "AP75": summary["AP75"]}
+
+
+def coco_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]], masks: bool) -> dict[str, float]:
+    """COCO box (and, with ``masks``, mask) AP / AP50 / AP75 in percent: the outputs as COCO
+    results (x, y, width, height boxes; masks binarised at 0.5 and RLE-encoded) against the
+    split's instances json, over the split's images only (``test_images=N``: its first N)."""
+    from pycocotools import mask as mask_utils
+
+    annotations = split.root / "annotations" / f"instances_{split.split}.json"
+    ground_truth = json.loads(annotations.read_text())
+    boxes, segms = [], []
+    for index, result in outputs:
+        image_id = split.images[index].image_id
+        for k in range(len(result["scores"])):
+            x1, y1, x2, y2 = result["boxes"][k].tolist()
+            entry = {
+                "image_id": image_id,
+                "category_id": split.category_ids[int(result["labels"][k]) - 1],
+                "score": float(result["scores"][k]),
+            }
+            boxes.append({**entry, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+            if masks:
+                binary = (result["masks"][k, 0] > 0.5).numpy().astype(np.uint8)
+                rle = mask_utils.encode(np.asfortranarray(binary))
+                rle["counts"] = rle["counts"].decode("ascii")
+                segms.append({**entry, "segmentation": rle})
+    ids = [image.image_id for image in split.images]  # the evaluated images (test_images=N)
+    metrics = {f"{k}(Box)": v for k, v in coco_ap(ground_truth, boxes, "bbox", ids).items()}
+    if masks:
+        metrics.update({f"{k}(Mask)": v for k, v in coco_ap(ground_truth, segms, "segm", ids).items()})
+    return metrics
 
 
 def confusion_matrix(

@@ -183,7 +183,10 @@ def test_cache_ls_and_clear(random_checkpoint, results_dir, tmp_path, capsys):
     tiny_imagefolder(root / "imagenet", classes=2, per_class=4, split="train")
     tiny_imagefolder(root / "imagenet", classes=2, per_class=2, split="val", seed=1)
     small = ["--set", "ks=[5]", "--set", "resize=40", "--set", "crop=32"]
-    assert cli("run", "knn", str(random_checkpoint), "--cache", str(cache), "--data-root", str(root), *small) == 0
+    assert (
+        cli("run", "knn", str(random_checkpoint), "--cache", str(cache), "--data-root", str(root), *small)
+        == 0
+    )
     capsys.readouterr()
     assert cli("cache", "ls", "--cache", str(cache), "--json") == 0
     entries = json.loads(capsys.readouterr().out)

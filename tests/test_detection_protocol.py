@@ -19,9 +19,9 @@ from torchvision.ops import roi_align
 from npidbench.data.splits import DetectionImage, DetectionSplit
 from npidbench.data.voc import VOC_CLASSES
 from npidbench.errors import BadInput, RunFailed
+from npidbench.metrics_dense import voc_metrics
 from npidbench.runner import resolve_config
 from npidbench.tasks import get_preset
-from npidbench.tasks.detection import voc_metrics
 from npidbench.transfer.detection import build_detector
 
 
@@ -470,6 +470,21 @@ def test_epoch_and_iteration_schedules_are_not_mixed():
     assert resolve_config(preset, False, ["epochs=0", "epoch_milestones=[]", "iterations=100", "window=50"])
 
 
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("head=c5", "head='c5' is not one of c4, fpn"),
+        ("backend=mmdet", "backend='mmdet' is not one of torchvision, detectron2"),
+        ("train_filter=all", "train_filter='all' is not one of detectron2, mmdet"),
+        ("roi_batch=0", "window, batch_size, reference_batch, trials and roi_batch must be at least 1"),
+        ("window=7", r"iterations \(24000\) must be a multiple of window \(7\)"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_key(item, message):
+    with pytest.raises(BadInput, match=message):
+        resolve_config(get_preset("det-voc0712"), False, [item])
+
+
 def _image(labels, crowd, width=100, height=80) -> DetectionImage:
     return DetectionImage(
         path="x.jpg",
@@ -499,8 +514,6 @@ def test_training_images_kept_as_each_reference_trainer_keeps_them():
         True,
         False,
     ]
-
-
 
 
 @pytest.mark.slow

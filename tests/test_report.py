@@ -178,5 +178,8 @@ def test_bf16_rows_are_kept_apart_and_named():
     old = {"family": "semisup", "details": {"device": "cuda:0"}}
     assert record_precision(old) == "bf16-autocast"
     assert record_precision({**old, "details": {"device": "cpu"}}) == "fp32"
-    assert record_precision({"family": "linear", "protocol": "linear-cached", "details": {"device": "cuda"}}) == "fp32"
+    assert (
+        record_precision({"family": "linear", "protocol": "linear-cached", "details": {"device": "cuda"}})
+        == "fp32"
+    )
     assert record_precision({"family": "knn", "details": {"device": "cuda"}}) == "fp32"

@@ -253,3 +253,20 @@ def test_heads_upsample_with_align_corners_as_configured():
         assert not torch.allclose(
             model(image)[0], F.interpolate(logits, size=(40, 48), mode="bilinear", align_corners=False)
         )
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("test_mode=tiled", "test_mode='tiled' is not one of whole, slide"),
+        ("crop=0", "iterations, window, batch_size, reference_batch, crop and trials must be at least 1"),
+        ("window=7", r"iterations \(20000\) must be a multiple of window \(7\)"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_key(item, message):
+    from npidbench.errors import BadInput
+    from npidbench.runner import resolve_config
+    from npidbench.tasks import get_preset
+
+    with pytest.raises(BadInput, match=message):
+        resolve_config(get_preset("seg-voc12aug"), False, [item])

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -147,6 +148,7 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
     assert straight["dataset"]["test"]["images"] == 8
     assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
     assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
+    assert "std" not in straight["metrics"] and "mIoU_std" not in straight["metrics"]  # one trial
 
     saves = interrupt_after_first_window(monkeypatch)
     with pytest.raises(RunFailed, match="interrupted after 1 of 2"):
@@ -158,6 +160,11 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
     monkeypatch.undo()
     trials = _run("seg-voc12aug", random_checkpoint, tmp_path / "t", [*options[:-1], "crop=48", "trials=2"])
     assert trials["seeds"] == [0, 1] and len(trials["metrics"]["trials"]) == 2
+    assert all(isinstance(v, float) for v in trials["metrics"]["trials"])
+    spread = trials["metrics"]["std"]  # detection's form: metric -> sample std over the trials
+    assert set(spread) == {"mIoU"} and spread["mIoU"] == pytest.approx(
+        float(np.std(trials["metrics"]["trials"], ddof=1))
+    )
     (table,) = build_tables([trials])
     assert table.title == "Pascal VOC 2012 + Aug Segmentation (synthetic data)"
     assert "±" in table.frame["mIOU"].iloc[0]
@@ -249,3 +256,33 @@ def test_asking_for_detectron2_without_it_says_how_to_install(random_checkpoint,
     ):
         _run("det-voc0712", random_checkpoint, tmp_path, ["backend=detectron2"])
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
+
+
+def test_dense_families_record_the_spread_only_over_several_trials():
+    from npidbench.tasks.dense import TrialResult, dataset_record, metrics_over_trials
+
+    one = [TrialResult({"mAP": 40.0, "AP50": 60.0}, [])]
+    assert metrics_over_trials(one, [t.metrics for t in one]) == {
+        "mAP": 40.0,
+        "AP50": 60.0,
+        "trials": [{"mAP": 40.0, "AP50": 60.0}],
+    }
+    two = [*one, TrialResult({"mAP": 42.0, "AP50": 61.0}, [])]
+    metrics = metrics_over_trials(two, [t.metrics["mAP"] for t in two])
+    assert metrics["mAP"] == 41.0 and metrics["trials"] == [40.0, 42.0]
+    assert metrics["std"] == pytest.approx({"mAP": 2**0.5, "AP50": 0.5**0.5})
+
+    class Split(list):
+        split, root, classes, synthetic = "val", Path("/d"), ["a", "b"], True
+
+    record = dataset_record("voc12aug", Split([1, 2, 3]), Split([1]), "f", test_extra={"objects": 5})
+    assert record == {
+        "name": "voc12aug",
+        "display": "voc12aug (synthetic)",
+        "synthetic": True,
+        "root": "/d",
+        "fingerprint": "f",
+        "train": {"split": "val", "images": 3},
+        "test": {"split": "val", "images": 1, "objects": 5},
+        "classes": 2,
+    }

@@ -17,41 +17,45 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from npidbench.checkpoint.own import export_backbone
+from npidbench.config import check_choices
 from npidbench.data import dataset_root, load_detection_split
-from npidbench.data.images import decode_error_reason, decode_rgb
 from npidbench.data.splits import DetectionImage, DetectionSplit
 from npidbench.data.voc import find_year_dir
-from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
+from npidbench.distributed import DistInfo, prepare_for_training
 from npidbench.errors import BadInput
-from npidbench.metrics_dense import GroundTruth, coco_ap, voc_detection_summary
+from npidbench.metrics_dense import coco_metrics, voc_metrics
 from npidbench.pretrain.data import mix_seed
 from npidbench.progress import log
 from npidbench.tables import TableSpec, npid_reference, trial_values
-from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity
-from npidbench.training.batches import window_batches
-from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit
+from npidbench.tasks import dense
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
+from npidbench.training.loop import ResumeState, StepResult
 from npidbench.transfer.det_data import DetectionImages, collate_detection
-from npidbench.transfer.detection import HEADS, build_detector, parameter_groups, precise_bn
+from npidbench.transfer.detection import Head, build_detector, parameter_groups, precise_bn
 from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
 
 PROTOCOLS = {"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn"}
+Backend = Literal["torchvision", "detectron2"]
+# training images kept: "detectron2" (at least one non-crowd object) or "mmdet" (at least one
+# annotation, crowd included, and a short side >= 32 px): ``kept_for_training``
+TrainFilter = Literal["detectron2", "mmdet"]
 
 
 @dataclass(frozen=True)
 class Config:
-    head: str = "c4"  # c4 (Faster R-CNN R50-C4) or fpn (Mask R-CNN R50-FPN)
-    backend: str = "torchvision"  # or detectron2 (MoCo's configs), used only where it is installed
+    head: Head = "c4"  # c4 (Faster R-CNN R50-C4) or fpn (Mask R-CNN R50-FPN)
+    backend: Backend = "torchvision"  # or detectron2 (MoCo's configs), used only where it is installed
     iterations: int = 24_000  # 0 with an epoch schedule (computed from epochs)
     window: int = 1_000  # iterations between resume checkpoints (epochs: the nearest divisor at or above)
     batch_size: int = 16  # global
@@ -65,9 +69,7 @@ class Config:
     milestones: tuple[int, ...] = (18_000, 22_000)  # iterations; empty with an epoch schedule
     epochs: int = 0  # > 0: epoch-based schedule (mmdetection), iterations = epochs x iterations/epoch
     epoch_milestones: tuple[int, ...] = ()  # epochs after which lr x gamma (mmdetection's step)
-    # training images kept: "detectron2" (at least one non-crowd object) or "mmdet" (at least one
-    # annotation, crowd included, and a short side >= 32 px)
-    train_filter: str = "detectron2"
+    train_filter: TrainFilter = "detectron2"  # the training images the reference trainer keeps
     gamma: float = 0.1
     warmup: int = 100
     warmup_factor: float = 0.001  # detectron2's linear warm-up starts at lr x 0.001
@@ -87,14 +89,8 @@ class Config:
     sync_bn: bool = True
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"head={self.head}; choose one of {', '.join(HEADS)}")
-        if self.backend not in ("torchvision", "detectron2"):
-            raise ValueError(f"backend={self.backend}; choose torchvision (built in) or detectron2")
-        if self.train_filter not in TRAIN_FILTERS:
-            raise ValueError(f"train_filter={self.train_filter}; choose one of {', '.join(TRAIN_FILTERS)}")
-        if min(self.window, self.batch_size, self.reference_batch, self.trials, self.roi_batch) < 1:
-            raise ValueError("window, batch_size, reference_batch, trials and roi_batch must be >= 1")
+        check_choices(self)  # the Literal fields, also when built in Python
+        dense.check_at_least_one(self, "window", "batch_size", "reference_batch", "trials", "roi_batch")
         if self.epochs < 0 or self.weight_decay < 0 or self.norm_weight_decay < 0:
             raise ValueError("epochs, weight_decay and norm_weight_decay must be non-negative")
         if self.epochs:
@@ -112,10 +108,7 @@ class Config:
                 raise ValueError("iterations must be >= 1 (or epochs > 0 for an epoch schedule)")
             if self.epoch_milestones:
                 raise ValueError("epoch_milestones need epochs > 0; with iterations use milestones")
-            if self.iterations % self.window:
-                raise ValueError(
-                    f"iterations ({self.iterations}) must be a multiple of window ({self.window})"
-                )
+            dense.check_windows(self.iterations, self.window)
         if self.lr <= 0 or not self.min_sizes or min(self.min_sizes) < 1 or self.test_size < 1:
             raise ValueError("lr must be positive and min_sizes / test_size positive pixel sizes")
         if self.max_size < max(self.min_sizes):
@@ -127,10 +120,7 @@ class Config:
 
     @property
     def scaled_lr(self) -> float:
-        return self.lr * self.batch_size / self.reference_batch
-
-
-TRAIN_FILTERS = ("detectron2", "mmdet")
+        return dense.linear_lr(self.lr, self.batch_size, self.reference_batch)
 
 
 @dataclass(frozen=True)
@@ -196,7 +186,7 @@ def schedule_for(config: Config, train_images: int) -> Schedule:
     )
 
 
-def kept_for_training(image: DetectionImage, rule: str) -> bool:
+def kept_for_training(image: DetectionImage, rule: TrainFilter) -> bool:
     """Whether the reference trainer trains on ``image``. "detectron2": at least one non-crowd
     object (DATALOADER.FILTER_EMPTY_ANNOTATIONS = True, detectron2/config/defaults.py:128;
     filter_images_with_only_crowd_annotations, detectron2/data/build.py:46). "mmdet": at least
@@ -207,7 +197,7 @@ def kept_for_training(image: DetectionImage, rule: str) -> bool:
     return bool((~image.crowd).any())
 
 
-def training_split(split: DetectionSplit, rule: str) -> DetectionSplit:
+def training_split(split: DetectionSplit, rule: TrainFilter) -> DetectionSplit:
     kept = [image for image in split.images if kept_for_training(image, rule)]
     if not kept:
         raise BadInput(f"no image of {split.dataset} {split.split} has an object to train on")
@@ -228,8 +218,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     if config.backend == "detectron2":
         require_detectron2()  # before any work: one line saying how to install it
     train, test = _splits(ctx, config)
-    world = current_world(ctx.extract.device)
-    check_global_batch(config.batch_size, world)
+    world = dense.training_world(ctx, config.batch_size)
     if config.head == "fpn" and train.dataset != "coco":
         raise BadInput("head=fpn trains Mask R-CNN and needs instance masks: use it with det-coco")
     kept = training_split(train, config.train_filter)
@@ -239,104 +228,54 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             f"{config.epochs} epochs over {len(kept)} training images at batch {config.batch_size}: "
             f"{schedule.iterations} iterations, milestones {list(schedule.milestones)}, warm-up {schedule.warmup}"
         )
-    trials, states = [], []
-    for trial in range(config.trials):
-        seed = config.seed + trial
-        identity = run_identity(ctx, config, world.world_size, seed=seed, data=_fingerprint(train))
-        state = ResumeState(ctx.cache.root, identity, world)
-        states.append(state)
+
+    def run_one(trial: dense.Trial) -> dense.TrialResult:
         if config.backend == "detectron2":
-            metrics = _with_detectron2(ctx, config, schedule, train, test, seed, state)
-            trials.append({"metrics": metrics, "history": []})
-        else:
-            trials.append(_train_and_test(ctx, config, schedule, kept, test, seed, world, state))
-    for state in states:
-        state.clear()
-    keys = [k for k in trials[0]["metrics"]]
-    metrics: dict[str, Any] = {k: float(np.mean([t["metrics"][k] for t in trials])) for k in keys}
-    metrics["trials"] = [t["metrics"] for t in trials]
-    if len(trials) > 1:
-        metrics["std"] = {k: float(np.std([t["metrics"][k] for t in trials], ddof=1)) for k in keys}
-    return TaskOutput(
-        metrics=metrics,
-        dataset={
-            "name": ctx.preset.dataset,
-            "display": f"{ctx.preset.dataset} (synthetic)" if train.synthetic else ctx.preset.dataset,
-            "synthetic": train.synthetic,
-            "root": str(train.root),
-            "fingerprint": _fingerprint(train),
-            "train": {"split": train.split, "images": len(train), "objects": train.objects},
-            "test": {"split": test.split, "images": len(test), "objects": test.objects},
-            "classes": len(train.classes),
-        },
-        protocol=PROTOCOLS[config.head],
-        seeds=[config.seed + t for t in range(config.trials)],
-        details={
-            "arch": ctx.model.arch,
-            "backend": config.backend,
-            "global_batch": config.batch_size,
-            "lr_scaled": config.scaled_lr,
-            "weight_decay": {"default": config.weight_decay, "norm": config.norm_weight_decay},
-            "schedule": schedule.record(),
-            "history": [t["history"] for t in trials],
-        },
-    )
+            as_iterations = _as_iterations(config, schedule, trial.seed)
+            return dense.TrialResult(_with_detectron2(ctx, as_iterations, train, test, trial.state), [])
+        return _train_and_test(trial, config, schedule, kept, test)
+
+    fingerprint = _fingerprint(train)
+    trials = dense.run_trials(ctx, config, world, fingerprint, run_one)
+    return _output(ctx, config, schedule, train, test, fingerprint, trials)
 
 
-def _with_detectron2(
+def _output(
     ctx: RunContext,
     config: Config,
     schedule: Schedule,
     train: DetectionSplit,
     test: DetectionSplit,
-    seed: int,
-    state: ResumeState,
-) -> dict[str, float]:
-    """One trial with detectron2: the backbone converted to its names (MoCo's convention), the
-    splits registered under npidbench names, detectron2's trainer (resumable from its own
-    checkpoints in the run's folder). An epoch schedule is handed over as its computed iterations;
-    detectron2 applies its own SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
-    output = state.folder / "detectron2"
-    output.mkdir(parents=True, exist_ok=True)
-    weights = export_backbone(ctx.model.model, "detectron2", output / "backbone.pkl")
-    depth = int(ctx.model.arch.removeprefix("resnet"))
-    if train.dataset == "coco":
-        data = {
-            "train": [
-                (
-                    f"npidbench_coco_{train.split}",
-                    train.root / "annotations" / f"instances_{train.split}.json",
-                    train.root / train.split,
-                )
-            ],
-            "test": [
-                (
-                    f"npidbench_coco_{test.split}",
-                    test.root / "annotations" / f"instances_{test.split}.json",
-                    test.root / test.split,
-                )
-            ],
-        }
-    else:
-        root07, _ = dataset_root("voc07", ctx.data_root)
-        train_parts = [("2007", find_year_dir(root07, "2007"))]
-        if ctx.preset.dataset == "voc0712":
-            root12, _ = dataset_root("voc12", ctx.data_root)
-            train_parts.append(("2012", find_year_dir(root12, "2012")))
-        data = {
-            "train": [
-                (f"npidbench_voc{y}_{config.train_split}", d, config.train_split, y) for y, d in train_parts
-            ],
-            "test": [
-                (
-                    f"npidbench_voc2007_{config.test_split}",
-                    find_year_dir(root07, "2007"),
-                    config.test_split,
-                    "2007",
-                )
-            ],
-        }
-    as_iterations = replace(
+    fingerprint: str,
+    trials: list[dense.TrialResult],
+) -> TaskOutput:
+    """The record: the trials' mean and spread, the data, the schedule the run computed."""
+    return dense.task_output(
+        ctx,
+        config,
+        trials,
+        metrics=dense.metrics_over_trials(trials, [t.metrics for t in trials]),
+        dataset=dense.dataset_record(
+            ctx.preset.dataset,
+            train,
+            test,
+            fingerprint,
+            train_extra={"objects": train.objects},
+            test_extra={"objects": test.objects},
+        ),
+        protocol=PROTOCOLS[config.head],
+        details={
+            "backend": config.backend,
+            "weight_decay": {"default": config.weight_decay, "norm": config.norm_weight_decay},
+            "schedule": schedule.record(),
+        },
+    )
+
+
+def _as_iterations(config: Config, schedule: Schedule, seed: int) -> Config:
+    """``config`` as detectron2's trainer takes it: the trial's seed, and an epoch schedule
+    handed over as its computed iterations, milestones and windows."""
+    return replace(
         config,
         seed=seed,
         epochs=0,
@@ -345,16 +284,52 @@ def _with_detectron2(
         milestones=schedule.milestones,
         window=schedule.window,
     )
+
+
+def _with_detectron2(
+    ctx: RunContext, config: Config, train: DetectionSplit, test: DetectionSplit, state: ResumeState
+) -> dict[str, float]:
+    """One trial with detectron2 (``config``: ``_as_iterations``): the backbone converted to its
+    names (MoCo's convention), the splits registered under npidbench names, detectron2's trainer
+    (resumable from its own checkpoints in the run's folder). detectron2 applies its own
+    SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
+    output = state.folder / "detectron2"
+    output.mkdir(parents=True, exist_ok=True)
+    weights = export_backbone(ctx.model.model, "detectron2", output / "backbone.pkl")
+    depth = int(ctx.model.arch.removeprefix("resnet"))
+    if train.dataset == "coco":
+        data = {"train": [_coco_entry(train)], "test": [_coco_entry(test)]}
+    else:
+        data = _voc_entries(ctx, config)
     return run_detectron2(
-        as_iterations,
-        config.head,
-        depth,
-        weights,
-        train.dataset,
-        data,
-        output,
-        list(train.classes),
+        config, config.head, depth, weights, train.dataset, data, output, list(train.classes)
     )
+
+
+def _coco_entry(split: DetectionSplit) -> tuple[str, Path, Path]:
+    """register_coco_instances' arguments for ``split``: its name, instances json, image folder."""
+    return (
+        f"npidbench_coco_{split.split}",
+        split.root / "annotations" / f"instances_{split.split}.json",
+        split.root / split.split,
+    )
+
+
+def _voc_entries(ctx: RunContext, config: Config) -> dict[str, list[Any]]:
+    """register_pascal_voc's arguments (name, VOC year folder, split, year): VOC2007 (+ VOC2012
+    for voc0712) train_split to train, VOC2007 test_split to test."""
+    root07, _ = dataset_root("voc07", ctx.data_root)
+    train_parts = [("2007", find_year_dir(root07, "2007"))]
+    if ctx.preset.dataset == "voc0712":
+        root12, _ = dataset_root("voc12", ctx.data_root)
+        train_parts.append(("2012", find_year_dir(root12, "2012")))
+    test_name = f"npidbench_voc2007_{config.test_split}"
+    return {
+        "train": [
+            (f"npidbench_voc{y}_{config.train_split}", d, config.train_split, y) for y, d in train_parts
+        ],
+        "test": [(test_name, find_year_dir(root07, "2007"), config.test_split, "2007")],
+    }
 
 
 def _fingerprint(split: DetectionSplit) -> str:
@@ -365,21 +340,36 @@ def _fingerprint(split: DetectionSplit) -> str:
 
 
 def _train_and_test(
-    ctx: RunContext,
-    config: Config,
-    schedule: Schedule,
-    train: DetectionSplit,
-    test: DetectionSplit,
-    seed: int,
-    world: DistInfo,
-    state: ResumeState,
-) -> dict[str, Any]:
-    device = torch.device(world.device)
-    torch.manual_seed(seed)  # the new layers' initial weights
+    trial: dense.Trial, config: Config, schedule: Schedule, train: DetectionSplit, test: DetectionSplit
+) -> dense.TrialResult:
+    """One trial with the torchvision backend: build, fine-tune, precise BN, test."""
+    model, wrapped, optimizer = build_model(trial, config, len(train.classes))
+    plan = dense.TrainingPlan(
+        schedule.iterations, schedule.window, config.batch_size, config.scaled_lr, schedule.lr_factor
+    )
+    dataset = DetectionImages(train, trial.seed, masks=config.head == "fpn")
+    batches = trial.batches(dataset, len(train), plan, collate_detection)
+    losses = _training_loss(wrapped, trial.device)
+    history = trial.fit(
+        model, optimizer, plan, batches, lambda batch: StepResult(losses(batch), len(batch[0]), None)
+    )
+    if config.precise_bn:
+        log(f"precise BN over {config.precise_bn} training batches")
+        torch.manual_seed(mix_seed(trial.seed, 7))
+        precise_bn(model, batches(plan.windows), config.precise_bn, losses)
+    return dense.TrialResult(evaluate(model, test, config.head, trial.world, trial.device), history)
+
+
+def build_model(
+    trial: dense.Trial, config: Config, classes: int
+) -> tuple[nn.Module, nn.Module, torch.optim.SGD]:
+    """(model, what trains it, its optimizer): the detector on a copy of the checkpoint's
+    backbone, its new layers drawn from the trial's seed, prepared for its world (SyncBN, DDP)."""
+    torch.manual_seed(trial.seed)  # the new layers' initial weights
     model: nn.Module = build_detector(
-        copy.deepcopy(ctx.model.model),
+        copy.deepcopy(trial.ctx.model.model),
         config.head,
-        len(train.classes),
+        classes,
         config.min_sizes,
         config.max_size,
         config.test_size,
@@ -387,55 +377,21 @@ def _train_and_test(
     )
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     model.rpn._post_nms_top_n = {"training": config.proposals_train, "testing": config.proposals_test}
-    model, wrapped = prepare_for_training(model, world, config.sync_bn, channels_last=False)
-    optimizer = make_optimizer(model, config)
-    dataset = DetectionImages(train, seed, masks=config.head == "fpn")
-    windows = schedule.iterations // schedule.window
-    batches = window_batches(
-        dataset,
-        len(train),
-        world,
-        config.batch_size,
-        schedule.window,
-        seed,
-        ctx.extract.workers,
-        collate_detection,
-    )
+    model, wrapped = prepare_for_training(model, trial.world, config.sync_bn, channels_last=False)
+    return model, wrapped, make_optimizer(model, config)
+
+
+def _training_loss(wrapped: nn.Module, device: torch.device) -> Callable[[Any], torch.Tensor]:
+    """batch -> the sum of the detector's training losses (RPN, box and mask heads)."""
 
     def losses(batch) -> torch.Tensor:
         images, targets, error = batch
-        if error is not None:
-            raise BadInput(f"unreadable training image {error} (replace the file)")
+        dense.refuse_unreadable(error)
         images = [image.to(device).float() / 255 for image in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         return sum(wrapped(images, targets).values())
 
-    def step(batch) -> StepResult:
-        return StepResult(losses(batch), len(batch[0]), None)
-
-    history = fit(
-        label=f"{ctx.preset.name} seed {seed}",
-        trainable=model,
-        optimizer=optimizer,
-        base_lrs=[config.scaled_lr] * len(optimizer.param_groups),
-        schedule=StepSchedule(windows, (), 1.0),
-        batches=batches,
-        step=step,
-        evaluate=None,
-        evaluate_at=lambda window: False,
-        state=state,
-        world=world,
-        images_per_epoch=schedule.window * config.batch_size,
-        iterations_per_epoch=schedule.window,
-        lr_at=schedule.lr_factor,
-        step_seed=seed,  # proposal and RoI sampling: a resumed run repeats the uninterrupted one
-    )
-    if config.precise_bn:
-        log(f"precise BN over {config.precise_bn} training batches")
-        torch.manual_seed(mix_seed(seed, 7))
-        precise_bn(model, batches(windows), config.precise_bn, losses)
-    metrics = evaluate(model, test, config.head, world, device)
-    return {"metrics": metrics, "history": history}
+    return losses
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
@@ -453,11 +409,7 @@ def predict(
     model.eval()
     out = []
     for index in range(world.rank, len(split), world.world_size):
-        path = split.images[index].path
-        try:
-            pixels = decode_rgb(path)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise BadInput(f"unreadable image {path}: {decode_error_reason(exc)}") from exc
+        pixels = dense.read_test_image(split.images[index].path)
         result = model([pixels.to(device).float() / 255])[0]
         out.append((index, {k: v.cpu() for k, v in result.items()}))
     model.train()
@@ -479,70 +431,6 @@ def evaluate(
     if split.dataset == "voc":
         return voc_metrics(split, outputs)
     return coco_metrics(split, outputs, masks=head == "fpn")
-
-
-def voc_written(image: str, score: float, box: list[float]) -> tuple[str, float, list[float]]:
-    """A detection as detectron2's PascalVOCDetectionEvaluator writes it and voc_eval reads it
-    back: the score with 3 decimals, the coordinates with 1 ("{score:.3f} {xmin:.1f} ...",
-    pascal_voc_evaluation.py:67; parsed with float(), :241-242)."""
-    return image, float(f"{score:.3f}"), [float(f"{v:.1f}") for v in box]
-
-
-def voc_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]]) -> dict[str, float]:
-    """VOC07 11-point AP as detectron2's PascalVOCDetectionEvaluator computes it: the model's
-    0-based boxes (the training targets are, as detectron2's VOC loader) go back to VOC's 1-based
-    pixels with x1 + 1, y1 + 1 in float32 (pascal_voc_evaluation.py:64-65 on the float32 box),
-    each detection is rounded as the evaluator writes it (``voc_written``), and they are listed
-    in image order, each image's in the model's order, as the evaluator writes them, so that
-    ``voc_detection_ap`` visits tied scores in voc_eval's order. Compared with the annotation's
-    boxes, difficult objects ignored; a class without ground truth has AP 0."""
-    detections: list[list[tuple[str, float, list[float]]]] = [[] for _ in split.classes]
-    for index, result in sorted(outputs, key=lambda item: item[0]):  # stable: ranks' shares merged
-        boxes = result["boxes"].to(torch.float32).clone()
-        boxes[:, :2] += 1  # float32 arithmetic, as detectron2's numpy float32 box
-        for label, score, box in zip(
-            result["labels"].tolist(), result["scores"].tolist(), boxes.tolist(), strict=True
-        ):
-            detections[int(label) - 1].append(voc_written(str(index), score, box))
-    per_class = {}
-    for c, name in enumerate(split.classes):
-        truth = {
-            str(i): GroundTruth(
-                image.boxes[image.labels == c].astype(np.float64), image.difficult[image.labels == c]
-            )
-            for i, image in enumerate(split.images)
-        }
-        per_class[name] = (detections[c], truth)
-    summary = voc_detection_summary(per_class)
-    return {"mAP": summary["AP"], "AP50": summary["AP50"], "AP75": summary["AP75"]}
-
-
-def coco_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]], masks: bool) -> dict[str, float]:
-    from pycocotools import mask as mask_utils
-
-    annotations = split.root / "annotations" / f"instances_{split.split}.json"
-    ground_truth = json.loads(annotations.read_text())
-    boxes, segms = [], []
-    for index, result in outputs:
-        image_id = split.images[index].image_id
-        for k in range(len(result["scores"])):
-            x1, y1, x2, y2 = result["boxes"][k].tolist()
-            entry = {
-                "image_id": image_id,
-                "category_id": split.category_ids[int(result["labels"][k]) - 1],
-                "score": float(result["scores"][k]),
-            }
-            boxes.append({**entry, "bbox": [x1, y1, x2 - x1, y2 - y1]})
-            if masks:
-                binary = (result["masks"][k, 0] > 0.5).numpy().astype(np.uint8)
-                rle = mask_utils.encode(np.asfortranarray(binary))
-                rle["counts"] = rle["counts"].decode("ascii")
-                segms.append({**entry, "segmentation": rle})
-    ids = [image.image_id for image in split.images]  # the evaluated images (test_images=N)
-    metrics = {f"{k}(Box)": v for k, v in coco_ap(ground_truth, boxes, "bbox", ids).items()}
-    if masks:
-        metrics.update({f"{k}(Mask)": v for k, v in coco_ap(ground_truth, segms, "segm", ids).items()})
-    return metrics
 
 
 COCO_COLUMNS = ("mAP(Box)", "AP50(Box)", "AP75(Box)", "mAP(Mask)", "AP50(Mask)", "AP75(Mask)")

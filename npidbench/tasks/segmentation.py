@@ -4,33 +4,36 @@
 The whole network fine-tunes (SyncBN under torchrun on GPUs) for a fixed number of iterations
 with poly lr; the run is cut into windows of iterations, each saved atomically so a killed run
 resumes at the next window. ``trials=N`` repeats the run with seeds seed .. seed + N - 1 and
-records every trial's mIoU (the report shows mean ± std).
+records every trial's mIoU (the report shows mean ± std; the record's ``std`` with N > 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from npidbench.config import check_choices
 from npidbench.data import load_segmentation_split
-from npidbench.data.images import decode_error_reason, decode_rgb, normalize_batch
+from npidbench.data.images import normalize_batch
 from npidbench.data.splits import SegmentationSplit
-from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
+from npidbench.distributed import DistInfo, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
 from npidbench.precision import autocast, precision_name
 from npidbench.tables import TableSpec, npid_reference
-from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity
-from npidbench.training.batches import window_batches
-from npidbench.training.loop import ResumeState, StepResult, StepSchedule, all_reduce_sum, fit
+from npidbench.tasks import dense
+from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
+from npidbench.training.loop import StepResult, all_reduce_sum
 from npidbench.transfer.seg_data import (
     SegAugment,
     SegTrainImages,
@@ -42,6 +45,7 @@ from npidbench.transfer.seg_data import (
 from npidbench.transfer.segmentation import FCNSegmenter, segmentation_loss, sliding_logits
 
 PROTOCOL = "fcn-d8"
+TestMode = Literal["whole", "slide"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Config:
     ratio: tuple[float, float] = (0.5, 2.0)
     crop: int = 512
     cat_max_ratio: float = 0.75
-    test_mode: str = "whole"  # whole image, or slide (Cityscapes)
+    test_mode: TestMode = "whole"  # whole image, or slide (Cityscapes)
     slide_crop: int = 769
     slide_stride: int = 513
     trials: int = 1
@@ -75,17 +79,11 @@ class Config:
     amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
 
     def __post_init__(self) -> None:
-        if (
-            min(self.iterations, self.window, self.batch_size, self.reference_batch, self.crop, self.trials)
-            < 1
-        ):
-            raise ValueError(
-                "iterations, window, batch_size, reference_batch, crop and trials must be at least 1"
-            )
-        if self.iterations % self.window:
-            raise ValueError(f"iterations ({self.iterations}) must be a multiple of window ({self.window})")
-        if self.test_mode not in ("whole", "slide"):
-            raise ValueError(f"test_mode={self.test_mode}; choose whole or slide")
+        check_choices(self)  # the Literal fields, also when built in Python
+        dense.check_at_least_one(
+            self, "iterations", "window", "batch_size", "reference_batch", "crop", "trials"
+        )
+        dense.check_windows(self.iterations, self.window)
         if self.lr <= 0 or not 0 <= self.min_lr < self.lr:
             raise ValueError("need lr > 0 and 0 <= min_lr < lr")
         if (
@@ -102,7 +100,7 @@ class Config:
 
     @property
     def scaled_lr(self) -> float:
-        return self.lr * self.batch_size / self.reference_batch
+        return dense.linear_lr(self.lr, self.batch_size, self.reference_batch)
 
     def poly(self, iteration: int) -> float:
         """lr factor at ``iteration``: (lr - min) * (1 - t / T)^power + min, over lr."""
@@ -112,51 +110,34 @@ class Config:
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
+    train, test = _splits(ctx, config)
+    world = dense.training_world(ctx, config.batch_size)
+    fingerprint = _fingerprint(train)
+    trials = dense.run_trials(
+        ctx, config, world, fingerprint, lambda t: _train_and_test(t, config, train, test)
+    )
+    metrics = dense.metrics_over_trials(trials, [t.metrics["mIoU"] for t in trials])
+    return dense.task_output(
+        ctx,
+        config,
+        trials,
+        metrics={**metrics, "per_class_iou": trials[-1].extra["per_class"]},
+        dataset=dense.dataset_record(ctx.preset.dataset, train, test, fingerprint),
+        protocol=PROTOCOL,
+        details={
+            "align_corners": config.align_corners,
+            "precision": precision_name(ctx.extract.device, config.amp),
+        },
+    )
+
+
+def _splits(ctx: RunContext, config: Config) -> tuple[SegmentationSplit, SegmentationSplit]:
     dataset = ctx.preset.dataset
     train = load_segmentation_split(dataset, config.train_split, ctx.data_root)
     test = load_segmentation_split(dataset, config.test_split, ctx.data_root)
     if config.test_images:
         test = dataclasses.replace(test, pairs=test.pairs[: config.test_images])
-    world = current_world(ctx.extract.device)
-    check_global_batch(config.batch_size, world)
-    trials, states = [], []
-    for trial in range(config.trials):
-        seed = config.seed + trial
-        identity = run_identity(ctx, config, world.world_size, seed=seed, data=_fingerprint(train))
-        state = ResumeState(ctx.cache.root, identity, world)
-        states.append(state)
-        trials.append(_train_and_test(ctx, config, train, test, seed, world, state))
-    for state in states:
-        state.clear()
-    values = [t["mIoU"] for t in trials]
-    return TaskOutput(
-        metrics={
-            "mIoU": float(np.mean(values)),
-            "mIoU_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "trials": values,
-            "per_class_iou": trials[-1]["per_class"],
-        },
-        dataset={
-            "name": dataset,
-            "display": f"{dataset} (synthetic)" if train.synthetic else dataset,
-            "synthetic": train.synthetic,
-            "root": str(train.root),
-            "fingerprint": _fingerprint(train),
-            "train": {"split": train.split, "images": len(train)},
-            "test": {"split": test.split, "images": len(test)},
-            "classes": len(train.classes),
-        },
-        protocol=PROTOCOL,
-        seeds=[config.seed + t for t in range(config.trials)],
-        details={
-            "arch": ctx.model.arch,
-            "global_batch": config.batch_size,
-            "lr_scaled": config.scaled_lr,
-            "align_corners": config.align_corners,
-            "precision": precision_name(ctx.extract.device, config.amp),
-            "history": [t["history"] for t in trials],
-        },
-    )
+    return train, test
 
 
 def _fingerprint(split: SegmentationSplit) -> str:
@@ -167,18 +148,33 @@ def _fingerprint(split: SegmentationSplit) -> str:
 
 
 def _train_and_test(
-    ctx: RunContext,
-    config: Config,
-    train: SegmentationSplit,
-    test: SegmentationSplit,
-    seed: int,
-    world: DistInfo,
-    state: ResumeState,
-) -> dict[str, Any]:
-    device = torch.device(world.device)
-    torch.manual_seed(seed)  # the heads' initial weights
-    model: nn.Module = FCNSegmenter(copy.deepcopy(ctx.model.model), len(train.classes), config.align_corners)
-    model, wrapped = prepare_for_training(model, world, config.sync_bn)
+    trial: dense.Trial, config: Config, train: SegmentationSplit, test: SegmentationSplit
+) -> dense.TrialResult:
+    """One trial: build, fine-tune, test; the per-class IoU (percent, None for a class absent
+    from the split) kept besides the mIoU."""
+    model, wrapped, optimizer = build_model(trial, config, len(train.classes))
+    plan = dense.TrainingPlan(
+        config.iterations, config.window, config.batch_size, config.scaled_lr, config.poly
+    )
+    augment = SegAugment(config.scale, config.ratio, config.crop, config.cat_max_ratio)
+    batches = trial.batches(SegTrainImages(train, augment, trial.seed), len(train), plan, collate_seg)
+    amp = autocast(trial.device, config.amp)
+    history = trial.fit(
+        model, optimizer, plan, batches, _training_step(wrapped, trial.device, amp, train.ignore_index)
+    )
+    miou, per_class = evaluate(model, test, config, trial.world, trial.device, len(train.classes))
+    kept = [None if np.isnan(v) else round(float(v) * 100, 3) for v in per_class]
+    return dense.TrialResult({"mIoU": miou}, history, {"per_class": kept})
+
+
+def build_model(
+    trial: dense.Trial, config: Config, classes: int
+) -> tuple[nn.Module, nn.Module, torch.optim.SGD]:
+    """(model, what trains it, its optimizer): FCN heads, drawn from the trial's seed, on a
+    dilated copy of the checkpoint's backbone, prepared for its world (SyncBN, DDP)."""
+    torch.manual_seed(trial.seed)  # the heads' initial weights
+    model: nn.Module = FCNSegmenter(copy.deepcopy(trial.ctx.model.model), classes, config.align_corners)
+    model, wrapped = prepare_for_training(model, trial.world, config.sync_bn)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.scaled_lr,
@@ -186,48 +182,25 @@ def _train_and_test(
         weight_decay=config.weight_decay,
         fused=True,
     )
-    augment = SegAugment(config.scale, config.ratio, config.crop, config.cat_max_ratio)
-    images = SegTrainImages(train, augment, seed)
-    windows = config.iterations // config.window
-    batches = window_batches(
-        images, len(train), world, config.batch_size, config.window, seed, ctx.extract.workers, collate_seg
-    )
-    amp = autocast(device, config.amp)
-    ignore = train.ignore_index
+    return model, wrapped, optimizer
+
+
+def _training_step(
+    wrapped: nn.Module, device: torch.device, amp: contextlib.AbstractContextManager, ignore: int
+) -> Callable[[Any], StepResult]:
+    """batch -> the step's loss (``segmentation_loss``: main + 0.4 x auxiliary head) under
+    ``amp``, on the crops normalised with their padding at 0."""
 
     def step(batch) -> StepResult:
         pixels, masks, valid, error = batch
-        if error is not None:
-            raise BadInput(f"unreadable training image {error} (replace the file)")
+        dense.refuse_unreadable(error)
         masks = masks.to(device)
         images = normalize_crops(pixels.to(device), valid)  # padding 0 after normalising, as mmseg
         with amp:
             loss = segmentation_loss(wrapped, images, masks, ignore)
         return StepResult(loss, len(masks), None)
 
-    history = fit(
-        label=f"{ctx.preset.name} seed {seed}",
-        trainable=model,
-        optimizer=optimizer,
-        base_lrs=[config.scaled_lr],
-        schedule=StepSchedule(windows, (), 1.0),
-        batches=batches,
-        step=step,
-        evaluate=None,
-        evaluate_at=lambda window: False,
-        state=state,
-        world=world,
-        images_per_epoch=config.window * config.batch_size,
-        iterations_per_epoch=config.window,
-        lr_at=config.poly,
-        step_seed=seed,  # dropout: a resumed run repeats the uninterrupted one
-    )
-    miou, per_class = evaluate(model, test, config, world, device, len(train.classes))
-    return {
-        "mIoU": miou,
-        "per_class": [None if np.isnan(v) else round(float(v) * 100, 3) for v in per_class],
-        "history": history,
-    }
+    return step
 
 
 @torch.no_grad()
@@ -244,10 +217,7 @@ def evaluate(
     matrix = torch.zeros(classes, classes, dtype=torch.float64, device=device)
     for index in range(world.rank, len(split), world.world_size):
         image_path, mask_path = split.pairs[index]
-        try:
-            image = decode_rgb(image_path)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise BadInput(f"unreadable image {image_path}: {decode_error_reason(exc)}") from exc
+        image = dense.read_test_image(image_path)
         mask = read_mask(split, mask_path)
         size = list(keep_ratio_size(image.shape[-2], image.shape[-1], config.scale))
         resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)

@@ -21,7 +21,9 @@ MultiScaleRoIAlign calls roi_align with aligned=False.
 from __future__ import annotations
 
 import math
+import typing
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,7 +39,8 @@ from torchvision.ops.poolers import initLevelMapper
 
 from npidbench.backbone import layer_channels
 
-HEADS = ("c4", "fpn")
+Head = Literal["c4", "fpn"]  # the detection Config's ``head`` (checked by the config coercer)
+HEADS: tuple[Head, ...] = typing.get_args(Head)
 
 # detectron2's norm_module_types (detectron2/solver/build.py, get_default_optimizer_params):
 # the layers whose weight and bias get SOLVER.WEIGHT_DECAY_NORM. _NormBase covers BatchNorm1d/2d/3d,

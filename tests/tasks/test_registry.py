@@ -209,3 +209,29 @@ def test_table_specs_are_frozen_declarations():
     assert isinstance(spec, TableSpec)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.title = "x"  # type: ignore[misc]
+
+
+def _literal_fields(config: type) -> list[str]:
+    import typing
+
+    hints = typing.get_type_hints(config)
+    return [
+        f.name
+        for f in dataclasses.fields(config)
+        if typing.get_origin(hints[f.name]) is typing.Literal
+        or (
+            typing.get_origin(hints[f.name]) is tuple
+            and typing.get_origin(typing.get_args(hints[f.name])[0]) is typing.Literal
+        )
+    ]
+
+
+@pytest.mark.parametrize("family", BUILTIN_FAMILIES, ids=lambda f: f.name)
+def test_named_choices_are_literals_checked_also_when_built_in_python(family: TaskFamily):
+    fields = _literal_fields(family.config)
+    assert fields, "named choices are Literal fields"
+    for name in fields:
+        default = getattr(family.config(), name)
+        bogus = ("no-such-choice",) if isinstance(default, tuple) else "no-such-choice"
+        with pytest.raises(ValueError, match=f"{name}='no-such-choice' is not one of"):
+            family.config(**{name: bogus})
