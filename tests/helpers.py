@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from npidbench.cli import main
 from npidbench.data.imagenet import load_imagefolder
 from npidbench.data.splits import DatasetSplit
+from npidbench.runner import RunRequest, run_task
+from npidbench.training import loop
 
 
 def tiny_imagefolder(
@@ -42,3 +46,31 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, f"expected one line, got: {err!r}"
     assert lines[0].startswith("error: ") and "Traceback" not in err
     return lines[0]
+
+
+def run_preset(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dict:
+    """Run a preset in this process; its record."""
+    path = run_task(
+        RunRequest(
+            task=task,
+            checkpoint=checkpoint,
+            set_options=options,
+            results=tmp_path / "r",
+            cache=tmp_path / "c",
+        )
+    )
+    return json.loads(Path(path).read_text())
+
+
+def interrupt_after_first_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Ctrl-C right after the first window's resume state is saved; the windows saved, in order."""
+    real_save, saves = loop.ResumeState.save, []
+
+    def killed_after_first_window(self, state):
+        real_save(self, state)
+        saves.append(state["epoch"])
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
+    return saves

@@ -1,7 +1,7 @@
 """kill -9 in the middle of long work, then the same command again: the results equal an
 uninterrupted run's (timings, hosts and dates aside), with no duplicate or partial record. Also
 two `run` processes writing to one results folder at once. (kill -9 during extraction and a full
-disk while writing a record: tests/test_features.py and tests/test_results.py.)"""
+disk while writing a record: tests/test_features.py and tests/report/test_results.py.)"""
 
 from __future__ import annotations
 

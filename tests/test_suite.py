@@ -98,7 +98,7 @@ def test_run_all_loads_the_checkpoint_once_and_gives_each_task_a_fresh_copy(
         return real_load(*args, **kwargs)
 
     def fake_run_task(request: RunRequest, backbone=None):
-        given.append(float(backbone.model.conv1.weight.abs().sum()))  # what the task starts from
+        given.append(float(backbone.model.conv1.weight.detach().abs().sum()))  # what the task starts from
         backbone.model.conv1.weight.data.zero_()  # a task changing its network in place
         return tmp_path / f"{request.task}.json"
 
@@ -107,5 +107,5 @@ def test_run_all_loads_the_checkpoint_once_and_gives_each_task_a_fresh_copy(
     result = suite.run_all(RunRequest(task="all", checkpoint=random_checkpoint, data_root=tmp_path / "data"))
     assert len(loads) == 1 and len(given) == len([o for o in result.outcomes if o.status == "ran"]) > 1
     # each task starts from the checkpoint's weights, not from what the previous task left
-    assert given == [float(real_load(random_checkpoint).model.conv1.weight.abs().sum())] * len(given)
+    assert given == [float(real_load(random_checkpoint).model.conv1.weight.detach().abs().sum())] * len(given)
     assert given[0] > 0

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_transfer import _run, interrupt_after_first_window
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -23,6 +22,8 @@ from npidbench.metrics_dense import voc_metrics
 from npidbench.runner import resolve_config
 from npidbench.tasks import get_preset
 from npidbench.transfer.detection import build_detector
+
+from helpers import interrupt_after_first_window, run_preset
 
 
 def _voc_split(
@@ -541,7 +542,7 @@ def test_epoch_schedule_runs_records_its_iterations_and_resumes(random_checkpoin
         "test_images=2",
         "precise_bn=1",
     ]
-    straight = _run("det-coco", random_checkpoint, tmp_path / "a", options)
+    straight = run_preset("det-coco", random_checkpoint, tmp_path / "a", options)
     schedule = straight["details"]["schedule"]
     assert schedule == {
         "epochs": 3,
@@ -561,7 +562,7 @@ def test_epoch_schedule_runs_records_its_iterations_and_resumes(random_checkpoin
 
     saves = interrupt_after_first_window(monkeypatch)
     with pytest.raises(RunFailed, match="interrupted after 1 of 3"):
-        _run("det-coco", random_checkpoint, tmp_path / "b", options)
-    resumed = _run("det-coco", random_checkpoint, tmp_path / "b", options)
+        run_preset("det-coco", random_checkpoint, tmp_path / "b", options)
+    resumed = run_preset("det-coco", random_checkpoint, tmp_path / "b", options)
     assert saves == [1, 2, 3]
     assert resumed["metrics"] == straight["metrics"]

@@ -9,13 +9,13 @@ import json
 
 import pytest
 import torch
-from test_cli import cli, one_error_line
 
 from npidbench.backbone import MultiLayerFeatures, build_resnet
 from npidbench.checkpoint import inspect_checkpoint, load_backbone
 from npidbench.errors import BadInput
 
 from checkpoint_zoo import VARIANTS, backbone_state, build, build_variant, random_resnet
+from helpers import cli, one_error_line
 
 JSON_KEYS = ("error", "path", "format", "arch", "loaded", "missing", "ignored", "sha256")
 

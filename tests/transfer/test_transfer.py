@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -18,10 +17,10 @@ from npidbench.checkpoint import load_backbone
 from npidbench.checkpoint.formats import to_detectron2_name
 from npidbench.errors import BadInput, RunFailed
 from npidbench.report import build_tables, render
-from npidbench.runner import RunRequest, run_task
-from npidbench.training import loop
 from npidbench.transfer.detection import build_detector
 from npidbench.transfer.segmentation import FCNSegmenter, dilate_resnet, sliding_logits
+
+from helpers import interrupt_after_first_window, run_preset
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -113,38 +112,10 @@ def test_detectron2_conversion_maps_every_key_to_the_known_layout():
     assert sum(n.startswith("res4.") and n.endswith("conv1.weight") for n in names) == 6
 
 
-def _run(task: str, checkpoint: Path, tmp_path: Path, options: list[str]) -> dict:
-    """Run a preset in this process; its record."""
-    path = run_task(
-        RunRequest(
-            task=task,
-            checkpoint=checkpoint,
-            set_options=options,
-            results=tmp_path / "r",
-            cache=tmp_path / "c",
-        )
-    )
-    return json.loads(Path(path).read_text())
-
-
-def interrupt_after_first_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Ctrl-C right after the first window's resume state is saved; the windows saved, in order."""
-    real_save, saves = loop.ResumeState.save, []
-
-    def killed_after_first_window(self, state):
-        real_save(self, state)
-        saves.append(state["epoch"])
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
-    return saves
-
-
 @pytest.mark.slow
 def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_path, monkeypatch):
     options = ["iterations=4", "window=2", "batch_size=2", "test_images=8", "crop=48"]
-    straight = _run("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
+    straight = run_preset("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
     assert straight["dataset"]["test"]["images"] == 8
     assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
     assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
@@ -152,13 +123,15 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
 
     saves = interrupt_after_first_window(monkeypatch)
     with pytest.raises(RunFailed, match="interrupted after 1 of 2"):
-        _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
-    resumed = _run("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
+        run_preset("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
+    resumed = run_preset("seg-voc12aug", random_checkpoint, tmp_path / "b", options)
     assert saves == [1, 2]
     assert resumed["metrics"] == straight["metrics"]
 
     monkeypatch.undo()
-    trials = _run("seg-voc12aug", random_checkpoint, tmp_path / "t", [*options[:-1], "crop=48", "trials=2"])
+    trials = run_preset(
+        "seg-voc12aug", random_checkpoint, tmp_path / "t", [*options[:-1], "crop=48", "trials=2"]
+    )
     assert trials["seeds"] == [0, 1] and len(trials["metrics"]["trials"]) == 2
     assert all(isinstance(v, float) for v in trials["metrics"]["trials"])
     spread = trials["metrics"]["std"]  # detection's form: metric -> sample std over the trials
@@ -174,7 +147,7 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_voc_detection_end_to_end(random_checkpoint, tmp_path):
-    record = _run(
+    record = run_preset(
         "det-voc0712",
         random_checkpoint,
         tmp_path,
@@ -193,7 +166,7 @@ def test_voc_detection_end_to_end(random_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_coco_mask_rcnn_end_to_end(random_checkpoint, tmp_path):
-    record = _run(
+    record = run_preset(
         "det-coco",
         random_checkpoint,
         tmp_path,
@@ -254,7 +227,7 @@ def test_asking_for_detectron2_without_it_says_how_to_install(random_checkpoint,
     with pytest.raises(
         BadInput, match=r"backend=detectron2: detectron2 is not installed.*pip install 'git\+https"
     ):
-        _run("det-voc0712", random_checkpoint, tmp_path, ["backend=detectron2"])
+        run_preset("det-voc0712", random_checkpoint, tmp_path, ["backend=detectron2"])
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import cli, one_error_line
 
 from npidbench.metrics import voc_ap, voc_ap_columns
 from npidbench.solvers.voc_svm import cost_list, draw_lowshot, full_svm, lowshot_svm
+
+from helpers import cli, one_error_line
 
 
 def voc_like(n: int, classes: int, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
