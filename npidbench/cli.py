@@ -247,17 +247,6 @@ def run_command(
     benchmark whose data is present, one record path per line, a summary on stderr)."""
     from npidbench.runner import RunRequest, run_task
 
-    if old_batch_size is not None:
-        if eval_batch_size is not None:
-            raise BadInput("give --eval-batch-size only (--batch-size is its old name)")
-        if old_batch_size < 1:
-            raise BadInput(f"--batch-size must be at least 1, got {old_batch_size}")
-        console.print(
-            "note: --batch-size is now --eval-batch-size (images per forward pass); "
-            "the training batch is --set batch_size",
-            markup=False,
-        )
-        eval_batch_size = old_batch_size
     request = RunRequest(
         task=task,
         checkpoint=checkpoint,
@@ -268,7 +257,7 @@ def run_command(
         results=results,
         device=device,
         workers=workers,
-        eval_batch_size=eval_batch_size,
+        eval_batch_size=_eval_batch_size(eval_batch_size, old_batch_size),
         cache=cache,
         arch=arch,
         branch=branch,
@@ -276,23 +265,44 @@ def run_command(
         skip_corrupt=skip_corrupt,
     )
     if task == "all":
-        from npidbench.suite import print_summary, run_all
-
-        result = run_all(request)
-        for outcome in result.outcomes:
-            if outcome.record is not None:
-                stdout.print(str(outcome.record))
-        if not _is_secondary_rank():
-            print_summary(result)
-        if result.failed:
-            raise RunFailed(
-                f"{len(result.failed)} of {len(result.outcomes)} tasks failed ({', '.join(o.task for o in result.failed)}); "
-                "the other records are written"
-            )
+        _run_all(request)
         return
     path = run_task(request)
     if path is not None:  # under torchrun only rank 0 writes (and prints) the record
         stdout.print(str(path))
+
+
+def _eval_batch_size(given: int | None, old_name: int | None) -> int | None:
+    """--eval-batch-size, or its old name --batch-size (read, with a note saying the new one)."""
+    if old_name is None:
+        return given
+    if given is not None:
+        raise BadInput("give --eval-batch-size only (--batch-size is its old name)")
+    if old_name < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {old_name}")
+    console.print(
+        "note: --batch-size is now --eval-batch-size (images per forward pass); "
+        "the training batch is --set batch_size",
+        markup=False,
+    )
+    return old_name
+
+
+def _run_all(request) -> None:
+    """Every preset whose data is present: the record paths on stdout, the summary on stderr."""
+    from npidbench.suite import print_summary, run_all
+
+    result = run_all(request)
+    for outcome in result.outcomes:
+        if outcome.record is not None:
+            stdout.print(str(outcome.record))
+    if not _is_secondary_rank():
+        print_summary(result)
+    if result.failed:
+        raise RunFailed(
+            f"{len(result.failed)} of {len(result.outcomes)} tasks failed ({', '.join(o.task for o in result.failed)}); "
+            "the other records are written"
+        )
 
 
 @app.command("pretrain")
