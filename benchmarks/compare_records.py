@@ -3,7 +3,7 @@ every number where it was (``run all`` on a fixed checkpoint before and after)::
 
     python benchmarks/compare_records.py results-before/ results-after/
 
-Records are paired by task and protocol variant; what is left out of the comparison is what
+Records are paired by task, protocol and protocol variant; what is left out of the comparison is what
 changes between any two runs of the same code: timings (``timings``, ``*_s``, ``seconds``,
 ``images_per_s``), creation time, record id, code versions and the checkpoint file's path.
 Prints one line per differing value and exits 1 when any differs (or a record has no partner).
@@ -54,11 +54,12 @@ def differences(before: Any, after: Any, where: str = "") -> list[str]:
     return [] if before == after else [f"{where}: {json.dumps(before)[:80]} -> {json.dumps(after)[:80]}"]
 
 
-def load(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
+def load(folder: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
     records = {}
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
-        records[(record["task"], record.get("variant", ""))] = stable(record)  # latest wins
+        key = (record["task"], record.get("protocol", ""), record.get("variant", ""))
+        records[key] = stable(record)  # the latest of a task, protocol and variant
     return records
 
 
@@ -70,7 +71,7 @@ def main() -> int:
     before, after = load(args.before), load(args.after)
     failed = False
     for key in sorted(set(before) | set(after)):
-        name = key[0] + (f" [{key[1]}]" if key[1] else "")
+        name = key[0] + "".join(f" [{part}]" for part in key[1:] if part)
         if key not in before or key not in after:
             print(f"{name}: only in {'after' if key in after else 'before'}")
             failed = True

@@ -47,3 +47,33 @@ def test_table_from_kept_outputs_and_marked_hand_measured_rows(tmp_path, monkeyp
     extraction = next(r for r in rows if "extraction_throughput.py" in r)
     assert "0.955x" in extraction and extraction.count("measured before regenerate.py") == 1
     assert sum("not measured yet" in r for r in rows) == len(regenerate.BENCHMARKS) - 2
+
+
+def test_compare_records_ignores_timings_and_names_every_changed_number(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "compare_records", REPO / "benchmarks" / "compare_records.py"
+    )
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    record = {
+        "task": "knn",
+        "protocol": "npid-knn",
+        "id": "a",
+        "created_at": "t0",
+        "timings": {"total_s": 1.0},
+        "metrics": {"top1": {"20": 41.5}},
+        "details": {"history": [{"loss": 1.0, "images_per_s": 10.0}]},
+    }
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder in (before, after):
+        folder.mkdir()
+    (before / "a.json").write_text(json.dumps(record))
+    rerun = {**record, "id": "b", "created_at": "t1", "timings": {"total_s": 2.0}}
+    rerun["details"] = {"history": [{"loss": 1.0, "images_per_s": 12.0}]}
+    (after / "b.json").write_text(json.dumps(rerun))
+    sys.argv = ["compare_records.py", str(before), str(after)]
+    assert compare.main() == 0
+    assert "knn [npid-knn]: identical" in capsys.readouterr().out
+    (after / "b.json").write_text(json.dumps({**rerun, "metrics": {"top1": {"20": 41.6}}}))
+    assert compare.main() == 1
+    assert "knn [npid-knn].metrics.top1.20: 41.5 -> 41.6" in capsys.readouterr().out
