@@ -280,11 +280,12 @@ def _eval_batch_size(given: int | None, old_name: int | None) -> int | None:
         raise BadInput("give --eval-batch-size only (--batch-size is its old name)")
     if old_name < 1:
         raise BadInput(f"--batch-size must be at least 1, got {old_name}")
-    console.print(
-        "note: --batch-size is now --eval-batch-size (images per forward pass); "
-        "the training batch is --set batch_size",
-        markup=False,
-    )
+    if not _is_secondary_rank():
+        console.print(
+            "note: --batch-size is now --eval-batch-size (images per forward pass); "
+            "the training batch is --set batch_size",
+            markup=False,
+        )
     return old_name
 
 
@@ -345,7 +346,6 @@ def pretrain_command(
 
 
 def _is_secondary_rank() -> bool:
-
     return int(os.environ.get("RANK", "0")) != 0
 
 
@@ -378,9 +378,10 @@ def report_command(
     """Render the benchmark tables from the result records."""
     from npidbench.atomic import atomic_write_text
     from npidbench.paths import results_dir
-    from npidbench.report import report, select
+    from npidbench.report import renderer, report, select
     from npidbench.results import ResultStore
 
+    renderer(fmt)  # an unknown format is refused before anything is read
     folder = results_dir(results)
     if results is not None and not folder.is_dir():
         raise BadInput(f"--results {folder} is not a folder")

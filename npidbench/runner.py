@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,16 @@ class RunRequest:
     branch: str | None = None
     trust_pickle: bool = False
     skip_corrupt: bool = False  # explicit opt-in: unreadable images are left out and listed
+    batch_size: int | None = None  # the old name of eval_batch_size (deprecated)
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None:
+            warnings.warn(
+                "RunRequest(batch_size=...) is now eval_batch_size", DeprecationWarning, stacklevel=3
+            )
+            if self.eval_batch_size is None:
+                self.eval_batch_size = self.batch_size
+            self.batch_size = None
 
 
 def default_workers(device: str = "cpu") -> int:

@@ -1,5 +1,6 @@
 """``npidbench run all``: every preset whose data is present, one after the other, sharing the
-feature cache; a failed task is reported and the others go on; a summary at the end."""
+checkpoint (loaded once) and the feature cache; a failed task is reported and the others go on;
+a summary at the end."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from npidbench.checkpoint import load_backbone
 from npidbench.data import dataset_parts, dataset_root
 from npidbench.errors import BadInput, NpidbenchError
 from npidbench.progress import console, log
-from npidbench.runner import RunRequest, run_task
+from npidbench.runner import RunRequest, extract_options, run_task
 from npidbench.tasks import presets
 from npidbench.tasks.base import Preset
 
@@ -61,6 +62,7 @@ def run_all(request: RunRequest) -> SuiteResult:
         raise BadInput("`run all` needs a checkpoint (CKPT)")
     if request.set_options:
         raise BadInput("`run all` takes no --set (settings differ per task): run a task alone to change one")
+    extract_options(request)  # a bad --device, --workers or --eval-batch-size: exit 2, not N failed tasks
     # Loaded and hashed once; a wrong checkpoint is one bad input (exit 2), not a failure of
     # every task.
     loaded = load_backbone(

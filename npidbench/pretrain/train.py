@@ -332,6 +332,9 @@ class _Trainer:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         started, seen = time.perf_counter(), 0
+        # The lr of the epoch's last step so far: a run stopped after an epoch's last step resumes
+        # with no step left in it, and the epoch's monitor line still names its lr.
+        lr = self.lr_at(state.epoch, max(state.step - 1, 0))
         for images, indices in loader:
             lr = self.lr_at(state.epoch, state.step)
             for group in self.optimizer.param_groups:

@@ -214,9 +214,11 @@ def task_output(
     dataset: dict[str, Any],
     protocol: str,
     details: Mapping[str, Any],
+    backend: str | None = None,
 ) -> TaskOutput:
-    """The family's result with what both record: the seeds, and in the details the arch, the
-    global batch and the lr it scaled to, the family's ``details``, every trial's history."""
+    """The family's result with what both record: the seeds, and in the details the arch (and
+    the ``backend`` that trained it, where the family has several), the global batch and the lr
+    it scaled to, the family's ``details``, every trial's history (in the records' key order)."""
     return TaskOutput(
         metrics=metrics,
         dataset=dataset,
@@ -224,6 +226,7 @@ def task_output(
         seeds=trial_seeds(config),
         details={
             "arch": ctx.model.arch,
+            **({"backend": backend} if backend is not None else {}),
             "global_batch": config.batch_size,
             "lr_scaled": config.scaled_lr,
             **details,

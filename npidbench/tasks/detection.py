@@ -264,8 +264,8 @@ def _output(
             test_extra={"objects": test.objects},
         ),
         protocol=PROTOCOLS[config.head],
+        backend=config.backend,
         details={
-            "backend": config.backend,
             "weight_decay": {"default": config.weight_decay, "norm": config.norm_weight_decay},
             "schedule": schedule.record(),
         },

@@ -147,7 +147,7 @@ def fit(
     )
     history, start = run.resume(state)
     try:
-        return run.epochs(state, history, start, images_per_epoch)
+        return run.train_from(state, history, start, images_per_epoch)
     except KeyboardInterrupt:
         raise _interrupted(label, schedule.epochs, state) from None
 
@@ -181,7 +181,7 @@ class _Training:
         log(f"{self.label}: resuming after epoch {start} of {self.schedule.epochs} ({state.folder})")
         return history, start
 
-    def epochs(
+    def train_from(
         self, state: ResumeState, history: list[dict[str, Any]], start: int, images_per_epoch: int
     ) -> list[dict[str, Any]]:
         """Train from epoch ``start`` to the end, evaluating and saving the state after each."""

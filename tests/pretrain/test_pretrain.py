@@ -72,19 +72,22 @@ def test_run_writes_checkpoint_monitor_and_resume(data_root, tmp_path):
         pretrain(replace(TINY, lr=0.1), tmp_path / "run", data_root)
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(data_root, tmp_path, monkeypatch):
+# 24 images at batch 8: 3 steps per epoch. Step 4 is inside epoch 2; step 3 ends epoch 1, so the
+# resumed run starts with no step left in that epoch.
+@pytest.mark.parametrize(("stop_at", "where"), [(4, "epoch 2 step 1"), (3, "epoch 1 step 3")])
+def test_interrupted_and_resumed_run_is_bit_identical(data_root, tmp_path, monkeypatch, stop_at, where):
     pretrain(TINY, tmp_path / "straight", data_root)
     original = train_module._Trainer.step
     calls = {"n": 0}
 
-    def ctrl_c_on_step_4(self, images, indices):
+    def ctrl_c_on_step(self, images, indices):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == stop_at:
             os.kill(os.getpid(), signal.SIGINT)  # handled: the loop stops after this step
         return original(self, images, indices)
 
-    monkeypatch.setattr(train_module._Trainer, "step", ctrl_c_on_step_4)
-    with pytest.raises(RunFailed, match="interrupted at epoch 2 step 1.*--resume"):
+    monkeypatch.setattr(train_module._Trainer, "step", ctrl_c_on_step)
+    with pytest.raises(RunFailed, match=f"interrupted at {where}.*--resume"):
         pretrain(TINY, tmp_path / "resumed", data_root)
     monkeypatch.setattr(train_module._Trainer, "step", original)
     pretrain(TINY, tmp_path / "resumed", data_root, resume=True)
