@@ -153,9 +153,8 @@ def test_resume_refuses_a_changed_recipe(data_root, tmp_path):
     assert torch.load(path, weights_only=True)["meta"]["epochs"] == 2
 
 
-def _rank_main(
-    rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str, dtype: torch.dtype
-) -> None:
+def _join_process_group_env(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a rank: the process group meets on 127.0.0.1 (gloo on CPUs)."""
     os.environ.update(
         {
             "WORLD_SIZE": str(world),
@@ -165,6 +164,12 @@ def _rank_main(
             "MASTER_PORT": str(port),
         }
     )
+
+
+def _rank_main(
+    rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str, dtype: torch.dtype
+) -> None:
+    _join_process_group_env(rank, world, port)
     torch.set_num_threads(1)
     pretrain(recipe, Path(out), Path(data_root), dtype=dtype)
 
@@ -233,15 +238,7 @@ def test_two_gpu_ranks_with_sync_bn(data_root, tmp_path):
 
 
 def _rank_main_cuda(rank: int, world: int, port: int, recipe: Recipe, out: str, data_root: str) -> None:
-    os.environ.update(
-        {
-            "WORLD_SIZE": str(world),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    _join_process_group_env(rank, world, port)
     pretrain(recipe, Path(out), Path(data_root), device="cuda")
 
 
