@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from npidbench.backbone import LAYERS, build_resnet
+from npidbench.backbones.resnet import LAYERS, build_resnet
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import load_backbone
 from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkpoint

@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from npidbench.backbone import FEATURE_LAYERS, build_resnet
+from npidbench.backbones import backbone_for
+from npidbench.backbones.resnet import FEATURE_LAYERS, build_resnet
 from npidbench.tasks.linear import frozen_extractor, frozen_heads_for, sgd
 
 VARIANTS = {"five-heads": FEATURE_LAYERS, "feature5": ("Feature5",), "avgpool": ("AvgPool",)}
@@ -40,12 +41,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = build_resnet(args.arch).eval()
+    backbone = backbone_for(model, args.arch)
     device = torch.device("cpu")
     probes = {}
     for name, layers in VARIANTS.items():
-        heads = frozen_heads_for(model, args.classes, layers)
+        heads = frozen_heads_for(backbone, args.classes, layers)
         optimizer = sgd(heads.parameters(), 0.01, 0.9, True, 1e-4)  # as the task builds it
-        probes[name] = (frozen_extractor(model, layers, device), heads.train(), optimizer)
+        probes[name] = (frozen_extractor(backbone, layers, device), heads.train(), optimizer)
     images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (args.batch,))
 

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from npidbench.backbone import build_resnet, layer_channels
+from npidbench.backbones.resnet import build_resnet, layer_channels
 from npidbench.pretrain.npid import (
     EmbeddingModel,
     MemoryBank,

@@ -18,7 +18,7 @@ import torch
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from npidbench.backbone import build_resnet
+from npidbench.backbones.resnet import build_resnet
 from npidbench.data import load_split
 from npidbench.data.images import decode_rgb, normalize_batch
 from npidbench.solvers.knn import weighted_knn

@@ -37,7 +37,7 @@ LAYERS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5")
 
 
 def prepare(folder: Path) -> dict:
-    from npidbench.backbone import FEATURE_LAYERS, build_resnet
+    from npidbench.backbones.resnet import FEATURE_LAYERS, build_resnet
     from npidbench.cache import FeatureCache
     from npidbench.checkpoint import load_backbone
     from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkpoint

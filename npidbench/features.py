@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from npidbench.backbone import MultiLayerFeatures, layer_dims
 from npidbench.cache import CachedFeatures, FeatureCache, FeatureKey
 from npidbench.checkpoint import LoadedBackbone
 from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
@@ -92,6 +91,7 @@ def extract(
     (named by path) or when the cache's disk cannot hold the result.
     """
     stats = stats if stats is not None else ExtractStats()
+    backbone.backbone.check_layers(layers)
     keys = feature_keys(backbone, split, transform, layers)
     if not _missing(cache, keys):
         return _cache_hit(cache, keys, split, options)
@@ -106,7 +106,8 @@ def extract(
         if not missing:
             return _cache_hit(cache, keys, split, options)
         stats.cache_hit = False
-        dims = layer_dims(backbone.model, tuple(k.layer for k in missing))
+        exposed = backbone.backbone.layers()
+        dims = {k.layer: exposed[k.layer].dim for k in missing}
         needed = len(split) * (sum(dims.values()) * 4 + 8)
         cache.check_space(needed, f"{'+'.join(dims)} for {len(split):,} {split.display_name} images")
         started = time.perf_counter()
@@ -180,7 +181,7 @@ def _run_forward(
     if begin >= end:
         return
     device = torch.device(options.device)
-    extractor = MultiLayerFeatures(backbone.model, tuple(job.layers)).to(device).eval()
+    extractor = backbone.backbone.extractor(job.layers).to(device).eval()
     extractor = extractor.to(memory_format=torch.channels_last)
     dataset = Subset(ImageList(split.samples, transform), range(begin, end))
     loader = DataLoader(

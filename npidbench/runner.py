@@ -144,6 +144,8 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         backbone = load_backbone(
             request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
         )
+    if backbone is not None:
+        backbone.backbone.check_supports(preset.family)
     with distributed(options.device) as world:
         options = replace(options, device=world.device)
         ctx = RunContext(

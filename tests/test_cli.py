@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from npidbench.backbone import MultiLayerFeatures
+from npidbench.backbones.resnet import MultiLayerFeatures
 
 from helpers import cli, one_error_line
 

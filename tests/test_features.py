@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from npidbench import cache as cache_module
-from npidbench.backbone import MultiLayerFeatures
+from npidbench.backbones.resnet import MultiLayerFeatures
 from npidbench.cache import ExtractionJob, FeatureCache
 from npidbench.checkpoint import load_backbone
 from npidbench.data.images import EvalTransform

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from npidbench.backbone import build_resnet
+from npidbench.backbones import Backbone, backbone_for
+from npidbench.backbones.resnet import build_resnet
 from npidbench.checkpoint.arch import foreign_tensors_message, infer_arch, parse_arch
 from npidbench.checkpoint.formats import (
     Branch,
@@ -127,6 +128,11 @@ class LoadedBackbone:
     @property
     def sha256(self) -> str:
         return self.inspection.sha256
+
+    @property
+    def backbone(self) -> Backbone:
+        """The benchmarks' interface to ``model``: its layers, one-pass extraction, support."""
+        return backbone_for(self.model, self.arch)
 
     def provenance(self) -> dict[str, Any]:
         """What a result record stores about the checkpoint."""

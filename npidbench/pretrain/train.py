@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from npidbench.atomic import atomic_write, atomic_write_text
-from npidbench.backbone import build_resnet, layer_channels
+from npidbench.backbones.resnet import build_resnet, layer_channels
 from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkpoint
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch

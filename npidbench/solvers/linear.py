@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from npidbench.backbones import Layer
+
 
 class FeatureHead(nn.Module):
     """BN2d(channels, affine=False) on the (channels, grid, grid) map -> flatten -> Linear."""
@@ -67,16 +69,15 @@ class HeadSet(nn.Module):
         return {name: head(features[name]) for name, head in self.heads.items()}
 
 
-def build_heads(
-    layers: Sequence[str], channels: Mapping[str, int], grids: Mapping[str, int], classes: int
-) -> HeadSet:
-    """One head per layer: FeatureHead for FeatureN (its pooled grid), AvgPoolHead for AvgPool."""
+def build_heads(layers: Sequence[Layer], classes: int) -> HeadSet:
+    """One head per layer: FeatureHead for a pooled map (FeatureN: its grid), AvgPoolHead for a
+    vector (AvgPool)."""
     heads: dict[str, nn.Module] = {}
-    for name in layers:
-        if name == "AvgPool":
-            heads[name] = AvgPoolHead(channels[name], classes)
+    for layer in layers:
+        if layer.grid:
+            heads[layer.name] = FeatureHead(layer.channels, layer.grid, classes)
         else:
-            heads[name] = FeatureHead(channels[name], grids[name], classes)
+            heads[layer.name] = AvgPoolHead(layer.channels, classes)
     return HeadSet(heads)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npidbench.backbone import FEATURE_LAYERS, POOLING, MultiLayerFeatures, layer_channels
+from npidbench.backbones import Backbone
 from npidbench.config import check_choices
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
@@ -90,14 +90,16 @@ class Config:
         if self.avgpool_eval_every < 1:
             raise ValueError("avgpool_eval_every must be at least 1")
 
-    def part(self, name: str) -> _Part:
+    def part(self, name: str, backbone: Backbone) -> _Part:
+        """The ``features`` part trains a head per multi-layer feature of ``backbone``
+        (Feature1..5 of a ResNet), the ``avgpool`` part one on its global feature."""
         if name == "features":
             augment = TrainAugment(
                 self.features_augment, self.crop, self.train_resize, self.color_jitter, self.lighting
             )
             return _Part(
                 name,
-                FEATURE_LAYERS,
+                backbone.feature_layers,
                 StepSchedule(self.features_epochs, self.features_milestones, self.gamma),
                 self.features_lr,
                 self.features_weight_decay,
@@ -108,7 +110,7 @@ class Config:
         augment = TrainAugment(self.avgpool_augment, self.crop, self.train_resize, 0.0, 0.0)
         return _Part(
             name,
-            ("AvgPool",),
+            (backbone.default_layer,),
             StepSchedule(self.avgpool_epochs, self.avgpool_milestones, self.gamma),
             self.avgpool_lr,
             self.avgpool_weight_decay,
@@ -143,12 +145,12 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     check_global_batch(config.batch_size, world)
     probe = _Probe(ctx, config, train, test, world)
     if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
-        layers = tuple(layer for name in config.parts for layer in config.part(name).layers)
+        layers = tuple(layer for name in config.parts for layer in config.part(name, probe.backbone).layers)
         for split in (train, test):
             ctx.features(split, probe.test_transform, layers)
     states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
     for name in config.parts:
-        part = config.part(name)
+        part = config.part(name, probe.backbone)
         identity = run_identity(ctx, config, world.world_size, part=part.name, data=train.fingerprint)
         state = ResumeState(ctx.cache.root, identity, world)
         history = _train_part(probe, part, state)
@@ -172,7 +174,10 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "precision": precision_name(ctx.extract.device, config.amp and config.mode == "augmented"),
             "history": histories,
             "global_batch": config.batch_size,
-            "lr_scaled": {name: scaled_lr(config.part(name).lr, config.batch_size) for name in config.parts},
+            "lr_scaled": {
+                name: scaled_lr(config.part(name, probe.backbone).lr, config.batch_size)
+                for name in config.parts
+            },
         },
     )
 
@@ -201,6 +206,10 @@ class _Probe:
         return torch.device(self.world.device)
 
     @property
+    def backbone(self) -> Backbone:
+        return self.ctx.model.backbone
+
+    @property
     def local_batch(self) -> int:
         return self.config.batch_size // self.world.world_size
 
@@ -226,7 +235,7 @@ class _Source:
 def _augmented_source(probe: _Probe, part: _Part) -> _Source:
     """Augmented training images through the frozen backbone at every step (the protocol)."""
     ctx, config, device = probe.ctx, probe.config, probe.device
-    extractor = frozen_extractor(ctx.model.model, part.layers, device)
+    extractor = frozen_extractor(probe.backbone, part.layers, device)
     images = TrainImages(probe.train, part.augment, config.seed)
 
     def inputs(batch) -> tuple[Features, torch.Tensor]:
@@ -267,7 +276,7 @@ def _train_part(probe: _Probe, part: _Part, state: ResumeState) -> list[dict[str
     lr = scaled_lr(part.lr, config.batch_size)
     torch.manual_seed(config.seed)  # the heads' initial weights
     heads, trainable = prepare_for_training(
-        frozen_heads_for(probe.ctx.model.model, len(probe.train.classes), part.layers),
+        frozen_heads_for(probe.backbone, len(probe.train.classes), part.layers),
         probe.world,
         sync_bn=False,
         channels_last=False,
@@ -312,10 +321,10 @@ def sgd(params, lr: float, momentum: float, nesterov: bool, weight_decay: float)
     )
 
 
-def frozen_extractor(model: nn.Module, layers: tuple[str, ...], device: torch.device) -> MultiLayerFeatures:
+def frozen_extractor(backbone: Backbone, layers: tuple[str, ...], device: torch.device) -> nn.Module:
     """The backbone in eval mode (BN statistics frozen) without gradients: one forward pass
     yields every head's input."""
-    extractor = MultiLayerFeatures(model, layers).to(device).eval()
+    extractor = backbone.extractor(layers).to(device).eval()
     for param in extractor.parameters():
         param.requires_grad_(False)
     return extractor.to(memory_format=torch.channels_last)
@@ -341,11 +350,11 @@ def _rows(arrays: dict[str, np.ndarray], rows: torch.Tensor, device: torch.devic
     return {name: torch.from_numpy(np.ascontiguousarray(a[index])).to(device) for name, a in arrays.items()}
 
 
-def frozen_heads_for(model: nn.Module, classes: int, layers: tuple[str, ...] = FEATURE_LAYERS) -> HeadSet:
-    """The heads a probe of ``model`` trains (the probe builds them here; tests and benchmarks read
-    their sizes)."""
-    grids = {name: POOLING[name].grid for name in FEATURE_LAYERS}
-    return build_heads(layers, layer_channels(model), grids, classes)
+def frozen_heads_for(backbone: Backbone, classes: int, layers: tuple[str, ...] | None = None) -> HeadSet:
+    """The heads a probe of ``backbone`` trains on ``layers`` (default: its multi-layer features;
+    the probe builds them here; tests and benchmarks read their sizes)."""
+    exposed = backbone.layers()
+    return build_heads([exposed[name] for name in layers or backbone.feature_layers], classes)
 
 
 LINEAR_COLUMNS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npidbench.backbone import layer_channels
 from npidbench.config import check_choices
 from npidbench.data import load_split
 from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
@@ -221,12 +220,13 @@ def _with_labelled(record: dict[str, Any], split_info: dict[str, Any]) -> dict[s
 
 
 class _Classifier(nn.Module):
-    """The backbone (torchvision ResNet without fc: global pooled features) + Linear head."""
+    """The backbone (its forward: the global pooled feature of ``dim``, e.g. a torchvision ResNet
+    without fc) + Linear head."""
 
-    def __init__(self, backbone: nn.Module, classes: int) -> None:
+    def __init__(self, backbone: nn.Module, dim: int, classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(layer_channels(backbone)["AvgPool"], classes)
+        self.head = nn.Linear(dim, classes)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
@@ -268,7 +268,9 @@ class _FineTuner:
         """(the classifier, what training steps call, SGD with the head at ``mult`` x the lr)."""
         config = self.config
         torch.manual_seed(config.seed)  # the head's initial weights
-        model: nn.Module = _Classifier(copy.deepcopy(self.ctx.model.model), classes)
+        interface = self.ctx.model.backbone
+        dim = interface.layers()[interface.default_layer].dim
+        model: nn.Module = _Classifier(copy.deepcopy(self.ctx.model.model), dim, classes)
         model, wrapped = prepare_for_training(model, self.world, config.sync_bn)
         base = scaled_lr(lr, config.batch_size)
         optimizer = torch.optim.SGD(

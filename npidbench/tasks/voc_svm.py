@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from npidbench.atomic import atomic_write_text
-from npidbench.backbone import FEATURE_LAYERS, LAYERS
+from npidbench.backbones.resnet import FEATURE_LAYERS, LAYERS
 from npidbench.config import check_choices, config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform

@@ -37,7 +37,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
-from npidbench.backbone import layer_channels
+from npidbench.backbones.resnet import layer_channels
 
 Head = Literal["c4", "fpn"]  # the detection Config's ``head`` (checked by the config coercer)
 HEADS: tuple[Head, ...] = typing.get_args(Head)

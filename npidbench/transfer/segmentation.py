@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from npidbench.backbone import layer_channels
+from npidbench.backbones.resnet import layer_channels
 
 
 def dilate_resnet(model: nn.Module) -> nn.Module:

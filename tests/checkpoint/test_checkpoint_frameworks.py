@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from npidbench.backbone import MultiLayerFeatures, build_resnet
+from npidbench.backbones.resnet import MultiLayerFeatures, build_resnet
 from npidbench.checkpoint import inspect_checkpoint, load_backbone
 from npidbench.errors import BadInput
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from npidbench.backbone import MultiLayerFeatures
+from npidbench.backbones import backbone_for
+from npidbench.backbones.resnet import MultiLayerFeatures
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import load_backbone
 from npidbench.errors import BadInput, RunFailed
@@ -42,7 +43,9 @@ def test_heads_see_the_pooled_dims_of_the_protocol():
     model = torchvision.models.resnet50(weights=None)
     model.fc = torch.nn.Identity()
     heads = linear_task.frozen_heads_for(
-        model, 1000, ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
+        backbone_for(model, "resnet50"),
+        1000,
+        ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"),
     )
     dims = {name: head.in_features for name, head in heads.heads.items()}
     assert dims == {

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npidbench.backbone import build_resnet
+from npidbench.backbones.resnet import build_resnet
 from npidbench.data.images import normalize_batch
 from npidbench.runner import RunRequest, run_task
 from npidbench.tasks import segmentation as seg_task

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from npidbench.backbone import build_resnet
+from npidbench.backbones.resnet import build_resnet
 from npidbench.checkpoint import load_backbone
 from npidbench.checkpoint.formats import to_detectron2_name
 from npidbench.errors import BadInput, RunFailed

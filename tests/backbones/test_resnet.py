@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from npidbench.backbone import LAYERS, POOLING, MultiLayerFeatures, build_resnet, layer_dims
+from npidbench.backbones.resnet import LAYERS, POOLING, MultiLayerFeatures, build_resnet, layer_dims
 
 from checkpoint_zoo import random_resnet
 
