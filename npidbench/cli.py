@@ -136,8 +136,36 @@ def _print_inspection(info) -> None:
         ("sha256", info.sha256),
         ("container", info.container),
         ("format", info.format),
-        ("arch", (info.arch or "?") + (" (CIFAR stem)" if info.cifar_stem else "")),
-        ("stem", info.stem if info.arch else "?"),
+    ]
+    vit = info.vit or {}
+    if info.family != "resnet":
+        rows += [("family", info.family), ("arch", info.arch or "?")]
+        if vit:
+            layer_scale = ", layer scale" if vit["init_values"] is not None else ""
+            grid = vit["img_size"] // vit["patch_size"]
+            rows += [
+                (
+                    "depth / width",
+                    f"{vit['depth']} blocks x {vit['embed_dim']} ({vit['num_heads'] or '?'} heads: "
+                    f"{vit['heads_from'] or 'unknown'}; mlp {vit['mlp_ratio']:g}x{layer_scale})",
+                ),
+                ("patch size", f"{vit['patch_size']}x{vit['patch_size']} pixels"),
+                ("registers", str(vit["reg_tokens"]) if vit["reg_tokens"] else "none"),
+                (
+                    "resolution",
+                    f"{vit['img_size']} px ({grid}x{grid} patches"
+                    + (", class token without position" if vit["no_embed_class"] else "")
+                    + "; other sizes interpolate the position embedding)",
+                ),
+            ]
+            if vit["converted"]:
+                rows.append(("converted", "; ".join(vit["converted"])))
+    else:
+        rows += [
+            ("arch", (info.arch or "?") + (" (CIFAR stem)" if info.cifar_stem else "")),
+            ("stem", info.stem if info.arch else "?"),
+        ]
+    rows += [
         ("branch", f"{info.branch} (of {', '.join(info.branches) or 'none'})"),
         ("loaded", f"{len(info.loaded)} tensors"),
         ("missing", f"{len(info.missing)}" + (f": {', '.join(info.missing[:5])}" if info.missing else "")),
@@ -198,6 +226,11 @@ def convert_command(
     if not out.parent.exists():
         raise BadInput(f"the folder of --out {out} does not exist")
     loaded = load_backbone(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
+    if loaded.inspection.family != "resnet":
+        raise BadInput(
+            f"convert writes ResNet names (torchvision, detectron2); {checkpoint} holds a "
+            f"{loaded.inspection.family} ({loaded.arch}), which timm loads as it is"
+        )
     export_backbone(loaded.model, to, out)
     stdout.print(str(out))
 

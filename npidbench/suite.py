@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from npidbench.checkpoint import load_backbone
+from npidbench.checkpoint import LoadedBackbone, load_backbone
 from npidbench.data import dataset_parts, dataset_root
 from npidbench.errors import BadInput, NpidbenchError
 from npidbench.progress import console, log
@@ -56,6 +56,16 @@ def missing_data(preset: Preset, data_root: Path | None) -> str | None:
     return None
 
 
+def unsupported(preset: Preset, loaded: LoadedBackbone | None) -> str | None:
+    """Why the checkpoint's backbone cannot run ``preset`` (None: it can)."""
+    try:
+        if loaded is not None:
+            loaded.backbone.check_supports(preset.family)
+    except BadInput as exc:
+        return str(exc)
+    return None
+
+
 def run_all(request: RunRequest) -> SuiteResult:
     """Run every suite preset with ``request``'s checkpoint and options (its ``task`` ignored)."""
     if request.checkpoint is None:
@@ -72,6 +82,7 @@ def run_all(request: RunRequest) -> SuiteResult:
     chosen = suite_presets()
     for number, preset in enumerate(chosen, start=1):
         reason = missing_data(preset, Path(request.data_root) if request.data_root is not None else None)
+        reason = reason or unsupported(preset, loaded)
         if reason is not None:
             result.outcomes.append(TaskOutcome(preset.name, "skipped", reason=reason))
             continue

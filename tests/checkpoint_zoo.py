@@ -9,7 +9,9 @@ import sys
 import textwrap
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -504,4 +506,318 @@ VARIANTS = {
         "a Bottleneck ResNet with blocks (2, 2, 2, 2) (timm resnet26): no torchvision ResNet has this depth"
     ),
     "timm-resnet18-blurpool": "that a torchvision resnet18 does not have (layer2.0.aa.*)",
+}
+
+
+# Plain ViTs as each framework writes them (PROTOCOLS-ARCH.md section 1), built from a random timm
+# VisionTransformer (DINO, MoCo v3, MAE, iBOT and DINOv2 use timm's names) or torchvision's own.
+
+
+@dataclass
+class ViTCase:
+    """A written ViT file, the tensors a strict load must give (timm names) and the source
+    network's CLS feature (after the final norm) for an image batch."""
+
+    path: Path
+    expected: dict[str, torch.Tensor]
+    reference: Callable[[torch.Tensor], torch.Tensor]
+    img: int
+
+
+def random_vit(seed: int = 0, embed_dim: int = 192, num_heads: int = 3, depth: int = 2, **kwargs):
+    """A timm VisionTransformer without a head; every parameter random (LayerNorm weights around
+    1) so that a swapped or dropped tensor changes the features."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    kwargs = {"img_size": 32, "patch_size": 8, **kwargs}
+    model = VisionTransformer(embed_dim=embed_dim, num_heads=num_heads, depth=depth, num_classes=0, **kwargs)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0, 0.2)
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                param.add_(1.0)
+    return model.eval()
+
+
+def fixed_sincos(grid: int, width: int, row_first: bool) -> torch.Tensor:
+    """(1, 1 + grid**2, width) fixed 2D sin-cos with a zero class row: MoCo v3 (row first, vits.py
+    build_2d_sincos_position_embedding, meshgrid 'ij') or MAE (column first, util/pos_embed.py)."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    index = torch.arange(grid * grid)
+    rows, cols = (index // grid).float(), (index % grid).float()
+    first, second = (rows, cols) if row_first else (cols, rows)
+    out_1, out_2 = torch.outer(first, omega), torch.outer(second, omega)
+    table = torch.cat([out_1.sin(), out_1.cos(), out_2.sin(), out_2.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), table])[None]
+
+
+def _renamed(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    import re
+
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _ssl_head(dim: int, prefix: str) -> dict[str, torch.Tensor]:
+    """DINO's / iBOT's head: mlp.0/2/4 then a weight-normed last layer [dino vision_transformer.py DINOHead]."""
+    return {
+        **_head(dim, [64, 64, 32], f"{prefix}mlp."),
+        f"{prefix}last_layer.weight_g": torch.ones(100, 1),
+        f"{prefix}last_layer.weight_v": torch.randn(100, 32),
+    }
+
+
+def _moco_mlp(dim: int, prefix: str, layers: int) -> dict[str, torch.Tensor]:
+    """MoCo v3's _build_mlp: Linear (no bias), BatchNorm1d, ReLU, ..., last BN without affine
+    [moco-v3 moco/builder.py:36-50]."""
+    out, d = {}, dim
+    for i in range(layers):
+        base = 3 * i
+        out[f"{prefix}{base}.weight"] = torch.randn(64, d)
+        bn = f"{prefix}{base + 1}."
+        if i < layers - 1:
+            out[bn + "weight"], out[bn + "bias"] = torch.randn(64), torch.randn(64)
+        out[bn + "running_mean"], out[bn + "running_var"] = torch.randn(64), torch.rand(64) + 0.5
+        out[bn + "num_batches_tracked"] = torch.tensor(3)
+        d = 64
+    return out
+
+
+def _dinov2_reference(source, registers: torch.Tensor):
+    """DINOv2's forward of the class token: pos_embed added to [cls, patches], registers inserted
+    after the class token, blocks, norm [dinov2 models/vision_transformer.py prepare_tokens_with_masks]."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        tokens = source.patch_embed(images)
+        batch = tokens.shape[0]
+        tokens = torch.cat([source.cls_token.expand(batch, -1, -1), tokens], dim=1) + source.pos_embed
+        tokens = torch.cat([tokens[:, :1], registers.expand(batch, -1, -1), tokens[:, 1:]], dim=1)
+        for block in source.blocks:
+            tokens = block(tokens)
+        return source.norm(tokens)[:, 0]
+
+    return forward
+
+
+def _torchvision_vit(tmp: Path) -> ViTCase:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(11)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=768
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+    model.eval()
+    sd = model.state_dict()
+    path = tmp / "torchvision_vit.pth"
+    torch.save(sd, path)
+    expected = {"cls_token": sd["class_token"], "pos_embed": sd["encoder.pos_embedding"]}
+    expected["patch_embed.proj.weight"], expected["patch_embed.proj.bias"] = (
+        sd["conv_proj.weight"],
+        sd["conv_proj.bias"],
+    )
+    expected["norm.weight"], expected["norm.bias"] = sd["encoder.ln.weight"], sd["encoder.ln.bias"]
+    for i in range(2):
+        tv = f"encoder.layers.encoder_layer_{i}."
+        for kind in ("weight", "bias"):
+            expected[f"blocks.{i}.norm1.{kind}"] = sd[f"{tv}ln_1.{kind}"]
+            expected[f"blocks.{i}.attn.qkv.{kind}"] = sd[f"{tv}self_attention.in_proj_{kind}"]
+            expected[f"blocks.{i}.attn.proj.{kind}"] = sd[f"{tv}self_attention.out_proj.{kind}"]
+            expected[f"blocks.{i}.norm2.{kind}"] = sd[f"{tv}ln_2.{kind}"]
+            expected[f"blocks.{i}.mlp.fc1.{kind}"] = sd[f"{tv}mlp.0.{kind}"]
+            expected[f"blocks.{i}.mlp.fc2.{kind}"] = sd[f"{tv}mlp.3.{kind}"]
+    model.heads = torch.nn.Identity()  # the class token after encoder.ln
+    return ViTCase(path, expected, model, 32)
+
+
+def build_vit_file(fmt: str, tmp: Path) -> ViTCase:
+    """Save a small ViT as framework ``fmt`` does (keys of VIT_FORMATS)."""
+    if fmt == "torchvision-vit":
+        return _torchvision_vit(tmp)
+    path = tmp / f"{fmt}.pth"
+    other = random_vit(seed=99)
+    if fmt in ("dino-bare", "dino"):
+        source = random_vit(seed=1, embed_dim=384, num_heads=6, patch_size=16)  # DINO ViT-S: 6 heads
+        other = random_vit(seed=98, embed_dim=384, num_heads=6, patch_size=16)
+    elif fmt in ("moco-v3", "moco-v3-deit"):
+        source = random_vit(seed=2, embed_dim=384, num_heads=12, patch_size=16)  # MoCo v3 ViT-S: 12 heads
+        other = random_vit(seed=97, embed_dim=384, num_heads=12, patch_size=16)
+        with torch.no_grad():
+            for model in (source, other):  # fixed, stored in the state dict [vits.py:25-41]
+                model.pos_embed.copy_(fixed_sincos(2, 384, row_first=True))
+    elif fmt in ("mae", "mae-full"):
+        source = random_vit(seed=3)
+        with torch.no_grad():
+            source.pos_embed.copy_(fixed_sincos(4, 192, row_first=False))
+    elif fmt in ("ibot", "dinov2", "dinov2-reg4", "mmpretrain"):
+        source = random_vit(seed=4, init_values=1.0)
+    elif fmt == "dinov2-train":
+        source = random_vit(seed=5, init_values=1.0, depth=4)
+    elif fmt == "timm-reg4":
+        source = random_vit(seed=6, init_values=1e-5, reg_tokens=4, no_embed_class=True)  # vit_*_reg4_dinov2
+    elif fmt == "timm-reg1":
+        source = random_vit(seed=7, reg_tokens=1)  # registers with class-token position (timm allows it)
+    else:
+        source = random_vit(seed=8)
+    sd = source.state_dict()
+    expected = dict(sd)
+    reference: Callable = source
+    width = sd["cls_token"].shape[-1]
+    if fmt in ("dino-bare", "dinov2", "timm-reg4", "timm-reg1", "timm-bare"):
+        obj: Any = dict(sd)
+        if fmt == "dinov2":
+            obj["mask_token"] = torch.randn(1, width)  # (1, D) [dinov2 models/vision_transformer.py:96-233]
+    elif fmt == "dino":
+        # {student, teacher, optimizer, epoch, args, dino_loss, fp16_scaler} [main_dino.py:278-288]; the
+        # ViT teacher is not DDP-wrapped, the student is [main_dino.py:195-206].
+        obj = {
+            "student": {
+                **_prefixed(other.state_dict(), "module.backbone."),
+                **_ssl_head(width, "module.head."),
+            },
+            "teacher": {**_prefixed(sd, "backbone."), **_ssl_head(width, "head.")},
+            "optimizer": {"state": {0: {"exp_avg": torch.randn(3)}}, "param_groups": []},
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16),
+            "dino_loss": {"center": torch.zeros(1, 100)},
+            "fp16_scaler": None,
+        }
+    elif fmt == "ibot":
+        gamma = [(r"\.ls([12])\.gamma$", r".gamma_\1")]  # iBOT's Block [ibot models/vision_transformer.py]
+        student = random_vit(seed=96, init_values=1.0).state_dict()
+        obj = {
+            "student": {
+                **_prefixed(_renamed(student, gamma), "module.backbone."),
+                "module.backbone.masked_embed": torch.randn(1, width),
+                **_ssl_head(width, "module.head."),
+                "module.head.last_layer2.weight_v": torch.randn(100, 32),
+            },
+            "teacher": {
+                **_prefixed(_renamed(sd, gamma), "backbone."),
+                **_ssl_head(width, "head."),
+                "head.last_layer2.weight_v": torch.randn(100, 32),
+            },
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_tiny"),
+            "ibot_loss": {"center": torch.zeros(1, 100)},
+        }
+    elif fmt in ("moco-v3", "moco-v3-deit"):
+        if fmt == "moco-v3-deit":  # convert_to_deit.py: base_encoder without its head, under "model"
+            obj = {"model": dict(sd)}
+        else:  # {epoch, arch, state_dict, optimizer, scaler} [main_moco.py; builder.py:64-75]
+            obj = {
+                "epoch": 300,
+                "arch": "vit_small",
+                "state_dict": {
+                    **_prefixed(sd, "module.base_encoder."),
+                    **_moco_mlp(width, "module.base_encoder.head.", 3),
+                    **_prefixed(other.state_dict(), "module.momentum_encoder."),
+                    **_moco_mlp(width, "module.momentum_encoder.head.", 3),
+                    **_moco_mlp(64, "module.predictor.", 2),
+                },
+                "optimizer": {"state": {}, "param_groups": []},
+                "scaler": {"scale": 65536.0},
+            }
+    elif fmt == "mae":
+        obj = {"model": dict(sd)}  # mae_pretrain_vit_*.pth: the encoder only (mae#8)
+    elif fmt == "mae-full":
+        decoder = {  # models_mae.py:47-58, decoder width 64
+            "mask_token": torch.randn(1, 1, 64),
+            "decoder_embed.weight": torch.randn(64, width),
+            "decoder_embed.bias": torch.randn(64),
+            "decoder_pos_embed": torch.randn(1, 17, 64),
+            "decoder_blocks.0.norm1.weight": torch.randn(64),
+            "decoder_blocks.0.attn.qkv.weight": torch.randn(192, 64),
+            "decoder_norm.weight": torch.randn(64),
+            "decoder_pred.weight": torch.randn(192, 64),
+        }
+        obj = {
+            "model": {**sd, **decoder},
+            "optimizer": {},
+            "epoch": 400,
+            "scaler": {},
+            "args": argparse.Namespace(),
+        }
+    elif fmt == "dinov2-reg4":
+        registers = torch.randn(1, 4, width)
+        obj = {**sd, "register_tokens": registers, "mask_token": torch.randn(1, width)}
+        expected = {**sd, "reg_token": registers, "cls_token": sd["cls_token"] + sd["pos_embed"][:, :1]}
+        expected["pos_embed"] = sd["pos_embed"][:, 1:]
+        reference = _dinov2_reference(source, registers)
+    elif fmt == "dinov2-train":
+        # teacher_checkpoint.pth {"teacher": ...} with block_chunks=2: chunk 1 starts with Identity
+        # padding, so its blocks keep their global index [dinov2 train/train.py:130; vision_transformer.py]
+        chunked = _renamed(
+            sd, [(r"^blocks\.([01])\.", r"blocks.0.\1."), (r"^blocks\.([23])\.", r"blocks.1.\1.")]
+        )
+        obj = {
+            "teacher": {
+                **_prefixed(chunked, "backbone."),
+                "backbone.mask_token": torch.randn(1, width),
+                **_ssl_head(width, "dino_head."),
+                **_ssl_head(width, "ibot_head."),
+            }
+        }
+    elif fmt == "timm":
+        trained = {**sd, "head.weight": torch.randn(10, width), "head.bias": torch.randn(10)}
+        obj = {
+            "epoch": 10,
+            "arch": "vit_tiny_patch8_32",
+            "version": 2,
+            "state_dict": _prefixed({**other.state_dict(), "head.weight": torch.randn(10, width)}, "module."),
+            "state_dict_ema": trained,
+            "optimizer": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(model="vit_tiny_patch8_32"),
+        }
+    elif fmt == "mmpretrain":
+        # mmpretrain VisionTransformer names [models/backbones/vision_transformer.py:16-108, 245-369]
+        rules = [
+            (r"^patch_embed\.proj\.", "patch_embed.projection."),
+            (r"^norm\.", "ln1."),
+            (r"^blocks\.(\d+)\.norm([12])\.", r"layers.\1.ln\2."),
+            (r"^blocks\.(\d+)\.ls1\.gamma$", r"layers.\1.attn.gamma1.weight"),
+            (r"^blocks\.(\d+)\.ls2\.gamma$", r"layers.\1.ffn.gamma2.weight"),
+            (r"^blocks\.(\d+)\.mlp\.fc1\.", r"layers.\1.ffn.layers.0.0."),
+            (r"^blocks\.(\d+)\.mlp\.fc2\.", r"layers.\1.ffn.layers.1."),
+            (r"^blocks\.(\d+)\.attn\.", r"layers.\1.attn."),
+        ]
+        obj = {
+            "meta": {"mmpretrain_version": "1.2.0", "epoch": 100},
+            "state_dict": {
+                **_prefixed(_renamed(sd, rules), "backbone."),
+                "head.layers.head.weight": torch.randn(10, width),
+            },
+        }
+    else:
+        raise KeyError(fmt)
+    torch.save(obj, path)
+    return ViTCase(path, expected, reference, 32)
+
+
+VIT_FORMATS = {
+    # name: (detected format, default branch, arch, heads)
+    "dino-bare": ("timm", "main", "vit_small_patch16_32", 6),
+    "dino": ("dino", "teacher", "vit_small_patch16_32", 6),
+    "ibot": ("ibot", "teacher", "vit_tiny_patch8_32", 3),
+    "moco-v3": ("moco-v3", "base_encoder", "vit_small_patch16_32", 12),
+    "moco-v3-deit": ("moco-v3", "main", "vit_small_patch16_32", 12),
+    "mae": ("mae", "main", "vit_tiny_patch8_32", 3),
+    "mae-full": ("mae", "main", "vit_tiny_patch8_32", 3),
+    "dinov2": ("dinov2", "main", "vit_tiny_patch8_32", 3),
+    "dinov2-reg4": ("dinov2", "main", "vit_tiny_patch8_reg4_32", 3),
+    "dinov2-train": ("dinov2-train", "teacher", "vit_tiny_patch8_32", 3),
+    "timm": ("timm", "ema", "vit_tiny_patch8_32", 3),
+    "timm-bare": ("timm", "main", "vit_tiny_patch8_32", 3),
+    "timm-reg4": ("timm", "main", "vit_tiny_patch8_reg4_32", 3),
+    "timm-reg1": ("timm", "main", "vit_tiny_patch8_reg1_32", 3),
+    "torchvision-vit": ("torchvision", "main", "vit_tiny_patch8_32", 3),
+    "mmpretrain": ("mmpretrain", "main", "vit_tiny_patch8_32", 3),
 }

@@ -8,8 +8,9 @@ for, which layer the global-feature protocols (kNN, low-shot) read by default, a
 benchmark families it supports. Tasks, feature extraction and cache keys speak to it.
 
 Implemented: torchvision-layout ResNets (``resnet``: the FAIR benchmark's Feature1..5 + AvgPool,
-PROTOCOLS.md "Multi-layer features"). ViT / ConvNeXt / width-multiplied ResNets (issue 15) add a
-class here and an entry in ``FAMILIES``.
+PROTOCOLS.md "Multi-layer features"), plain ViTs (``vit``, backbones/vit.py: CLS, Block<i>,
+AvgPatch) and ConvNeXt (``convnext``, backbones/convnext.py: Stage1..4, AvgPool), both on timm.
+A family adds a class and an entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -121,7 +122,15 @@ class ResNetBackbone(Backbone):
         return MultiLayerFeatures(self.model, tuple(names))
 
 
-FAMILIES: dict[str, type[Backbone]] = {ResNetBackbone.family: ResNetBackbone}
+def _families() -> dict[str, type[Backbone]]:
+    # timm is imported when one of these is built, not here
+    from npidbench.backbones.convnext import ConvNeXtBackbone
+    from npidbench.backbones.vit import ViTBackbone
+
+    return {cls.family: cls for cls in (ResNetBackbone, ViTBackbone, ConvNeXtBackbone)}
+
+
+FAMILIES: dict[str, type[Backbone]] = _families()
 
 
 def backbone_for(model: nn.Module, arch: str, family: str = "resnet") -> Backbone:

@@ -1,8 +1,13 @@
-"""Any checkpoint in, a torchvision ResNet out: detect, load strictly, report what was used.
+"""Any checkpoint in, a torchvision ResNet or a timm ViT out: detect, load strictly, report what
+was used.
 
     >>> loaded = load_backbone("moco_v2_800ep.pth.tar")      # doctest: +SKIP
     >>> loaded.format, loaded.arch, loaded.branch
     ('moco-v2', 'resnet50', 'encoder_q')
+
+ViTs (DINO, DINOv2, MoCo v3, MAE, iBOT, timm, torchvision, mmpretrain; checkpoint/vit.py) are
+files without a ResNet branch that carry a patch embedding or class token; their ViTSpec is
+read from the shapes and recorded in ``Inspection.vit``.
 
 Strict means every backbone parameter and buffer is filled from the file (MoCo main_lincls's
 habit) and the backbone's own modules hold nothing the built network lacks (a squeeze-excitation
@@ -14,7 +19,7 @@ Never falls back to random weights (USERS.md 1).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,10 @@ import torch
 from torch import nn
 
 from npidbench.backbones import Backbone, backbone_for
+from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
 from npidbench.backbones.resnet import build_resnet
+from npidbench.backbones.vit import ViTSpec, build_vit
+from npidbench.checkpoint import convnext, vit
 from npidbench.checkpoint.arch import foreign_tensors_message, infer_arch, parse_arch
 from npidbench.checkpoint.formats import (
     Branch,
@@ -70,14 +78,30 @@ class Inspection:
     skipped_objects: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    family: str = "resnet"  # the backbones.FAMILIES entry: resnet | vit
+    # ViTs: the ViTSpec's fields (depth, embed_dim, num_heads, patch_size, img_size: the
+    # resolution of the position embedding, reg_tokens, ...) plus name, heads_from (num_heads is
+    # not in the shapes) and converted (what was renamed or recomputed). None for ResNets.
+    vit: dict[str, Any] | None = None
+    convnext: dict[str, Any] | None = None  # ConvNeXts: depths, dims, layer_scale, name
 
     @property
     def complete(self) -> bool:
         return self.error is None
 
     @property
+    def vit_spec(self) -> ViTSpec | None:
+        """The ViT the inspection describes (None for ResNets and unfinished ViT inspections)."""
+        if not self.vit:
+            return None
+        return ViTSpec(**{f.name: self.vit[f.name] for f in fields(ViTSpec)})
+
+    @property
     def stem(self) -> str:
         """The stem variant in words, e.g. ``CIFAR stem (3x3 stride 1, padding 2, no max-pool)``."""
+        spec = self.vit_spec
+        if spec is not None:
+            return f"{spec.patch_size}x{spec.patch_size} patch embedding (stride {spec.patch_size})"
         if not self.cifar_stem:
             return "standard stem (7x7 stride 2, padding 3, max-pool)"
         return f"CIFAR stem (3x3 stride 1, padding {self.stem_padding}, no max-pool)"
@@ -116,7 +140,7 @@ def failed_inspection(path: str | Path, error: str) -> Inspection:
 
 @dataclass
 class LoadedBackbone:
-    """A strictly loaded torchvision ResNet (fc removed) plus where it came from."""
+    """A strictly loaded torchvision ResNet (fc removed) or timm ViT (no head) plus where it came from."""
 
     model: nn.Module
     inspection: Inspection
@@ -132,12 +156,12 @@ class LoadedBackbone:
     @property
     def backbone(self) -> Backbone:
         """The benchmarks' interface to ``model``: its layers, one-pass extraction, support."""
-        return backbone_for(self.model, self.arch)
+        return backbone_for(self.model, self.arch, self.inspection.family)
 
     def provenance(self) -> dict[str, Any]:
         """What a result record stores about the checkpoint."""
         info = self.inspection
-        return {
+        record = {
             "path": info.path,
             "sha256": info.sha256,
             "format": info.format,
@@ -149,6 +173,10 @@ class LoadedBackbone:
             "skipped_objects": info.skipped_objects,
             "meta": info.meta,
         }
+        if info.family != "resnet":  # ResNet records stay as they were
+            record["family"] = info.family
+            record["vit" if info.family == "vit" else info.family] = info.vit or info.convnext
+        return record
 
 
 def inspect_checkpoint(
@@ -180,6 +208,10 @@ def inspect_checkpoint(
         skipped_objects=raw.skipped,
         meta=_own_meta(raw),
     )
+    if not branches and convnext.holds_convnext(keys):
+        return _inspect_convnext(flat, info, arch, branch)
+    if not branches and looks_like_vit(keys):
+        return _inspect_vit(raw.obj, flat, info, arch, branch)
     if not branches:
         info.error = _no_backbone_message(keys, fmt)
         info.ignored = keys
@@ -266,8 +298,147 @@ def load_backbone(
 
 def _build(info: Inspection) -> nn.Module:
     """The network an inspection describes, stem variant included."""
+    spec = info.vit_spec
+    if spec is not None:
+        return build_vit(spec)
+    if info.family == "convnext" and info.convnext:
+        return build_convnext(
+            ConvNeXtSpec(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in info.convnext.items() if k != "name"}
+            )
+        )
     padding = info.stem_padding if info.cifar_stem and info.stem_padding else _DEFAULT_CIFAR_PADDING
     return build_resnet(info.arch or "", info.cifar_stem, stem_padding=padding)
+
+
+def _inspect_vit(
+    top: Any, flat: dict[str, torch.Tensor], info: Inspection, arch: str | None, branch: str | None
+) -> tuple[Inspection, dict[str, torch.Tensor] | None]:
+    """inspect_checkpoint for a file whose backbone is a ViT (checkpoint/vit.py)."""
+    keys = list(flat)
+    info.family = "vit"
+    info.ignored = keys
+    branches = vit.find_vit_branches(keys)
+    info.branches = [b.name for b in branches]
+    info.format = fmt = vit.detect_vit_format(top, flat, branches)
+    unsupported = vit.unsupported_layout(keys)
+    if unsupported:
+        info.error = unsupported
+        return info, None
+    if not branches:
+        info.error = _no_backbone_message(keys, fmt)
+        return info, None
+    try:
+        chosen = _choose_branch(branches, branch, fmt)
+    except BadInput as exc:
+        info.error = str(exc)
+        raise CheckpointRefused(str(exc), info) from None
+    info.branch = chosen.name
+    state, used, converted = vit.branch_state(flat, chosen, branches)
+    info.ignored = [k for k in keys if k not in used]
+    essentials = vit.missing_essentials(state)
+    no_class_token = vit.without_class_token(state)
+    if no_class_token:
+        info.error = no_class_token
+        return info, None
+    if essentials:
+        info.missing = essentials
+        where = f"under '{chosen.prefix}'" if chosen.prefix else "at the top level"
+        info.error = (
+            f"the {fmt} Vision Transformer checkpoint (branch {chosen.name}) does not hold a complete ViT: "
+            f"{len(essentials)} backbone keys missing (first: {', '.join(essentials)}; its shape is read "
+            f"from them); hint: keys {where} follow {chosen.naming} names; check that the file is complete, "
+            "or choose another --branch"
+        )
+        return info, None
+    sincos = vit.fixed_sincos(state["pos_embed"])
+    if sincos and fmt in ("timm", "ddp", "mae"):
+        info.format = fmt = sincos  # MoCo v3's convert_to_deit.py / main_lincls files, MAE's {"model"}
+    try:
+        spec, heads_from = vit.infer_vit_spec(state, moco_v3=fmt == "moco-v3" or sincos == "moco-v3")
+        if arch is not None and arch != spec.name:
+            raise BadInput(
+                f"the checkpoint holds a {spec.name} ({vit.spec_description(spec)}), but --arch {arch} "
+                f"was asked for; pass --arch {spec.name} or the right file"
+            )
+    except BadInput as exc:
+        info.error = str(exc)
+        return info, None
+    info.arch = spec.name
+    info.vit = {**asdict(spec), "name": spec.name, "heads_from": heads_from, "converted": converted}
+    if heads_from is None:
+        info.vit["num_heads"] = None  # not in the shapes and not a standard width: refused below
+    with torch.device("meta"):  # shapes only: no random initialisation of a large ViT
+        expected = build_vit(spec).state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for name, target in expected.items():
+        source = state.get(name)
+        if source is None:
+            info.missing.append(name)
+        elif tuple(source.shape) != tuple(target.shape):
+            info.mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
+        else:
+            loaded[name] = source.to(target.dtype) if source.is_floating_point() else source
+    info.unexpected = [name for name in state if name not in expected]
+    info.loaded = [name for name in expected if name in loaded]
+    if info.missing or info.mismatched:
+        info.error = vit.incomplete_message(fmt, chosen, spec.name, info.missing, info.mismatched)
+        return info, None
+    if info.unexpected:
+        info.error = vit.foreign_tensors_message(info.unexpected, spec.name)
+        return info, None
+    if heads_from is None:
+        info.error = vit.unknown_heads_message(spec)
+        return info, None
+    return info, loaded
+
+
+def _inspect_convnext(
+    flat: dict[str, torch.Tensor], info: Inspection, arch: str | None, branch: str | None
+) -> tuple[Inspection, dict[str, torch.Tensor] | None]:
+    """inspect_checkpoint for a file whose backbone is a ConvNeXt (checkpoint/convnext.py)."""
+    info.family = "convnext"
+    info.ignored = list(flat)
+    try:
+        found = convnext.find_convnext(flat, branch)
+    except ValueError as exc:
+        info.error = str(exc)
+        raise CheckpointRefused(str(exc), info) from None
+    assert found is not None
+    info.format = f"convnext-{found.layout}"
+    info.branch = found.prefix.rstrip(".") or "main"
+    info.branches = [p.rstrip(".") or "main" for p in convnext.candidate_prefixes(flat)]
+    info.ignored = found.ignored
+    try:
+        match = convnext.match_convnext(found)
+    except (ValueError, KeyError) as exc:
+        info.error = f"the {info.format} checkpoint does not hold a complete ConvNeXt ({exc})"
+        return info, None
+    info.arch = match.spec.name
+    info.convnext = {**asdict(match.spec), "name": match.spec.name}
+    if arch is not None and arch != match.spec.name:
+        info.error = f"the checkpoint holds a {match.spec.name}, but --arch {arch} was asked for; pass --arch {match.spec.name}"
+        return info, None
+    info.loaded, info.missing, info.mismatched, info.unexpected = (
+        match.loaded,
+        match.missing,
+        match.mismatched,
+        match.unexpected,
+    )
+    if match.missing or match.mismatched:
+        first = (match.missing or match.mismatched)[:3]
+        info.error = (
+            f"the {info.format} checkpoint does not hold a complete {match.spec.name}: "
+            f"{len(match.missing)} tensors missing, {len(match.mismatched)} of another shape (first: {', '.join(first)})"
+        )
+        return info, None
+    if match.unexpected:
+        info.error = (
+            f"the {info.format} checkpoint's ConvNeXt holds tensors a {match.spec.name} lacks "
+            f"({', '.join(match.unexpected[:3])}): another network; refused rather than dropped"
+        )
+        return info, None
+    return info, match.tensors
 
 
 def _caffe_style_detectron2(flat: dict[str, torch.Tensor], branch: Branch) -> str | None:
@@ -348,8 +519,9 @@ def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:
 def _no_backbone_message(keys: list[str], fmt: str) -> str:
     if looks_like_vit(keys):
         return (
-            "this is a Vision Transformer checkpoint (patch_embed / cls_token keys); npidbench "
-            "evaluates ResNet backbones only for now"
+            "this looks like a Vision Transformer checkpoint (patch_embed / cls_token keys), but no ViT "
+            "was found under any prefix (looked for cls_token, pos_embed and patch_embed.proj.weight in "
+            f"timm, torchvision and mmpretrain names; first keys: {', '.join(keys[:3])})"
         )
     sample = ", ".join(keys[:3]) or "no tensors at all"
     return (

@@ -69,11 +69,12 @@ _ANCHOR = {
 
 @dataclass(frozen=True)
 class Branch:
-    """One ResNet found in the file: where it lives and how its keys are named."""
+    """One backbone found in the file (a ResNet, or a ViT): where it lives and how its keys are named."""
 
     name: str
     prefix: str
-    naming: str  # torchvision | detectron2 | sequential
+    # torchvision | detectron2 | sequential; ViTs (checkpoint/vit.py): timm | torchvision-vit | mmpretrain-vit
+    naming: str
 
 
 def flatten(obj: Any, prefix: str = "", out: Flat | None = None, _seen: set | None = None) -> Flat:
@@ -120,7 +121,7 @@ def find_branches(keys: list[str]) -> list[Branch]:
         for prefix, count in counts.items():
             if count >= 4 and prefix in anchored and prefix not in found:
                 found[prefix] = naming
-    branches = [Branch(_branch_name(p), p, n) for p, n in sorted(found.items())]
+    branches = [Branch(branch_name(p), p, n) for p, n in sorted(found.items())]
     names = Counter(b.name for b in branches)
     # Two prefixes that simplify to the same name keep their full prefix as the name.
     return [
@@ -129,7 +130,8 @@ def find_branches(keys: list[str]) -> list[Branch]:
     ]
 
 
-def _branch_name(prefix: str) -> str:
+def branch_name(prefix: str) -> str:
+    """The short name of the network under ``prefix`` (wrappers dropped, aliases applied)."""
     parts = [p for p in prefix.strip(".").split(".") if p and p not in _WRAPPERS]
     name = ".".join(_ALIASES.get(p, p) for p in parts)
     return name or "main"
@@ -252,5 +254,19 @@ def to_detectron2_name(key: str) -> str:
 
 
 def looks_like_vit(keys: list[str]) -> bool:
-    """ViT checkpoints (DINO, MoCo v3, MAE) carry a patch embedding and a class token."""
-    return any(k.endswith(("patch_embed.proj.weight", "cls_token", "pos_embed")) for k in keys)
+    """ViT checkpoints (DINO, MoCo v3, MAE, DINOv2, timm, torchvision, mmpretrain) carry a patch
+    embedding, a class token or a position embedding under one of their names."""
+    return any(
+        k.endswith(
+            (
+                "patch_embed.proj.weight",
+                "patch_embed.projection.weight",
+                "cls_token",
+                "pos_embed",
+                "conv_proj.weight",
+                "class_token",
+                "encoder.pos_embedding",
+            )
+        )
+        for k in keys
+    )

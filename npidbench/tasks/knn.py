@@ -27,7 +27,9 @@ from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, split_recor
 class Config:
     ks: tuple[int, ...] = (10, 20, 100, 200)  # mmselfsup; lemniscate reports k = 200
     temperature: float = 0.07  # NPID, Wu et al. 2018
-    layer: Literal["AvgPool"] = "AvgPool"  # the protocol's global pooled features
+    # The protocol's global feature: AvgPool of a ResNet, the CLS token after the final norm of
+    # a ViT (DINO eval_knn.py), i.e. the backbone's default layer (recorded when it is not AvgPool).
+    layer: Literal["AvgPool"] = "AvgPool"
     train_split: str = "train"
     test_split: str = "val"
     resize: int = 256  # evaluation transform: short side 256, center crop 224
@@ -59,9 +61,9 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             f"{test.root / test.split} and {train.root / train.split} have different class folders"
         )
     transform = EvalTransform(config.resize, config.crop, "center-crop")
-    layers = (config.layer,)
-    train_feats = ctx.features(train, transform, layers)[config.layer]
-    test_feats = ctx.features(test, transform, layers)[config.layer]
+    layer = ctx.model.backbone.default_layer
+    train_feats = ctx.features(train, transform, (layer,))[layer]
+    test_feats = ctx.features(test, transform, (layer,))[layer]
     train_x, train_y = _readable(train_feats)
     test_x, test_y = _readable(test_feats)
     result = weighted_knn(
@@ -83,6 +85,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             dataset, train, test, skipped=[s["path"] for s in train_feats.skipped + test_feats.skipped]
         ),
         protocol="npid-knn",
+        details={} if layer == config.layer else {"layer": layer},
     )
 
 

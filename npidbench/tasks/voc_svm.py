@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from npidbench.atomic import atomic_write_text
-from npidbench.backbones.resnet import FEATURE_LAYERS, LAYERS
+from npidbench.backbones import Backbone
+from npidbench.backbones.resnet import FEATURE_LAYERS
 from npidbench.config import check_choices, config_to_dict
 from npidbench.data import load_split
 from npidbench.data.images import EvalTransform
@@ -79,8 +80,9 @@ class Config:
             raise ValueError("jobs and lowshot_samples must be at least 1")
         if not self.lowshot_ks or any(k < 1 for k in self.lowshot_ks):
             raise ValueError(f"lowshot_ks must be positive integers, got {list(self.lowshot_ks)}")
-        if not self.layers or any(n not in LAYERS for n in self.layers):
-            raise ValueError(f"layers must be some of {', '.join(LAYERS)}, got {list(self.layers)}")
+        # The names are the backbone's (checked when it is loaded) or a features directory's.
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be distinct layer names, got {list(self.layers)}")
         if self.resize < 1 or self.size < 1:
             raise ValueError("resize and size must be at least 1 pixel")
 
@@ -201,11 +203,26 @@ def _load_inputs(ctx: RunContext, config: Config) -> _Inputs:
         return _from_features_dir(ctx, config, None)  # every layer the directory has
     # One forward pass yields every layer: a low-shot run whose layer is only known from a
     # previous record extracts them all (and a later full SVM finds them cached).
+    backbone = ctx.model.backbone
     explicit = _explicit_layer(config)
-    if explicit is not None and explicit not in LAYERS:
-        raise BadInput(f"lowshot_layer={explicit} is not a layer; choose auto or one of {', '.join(LAYERS)}")
-    layers = [explicit] if explicit is not None and "full" not in config.parts else list(config.layers)
+    if explicit is not None and explicit not in backbone.layers():
+        raise BadInput(
+            f"lowshot_layer={explicit} is not a layer of {backbone.arch}; choose auto or one of "
+            f"{', '.join(backbone.layers())}"
+        )
+    layers = (
+        [explicit] if explicit is not None and "full" not in config.parts else _svm_layers(config, backbone)
+    )
     return _from_checkpoint(ctx, config, layers)
+
+
+def _svm_layers(config: Config, backbone: Backbone) -> list[str]:
+    """The layers of the full SVM: the setting, where the default ResNet names stand for the
+    backbone's own multi-layer features (a ViT's four evenly spaced blocks)."""
+    if config.layers == FEATURE_LAYERS and backbone.family != "resnet":
+        return list(backbone.feature_layers)
+    backbone.check_layers(config.layers)
+    return list(config.layers)
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
@@ -234,9 +251,21 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         dataset=inputs.dataset,
         protocol=PROTOCOL,
         seeds=seeds,
-        details={"costs": costs, "solver": SOLVERS[config.solver]},
+        details={"costs": costs, "solver": SOLVERS[config.solver], **_protocol_note(ctx)},
         model=inputs.model,
     )
+
+
+def _protocol_note(ctx: RunContext) -> dict[str, str]:
+    """The published SVM protocols are for ResNets (PROTOCOLS-ARCH.md section 2: none for ViTs):
+    a record of another backbone says which features stood in for Feature1..5."""
+    if ctx.backbone is None or ctx.model.backbone.family == "resnet":
+        return {}
+    backbone = ctx.model.backbone
+    return {
+        "protocol_note": f"no published VOC07 SVM protocol for {backbone.family} backbones; the layers "
+        f"are {', '.join(backbone.feature_layers)} ({backbone.arch}), best layer chosen as for ResNets"
+    }
 
 
 def _run_full(
@@ -300,8 +329,9 @@ def _lowshot_layer(ctx: RunContext, config: Config, inputs: _Inputs, best: str |
     )
     if layer is None and ctx.features_dir is not None and len(inputs.layers) == 1:
         layer = inputs.layers[0]
-    layer_from = "explicit" if explicit else ("this run" if best else "previous record or Feature5")
-    return layer or "Feature5", layer_from
+    deepest = "Feature5" if ctx.features_dir is not None else ctx.model.backbone.feature_layers[-1]
+    layer_from = "explicit" if explicit else ("this run" if best else f"previous record or {deepest}")
+    return layer or deepest, layer_from
 
 
 def _with_layer(ctx: RunContext, config: Config, inputs: _Inputs, layer: str) -> _Inputs:

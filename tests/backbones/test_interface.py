@@ -77,5 +77,5 @@ def test_a_family_a_backbone_does_not_support_is_refused_naming_who_runs_it(monk
 
 
 def test_an_unknown_backbone_family_is_bad_input():
-    with pytest.raises(BadInput, match="no backbone family 'vit'"):
-        backbone_for(torch.nn.Identity(), "vit_small_patch16", "vit")
+    with pytest.raises(BadInput, match="no backbone family 'swin'"):
+        backbone_for(torch.nn.Identity(), "swin_tiny", "swin")
