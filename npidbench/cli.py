@@ -165,7 +165,17 @@ def _print_inspection(info) -> None:
             ("arch", (info.arch or "?") + (" (CIFAR stem)" if info.cifar_stem else "")),
             ("stem", info.stem if info.arch else "?"),
         ]
+        width = info.width_multiplier
+        if width > 1:
+            rows.append(
+                (
+                    "width",
+                    f"x{width}, every layer (stem {64 * width}, bottlenecks {64 * width}..{512 * width}, "
+                    f"outputs {256 * width}..{2048 * width})",
+                )
+            )
     rows += [
+        ("input", info.input),
         ("branch", f"{info.branch} (of {', '.join(info.branches) or 'none'})"),
         ("loaded", f"{len(info.loaded)} tensors"),
         ("missing", f"{len(info.missing)}" + (f": {', '.join(info.missing[:5])}" if info.missing else "")),
@@ -231,7 +241,7 @@ def convert_command(
             f"convert writes ResNet names (torchvision, detectron2); {checkpoint} holds a "
             f"{loaded.inspection.family} ({loaded.arch}), which timm loads as it is"
         )
-    export_backbone(loaded.model, to, out)
+    export_backbone(loaded.model, to, out, input_normalised=loaded.input_normalised)
     stdout.print(str(out))
 
 

@@ -69,7 +69,9 @@ def feature_keys(
             dataset=split.dataset,
             dataset_fingerprint=split.fingerprint,
             split=split.split,
-            transform=transform.fingerprint,
+            # Unnormalised-input networks (SimCLR v1) see [0, 1] pixels: another input, another key;
+            # every other key is the transform's fingerprint as before.
+            transform=transform.fingerprint_for(imagenet_norm=backbone.input_normalised),
             layer=layer,
         )
         for layer in layers
@@ -206,7 +208,8 @@ def _run_forward(
                     )
                 job.skip(index, path, reason)
             if batch.images is not None:
-                pooled = extractor(normalize_batch(batch.images.to(device, non_blocking=True)))
+                images = batch.images.to(device, non_blocking=True)
+                pooled = extractor(normalize_batch(images, imagenet_norm=backbone.input_normalised))
                 job.write(
                     batch.indices.numpy(),
                     {k: v.float().cpu().numpy() for k, v in pooled.items()},

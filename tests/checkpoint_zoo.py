@@ -41,6 +41,60 @@ def _randomise_statistics(model: torch.nn.Module) -> None:
             module.num_batches_tracked.fill_(7)
 
 
+def wide_resnet50(width: int, seed: int = 0, randomise: bool = True) -> torchvision.models.ResNet:
+    """A ResNet-50 widened ``width`` times everywhere, stem included (SimCLR v1's width_mult
+    [resnet_wider.py:111-135], SwAV's widen [src/resnet50.py:159-193]), with random weights and BN
+    statistics. Built with torchvision's own ResNet._make_layer rather than npidbench's builder, so
+    that the loader is checked against an independent construction of the same names and shapes."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50()
+    stem = 64 * width
+    model.inplanes = stem
+    model.conv1 = torch.nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = torch.nn.BatchNorm2d(stem)
+    block = torchvision.models.resnet.Bottleneck
+    for index, blocks in enumerate((3, 4, 6, 3)):
+        stage = model._make_layer(block, stem * 2**index, blocks, stride=1 if index == 0 else 2)
+        setattr(model, f"layer{index + 1}", stage)
+    model.fc = torch.nn.Linear(2048 * width, 1000)
+    if randomise:
+        _randomise_statistics(model)
+    return model.eval()
+
+
+def save_simclr_converter(model: torch.nn.Module, path: Path) -> Path:
+    """As tonylins/simclr-converter writes it: ``{'state_dict': model.state_dict()}`` [convert.py:85]
+    with fc (TF's supervised head; its bias the Linear's own) and the BN statistics written into
+    fresh modules, so every num_batches_tracked is 0 [convert.py:74-82]."""
+    state = OrderedDict(
+        (k, torch.zeros_like(v) if k.endswith("num_batches_tracked") else v)
+        for k, v in model.state_dict().items()
+    )
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def save_swav(model: torch.nn.Module, path: Path, hidden: int = 32, prototypes: int = 30) -> Path:
+    """As SwAV releases it (swav_*_pretrain.pth.tar): a bare state dict of the DDP-wrapped model,
+    ``module.`` prefix, the backbone without fc plus projection_head (Linear, BatchNorm1d, ReLU,
+    Linear) and prototypes [src/resnet50.py:199-217; hubconf.py]."""
+    dim = model.fc.in_features
+    head = {
+        "projection_head.0.weight": torch.randn(hidden, dim),
+        "projection_head.0.bias": torch.randn(hidden),
+        "projection_head.1.weight": torch.rand(hidden),
+        "projection_head.1.bias": torch.randn(hidden),
+        "projection_head.1.running_mean": torch.randn(hidden),
+        "projection_head.1.running_var": torch.rand(hidden) + 0.5,
+        "projection_head.1.num_batches_tracked": torch.tensor(100),
+        "projection_head.3.weight": torch.randn(16, hidden),
+        "projection_head.3.bias": torch.randn(16),
+        "prototypes.weight": torch.randn(prototypes, 16),
+    }
+    torch.save(_prefixed({**backbone_state(model), **head}, "module."), path)
+    return path
+
+
 def backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
 

@@ -8,11 +8,13 @@ At other input sizes the same output grid is reached with adaptive average pooli
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 LAYERS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
 FEATURE_LAYERS = LAYERS[:5]
@@ -39,12 +41,30 @@ POOLING = {
 }
 
 
+# Width-multiplied ResNet-50s: ``resnet50w2`` (SimCLR v1 2x, SwAV RN50-w2), ``resnet50w4``, ``resnet50w5``.
+WIDE_RESNET50 = re.compile(r"resnet50w(?P<width>[1-9]\d*)")
+
+
+def wide_resnet50_width(arch: str) -> int | None:
+    """The width multiplier of a ``resnet50w<N>`` name (N >= 2), None for any other arch."""
+    match = WIDE_RESNET50.fullmatch(arch)
+    return int(match["width"]) if match and int(match["width"]) >= 2 else None
+
+
 def build_resnet(arch: str, cifar_stem: bool = False, *, stem_padding: int = 1) -> nn.Module:
     """A randomly initialised torchvision ResNet without its classifier (fc = Identity).
 
     ``stem_padding`` is the padding of the CIFAR stem's 3x3 conv (ignored for the standard
     stem): the shapes are the same either way, only the framework that wrote a file knows it.
+    ``resnet50w<N>`` builds the width-multiplied ResNet-50 (``width_multiplied_resnet50``).
     """
+    width = wide_resnet50_width(arch)
+    if width is not None:
+        if cifar_stem:
+            raise ValueError(f"{arch}: width-multiplied ResNet-50s have the standard stem only")
+        model = width_multiplied_resnet50(width)
+        model.fc = nn.Identity()
+        return model
     model = torchvision.models.get_model(arch, weights=None)
     if cifar_stem:
         # CIFAR variant: 3x3 stride-1 conv1 and no max-pool. solo-learn builds it with
@@ -53,6 +73,54 @@ def build_resnet(arch: str, cifar_stem: bool = False, *, stem_padding: int = 1) 
         model.maxpool = nn.Identity()
     model.fc = nn.Identity()
     return model
+
+
+def width_multiplied_resnet50(width: int) -> torchvision.models.ResNet:
+    """A torchvision ResNet-50 with every layer ``width`` times wider: stem 64w, bottleneck
+    widths 64w..512w, outputs 256w..2048w, with torchvision's names and Bottleneck blocks.
+
+    This is SimCLR v1's ``width_mult`` (stem and every stage widened [simclr-converter
+    resnet_wider.py:111-135]) and SwAV's ``widen`` [swav src/resnet50.py:159-193]; SwAV's stem
+    ConstantPad2d(1) + conv padding 2 equals padding 3. Not torchvision's ``wide_resnet50_2``,
+    which widens only the inner 3x3 convs and keeps 2048 outputs.
+    """
+    if width < 1:
+        raise ValueError(f"width multiplier must be at least 1, not {width}")
+    # torchvision's ResNet hard-codes the widths: build its skeleton without memory, then put
+    # the widened stem and stages in its modules (relu, maxpool, avgpool have no parameters).
+    with torch.device("meta"):
+        model = torchvision.models.ResNet(Bottleneck, [3, 4, 6, 3])
+    stem = 64 * width
+    model.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(stem)
+    inplanes = stem
+    for index, blocks in enumerate((3, 4, 6, 3)):
+        planes = stem * 2**index
+        setattr(
+            model, f"layer{index + 1}", _bottleneck_stage(inplanes, planes, blocks, 1 if index == 0 else 2)
+        )
+        inplanes = planes * Bottleneck.expansion
+    model.fc = nn.Linear(inplanes, 1000)
+    # torchvision's initialisation (ResNet.__init__): He normal fan-out convs, BN weight 1, bias 0.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
+    return model
+
+
+def _bottleneck_stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """A stage as torchvision's ResNet._make_layer builds it (stride in the 3x3 conv, projection
+    shortcut ``downsample.0`` conv1x1 + ``downsample.1`` BN on the first block)."""
+    out = planes * Bottleneck.expansion
+    shortcut = nn.Sequential(
+        nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out)
+    )
+    layers = [Bottleneck(inplanes, planes, stride, shortcut)]
+    layers += [Bottleneck(out, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
 
 
 def layer_channels(model: nn.Module) -> dict[str, int]:

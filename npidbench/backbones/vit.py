@@ -8,17 +8,21 @@ Layers (PROTOCOLS-ARCH.md section 2): ``CLS`` is the class token after the final
 ``get_intermediate_layers`` gives it; the multi-layer protocols (VOC07 SVM) read four evenly
 spaced blocks (3/6/9/12 of 12: no published ViT SVM protocol exists, records say so).
 ``AvgPatch`` is the mean of the last block's patch tokens after the norm (registers and CLS
-excluded), the avgpool half of DINO's and DINOv2's linear features. The position embedding is
-interpolated to the evaluation resolution (timm's dynamic_img_size, bicubic as DINO).
+excluded), the avgpool half of DINO's and DINOv2's linear features; a model with MAE's fc_norm
+(global-pool fine-tuned) gives fc_norm of that mean, its evaluated feature, and it is then the
+default layer. The position embedding is interpolated to the evaluation grid as the framework
+that trained it does (``ViTSpec.pos_interpolation``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from npidbench.backbones import Backbone, Layer
@@ -39,6 +43,11 @@ class ViTSpec:
     reg_tokens: int = 0  # DINOv2 "reg4" registers
     no_embed_class: bool = False  # DINOv2 converted by timm: the class token carries no position
     fc_norm: bool = False  # MAE's global-pool fine-tuning head norm (not in pretraining files)
+    # How the position embedding reaches another grid: "timm" (timm's resample: bicubic to the
+    # size, antialiased; what DINOv2's register models do too) or "dino" (DINO, iBOT and DINOv2
+    # without registers: bicubic by the scale factor (g + 0.1) / M, no antialias
+    # [dino vision_transformer.py:174-194; dinov2 models/vision_transformer.py:179-210]).
+    pos_interpolation: str = "timm"
 
     @property
     def name(self) -> str:
@@ -69,6 +78,7 @@ def build_vit(spec: ViTSpec) -> nn.Module:
         global_pool="token",
         dynamic_img_size=True,  # evaluation at another resolution interpolates pos_embed
     )
+    model.pos_interpolation = spec.pos_interpolation  # read by ViTFeatures
     return model
 
 
@@ -94,26 +104,30 @@ class ViTBackbone(Backbone):
 
     @property
     def default_layer(self) -> str:
-        return "CLS"
+        # MAE's global-pool models evaluate fc_norm(mean of patch tokens) [mae models_vit.py]
+        return "AvgPatch" if isinstance(getattr(self.model, "fc_norm", None), nn.LayerNorm) else "CLS"
 
     def extractor(self, names: Sequence[str]) -> nn.Module:
         self.check_layers(names)
-        return ViTFeatures(self.model, tuple(names))
+        return ViTFeatures(self.model, tuple(names), getattr(self.model, "pos_interpolation", "timm"))
 
 
 class ViTFeatures(nn.Module):
     """One forward pass through the blocks the names need; class tokens through the final norm."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, model: nn.Module, names: tuple[str, ...], pos_interpolation: str = "timm") -> None:
         super().__init__()
         self.model = model
         self.names = names
+        self.pos_interpolation = pos_interpolation
         depth = len(model.blocks)
         self.blocks = sorted({_block_of(name, depth) for name in names})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         m: Any = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        patches = m.patch_embed(images)  # (N, h, w, D): timm's dynamic_img_size layout
+        tokens = _dino_pos_embed(m, patches) if self.pos_interpolation == "dino" else m._pos_embed(patches)
+        x = m.norm_pre(m.patch_drop(tokens))
         normed: dict[int, torch.Tensor] = {}
         for index, block in enumerate(m.blocks[: self.blocks[-1]], start=1):
             x = block(x)
@@ -124,10 +138,28 @@ class ViTFeatures(nn.Module):
         for name in self.names:
             tokens = normed[_block_of(name, depth)]
             if name == "AvgPatch":
-                out[name] = tokens[:, m.num_prefix_tokens :].mean(dim=1)
+                out[name] = m.fc_norm(tokens[:, m.num_prefix_tokens :].mean(dim=1))  # Identity unless MAE's
             else:
                 out[name] = tokens[:, 0]
         return out
+
+
+def _dino_pos_embed(m: Any, patches: torch.Tensor) -> torch.Tensor:
+    """Class token + patches + position embedding interpolated as DINO does: bicubic by the scale
+    factor (grid + 0.1) / trained grid, not antialiased (a class token with its own position, no
+    registers: the models that use it)."""
+    n, h, w, dim = patches.shape
+    pos = m.pos_embed
+    side = math.isqrt(pos.shape[1] - 1)
+    patch_pos = pos[:, 1:]
+    if (h, w) != (side, side):
+        grid = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(
+            grid.float(), scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic", antialias=False
+        )
+        patch_pos = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, dim)
+    tokens = torch.cat([m.cls_token.expand(n, -1, -1), patches.reshape(n, h * w, dim)], dim=1)
+    return m.pos_drop(tokens + torch.cat([pos[:, :1], patch_pos], dim=1))
 
 
 def _block_of(name: str, depth: int) -> int:

@@ -19,7 +19,7 @@ Never falls back to random weights (USERS.md 1).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,12 @@ from torch import nn
 
 from npidbench.backbones import Backbone, backbone_for
 from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
-from npidbench.backbones.resnet import build_resnet
+from npidbench.backbones.resnet import build_resnet, wide_resnet50_width
 from npidbench.backbones.vit import ViTSpec, build_vit
 from npidbench.checkpoint import convnext, vit
 from npidbench.checkpoint.arch import foreign_tensors_message, infer_arch, parse_arch
 from npidbench.checkpoint.formats import (
+    UNNORMALISED_INPUT_FORMATS,
     Branch,
     default_branch,
     detect_format,
@@ -54,6 +55,9 @@ STANDARD_STEM_PADDING = 3  # torchvision's 7x7 stride-2 conv1
 # Absent from files written before torch 0.4.1 (lemniscate) and from detectron2's FrozenBN; it
 # only matters for BatchNorm with momentum=None, so it may be defaulted to 0 (and is reported).
 _OPTIONAL_BUFFER = "num_batches_tracked"
+# Formats whose own code interpolates the position embedding DINO's way (ViTSpec.pos_interpolation);
+# DINOv2's register models resample as timm does.
+_DINO_INTERPOLATION = ("dino", "ibot", "dinov2", "dinov2-train")
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Inspection:
     # not in the shapes) and converted (what was renamed or recomputed). None for ResNets.
     vit: dict[str, Any] | None = None
     convnext: dict[str, Any] | None = None  # ConvNeXts: depths, dims, layer_scale, name
+    # False: the network was trained on pixels in [0, 1] without ImageNet mean/std (SimCLR v1's
+    # converted TF models, formats.UNNORMALISED_INPUT_FORMATS); every forward pass feeds it so.
+    input_normalised: bool = True
 
     @property
     def complete(self) -> bool:
@@ -95,6 +102,18 @@ class Inspection:
         if not self.vit:
             return None
         return ViTSpec(**{f.name: self.vit[f.name] for f in fields(ViTSpec)})
+
+    @property
+    def width_multiplier(self) -> int:
+        """How many times wider than torchvision's every layer is (resnet50w<N>: N; else 1)."""
+        return wide_resnet50_width(self.arch or "") or 1
+
+    @property
+    def input(self) -> str:
+        """The network's input in words (``inspect``)."""
+        if self.input_normalised:
+            return "RGB in [0, 1], normalised by the ImageNet mean/std"
+        return "RGB in [0, 1], not normalised (no mean/std: the network was trained so)"
 
     @property
     def stem(self) -> str:
@@ -154,6 +173,11 @@ class LoadedBackbone:
         return self.inspection.sha256
 
     @property
+    def input_normalised(self) -> bool:
+        """Whether the network's input is ImageNet-normalised (else pixels in [0, 1])."""
+        return self.inspection.input_normalised
+
+    @property
     def backbone(self) -> Backbone:
         """The benchmarks' interface to ``model``: its layers, one-pass extraction, support."""
         return backbone_for(self.model, self.arch, self.inspection.family)
@@ -176,6 +200,8 @@ class LoadedBackbone:
         if info.family != "resnet":  # ResNet records stay as they were
             record["family"] = info.family
             record["vit" if info.family == "vit" else info.family] = info.vit or info.convnext
+        if not info.input_normalised:  # only then: every other record stays as it was
+            record["input_normalised"] = False
         return record
 
 
@@ -207,6 +233,7 @@ def inspect_checkpoint(
         branches=[b.name for b in branches],
         skipped_objects=raw.skipped,
         meta=_own_meta(raw),
+        input_normalised=fmt not in UNNORMALISED_INPUT_FORMATS,
     )
     if not branches and convnext.holds_convnext(keys):
         return _inspect_convnext(flat, info, arch, branch)
@@ -253,14 +280,15 @@ def inspect_checkpoint(
         info.stem_padding = wanted.stem_padding  # the user's word over the format's guess
     else:
         info.stem_padding = _CIFAR_STEM_PADDING.get(fmt, _DEFAULT_CIFAR_PADDING)
-    expected = _build(info).state_dict()
+    with torch.device("meta"):  # shapes only: no random initialisation (a ResNet-50 w5 has 586M weights)
+        expected = _build(info).state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for name, target in expected.items():
         source = state.get(name)
         if source is None:
             if name.endswith(_OPTIONAL_BUFFER):
                 info.defaulted.append(name)
-                loaded[name] = torch.zeros_like(target)
+                loaded[name] = torch.zeros(target.shape, dtype=target.dtype)
             else:
                 info.missing.append(name)
         elif tuple(source.shape) != tuple(target.shape):
@@ -356,6 +384,8 @@ def _inspect_vit(
         info.format = fmt = sincos  # MoCo v3's convert_to_deit.py / main_lincls files, MAE's {"model"}
     try:
         spec, heads_from = vit.infer_vit_spec(state, moco_v3=fmt == "moco-v3" or sincos == "moco-v3")
+        if fmt in _DINO_INTERPOLATION and not spec.reg_tokens and not spec.no_embed_class:
+            spec = replace(spec, pos_interpolation="dino")
         if arch is not None and arch != spec.name:
             raise BadInput(
                 f"the checkpoint holds a {spec.name} ({vit.spec_description(spec)}), but --arch {arch} "

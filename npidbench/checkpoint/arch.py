@@ -2,9 +2,10 @@
 
 The depth comes from the block type and the number of blocks per stage, the width from the
 channels of the stem and first block, the CIFAR-style stem (solo-learn's 3x3 stride-1 conv1
-without max-pool) from conv1's kernel. Width-multiplied ResNets (SimCLR/SwAV x2/x4 widen every
-layer, stem included) are not torchvision models and are named and refused, and so are the
-variants that reuse torchvision's names for another network: deep stems (timm ResNet-C/D,
+without max-pool) from conv1's kernel. Width-multiplied ResNet-50s (SimCLR v1 2x/4x, SwAV
+RN50-w2/w4/w5: every layer widened, stem included, built by backbones/resnet.py) are named
+``resnet50w<N>`` from conv1's 64N channels and the stage widths; other width-multiplied depths are
+refused, and so are the variants that reuse torchvision's names for another network: deep stems (timm ResNet-C/D,
 mmpretrain ResNetV1c/V1d), average-pool shortcuts, GroupNorm, squeeze-excitation, and complete
 layouts of a depth torchvision does not build (timm resnet26). A layout with gaps or a missing
 stage is a damaged file instead: it maps to the smallest torchvision ResNet containing it, so
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from npidbench.backbones.resnet import wide_resnet50_width
 from npidbench.errors import BadInput
 
 
@@ -49,12 +51,16 @@ _KNOWN: dict[tuple[str, tuple[int, ...], int, int], str] = {
     ("bottleneck", (3, 4, 23, 3), 256, 32): "resnext101_32x8d",
     ("bottleneck", (3, 4, 23, 3), 256, 64): "resnext101_64x4d",
 }
-SUPPORTED_ARCHS = tuple(sorted(set(_KNOWN.values())))
+# Width multiples of ResNet-50 (backbones/resnet.py width_multiplied_resnet50): the released ones
+# (SimCLR v1 2x/4x, SwAV w2/w4/w5); another ``resnet50w<N>`` is built and inferred alike.
+WIDE_ARCHS = ("resnet50w2", "resnet50w4", "resnet50w5")
+SUPPORTED_ARCHS = tuple(sorted(set(_KNOWN.values()))) + WIDE_ARCHS
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
-    """The torchvision ResNet whose layout these (torchvision-named) tensors follow.
+    """The torchvision ResNet whose layout these (torchvision-named) tensors follow, or the
+    width-multiplied ResNet-50 (``resnet50w<N>``, SimCLR v1 / SwAV) built on its blocks.
 
     ResNet variants that share torchvision's names but are other networks (deep stems, average-
     pool shortcuts, GroupNorm, squeeze-excitation, depths torchvision does not build) are named
@@ -63,21 +69,16 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
     the missing keys instead of failing on an unknown layout.
 
     Raises:
-        BadInput: width-multiplied or otherwise non-torchvision layouts.
+        BadInput: other width-multiplied depths, uneven widths, or otherwise non-torchvision layouts.
     """
     variant = non_torchvision_variant(state)
     if variant:
         raise BadInput(variant)
     conv1 = state.get("conv1.weight")
     block = _block_type(state)
-    if conv1 is not None and conv1.ndim == 4 and conv1.shape[0] != 64:
-        multiplier = conv1.shape[0] / 64
-        depth = _depth_guess(state, block)
-        raise BadInput(
-            f"this is a width-multiplied {depth} x{multiplier:g} (SimCLR/SwAV style: conv1 has "
-            f"{conv1.shape[0]} channels, not 64); it is not a torchvision model and npidbench "
-            "cannot evaluate it yet"
-        )
+    multiples = _width_multiples(state, block)
+    if any(m != 1 for m in multiples.values()):
+        return _width_multiplied(state, block, multiples)
     cifar_stem = conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 3
     counts = _block_counts(state)
     inner, groups = _width_and_groups(state, block)
@@ -108,6 +109,73 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
         f"the backbone's layout ({block} blocks {tuple(counts)}, width {inner}, groups {groups}) "
         f"matches no torchvision ResNet ({', '.join(SUPPORTED_ARCHS)})"
     )
+
+
+def _width_multiples(state: dict[str, torch.Tensor], block: str) -> dict[str, float]:
+    """How many times wider than torchvision's each part present is: conv1 (64 channels) and each
+    stage's output (its first block's last conv: 256..2048 for Bottleneck, 64..512 for Basic).
+    All 1 for torchvision's ResNets, wide_resnet50_2 and the ResNeXts (their inner 3x3 widens only)."""
+    last_conv, base = ("conv3", 256) if block == "bottleneck" else ("conv2", 64)
+    found: dict[str, float] = {}
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 4:
+        found["conv1"] = int(conv1.shape[0]) / 64
+    for stage in range(1, 5):
+        indices = sorted(int(m[2]) for k in state if (m := _BLOCK_KEY.match(k)) and m[1] == str(stage))
+        for index in indices:
+            weight = state.get(f"layer{stage}.{index}.{last_conv}.weight")
+            if weight is not None and weight.ndim == 4:
+                found[f"layer{stage}"] = int(weight.shape[0]) / (base * 2 ** (stage - 1))
+                break
+    return found
+
+
+def _width_multiplied(state: dict[str, torch.Tensor], block: str, multiples: dict[str, float]) -> ArchSpec:
+    """The ``resnet50w<N>`` of a ResNet-50 widened N times everywhere (SimCLR v1's width_mult
+    [resnet_wider.py:111-135], SwAV's widen [src/resnet50.py:159-193]), or a one-line refusal."""
+    conv1 = state.get("conv1.weight")
+    shown = multiples.get("conv1", next(iter(multiples.values())))
+    depth = _depth_guess(state, block)
+    counts = tuple(_block_counts(state))
+    if block != "bottleneck" or not all(c <= n for c, n in zip(counts, (3, 4, 6, 3), strict=True)):
+        channels = f"conv1 has {conv1.shape[0]} channels, not 64" if conv1 is not None else "wider stages"
+        raise BadInput(
+            f"this is a width-multiplied {depth} x{shown:g} (SimCLR/SwAV style: {channels}); npidbench "
+            f"builds width multiples of ResNet-50 only ({', '.join(WIDE_ARCHS)}, any resnet50wN)"
+        )
+    widths = sorted(set(multiples.values()))
+    if len(widths) > 1:
+        parts = ", ".join(f"{name} x{m:g}" for name, m in multiples.items())
+        raise BadInput(
+            f"a ResNet-50 whose layers are widened unevenly ({parts}): SimCLR/SwAV widen the stem and "
+            "every stage alike; not a network npidbench builds"
+        )
+    width = widths[0]
+    if width != int(width) or width < 2:
+        raise BadInput(
+            f"a ResNet-50 {width:g} times as wide as torchvision's (conv1 {64 * width:g} channels): only "
+            f"whole width multiples are built ({', '.join(WIDE_ARCHS)}, any resnet50wN)"
+        )
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] != 7:
+        raise BadInput(
+            f"a width-multiplied ResNet-50 x{width:g} with a {conv1.shape[-1]}x{conv1.shape[-1]} stem: "
+            "only the standard 7x7 stem is built for width multiples"
+        )
+    inner = int(width) * 64
+    for stage in range(1, 5):
+        first = state.get(f"layer{stage}.0.conv1.weight")
+        second = state.get(f"layer{stage}.0.conv2.weight")
+        expected = inner * 2 ** (stage - 1)
+        if (first is not None and first.shape[0] != expected) or (
+            second is not None and second.ndim == 4 and second.shape[1] != second.shape[0]
+        ):
+            got = first.shape[0] if first is not None else "?"
+            raise BadInput(
+                f"a ResNet-50 x{width:g} whose layer{stage} bottleneck is {got} wide (not {expected}) or "
+                "grouped: SimCLR/SwAV width multiples widen the bottleneck by the same factor; not a "
+                "network npidbench builds"
+            )
+    return ArchSpec(f"resnet50w{int(width)}")
 
 
 # Depths other libraries build with torchvision's names (timm resnet.py: resnet26 is Bottleneck
@@ -274,10 +342,12 @@ def parse_arch(name: str) -> ArchSpec:
     pads by 2, other CIFAR ResNets by 1; without it, the format's is used)."""
     match = re.fullmatch(r"(?P<base>.+?)(?P<cifar>[-_]cifar(?:-pad(?P<pad>[12]))?)?", name)
     base = match["base"] if match else name
-    if base not in SUPPORTED_ARCHS:
+    if base not in SUPPORTED_ARCHS and wide_resnet50_width(base) is None:
         raise BadInput(
-            f"--arch {name} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)} "
+            f"--arch {name} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)} or resnet50wN "
             "(append -cifar for the 3x3 stride-1 stem, -cifar-pad1 / -cifar-pad2 to set its padding)"
         )
+    if match and match["cifar"] and wide_resnet50_width(base) is not None:
+        raise BadInput(f"--arch {name}: width-multiplied ResNet-50s have the standard stem only; pass {base}")
     padding = int(match["pad"]) if match and match["pad"] else None
     return ArchSpec(base, bool(match and match["cifar"]), padding)

@@ -53,10 +53,11 @@ def find_convnext(flat: dict[str, torch.Tensor], branch: str | None = None) -> C
     layout = candidates[prefix]
     inside = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     outside = [k for k in flat if not k.startswith(prefix)]
+    # The classifier, named as the file names it (FB: head.weight / head.bias), is never loaded.
+    classifier = [k for k in inside if k.startswith("head.") and not k.startswith("head.norm.")]
     if layout == "facebookresearch":
         inside = _fb_to_timm(inside)
-    classifier = [k for k in inside if k.startswith(_CLASSIFIER)]
-    state = {k: v for k, v in inside.items() if k not in classifier}
+    state = {k: v for k, v in inside.items() if not k.startswith(_CLASSIFIER)}
     return ConvNeXtFound(prefix, layout, state, outside + [prefix + k for k in classifier])
 
 
@@ -81,6 +82,9 @@ def _choose(prefixes: list[str], branch: str | None) -> str:
         return chosen[0]
     if len(prefixes) == 1:
         return prefixes[0]
+    ema = [p for p in prefixes if p.startswith("state_dict_ema.")]  # timm's training file
+    if len(ema) == 1:
+        return ema[0]
     teachers = [p for p in prefixes if p.startswith("teacher")]
     if len(teachers) == 1:
         return teachers[0]

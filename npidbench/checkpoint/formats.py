@@ -189,7 +189,50 @@ def detect_format(top: Any, keys: list[str], branches: list[Branch]) -> str:
         return "backbone-prefixed"
     if any(b.prefix.endswith("module.") or ".module." in f".{b.prefix}" for b in branches):
         return "ddp"
+    if simclr_converter_layout(top):
+        return "simclr-converter"
     return "torchvision"
+
+
+# Formats whose networks were trained on pixels in [0, 1] without ImageNet mean/std: SimCLR v1's
+# TF models ("the original TF models were not trained with normalization" [simclr-converter
+# README; eval.py:66-74: Resize 256, CenterCrop, ToTensor only]).
+UNNORMALISED_INPUT_FORMATS = frozenset({"simclr-converter"})
+_TOP_LEVEL_RESNET_KEY = re.compile(r"^(conv1|bn1|fc|layer[1-4]\.\d+)\.")
+
+
+def simclr_converter_layout(top: Any) -> bool:
+    """A file of tonylins/simclr-converter: ``torch.save({'state_dict': model.state_dict()})`` of
+    its ResNet-50 1x/2x/4x [convert.py:85; resnet_wider.py:200-208], torchvision names at the top
+    of the dict, ``fc`` holding TF's 1000-class supervised head [convert.py:81] (its fc.bias is
+    the Linear's random initialisation: convert.py:82 sets ``fc.weight.bias``, not ``fc.bias``).
+
+    The 1x network has exactly torchvision's resnet50 shapes, so the layout alone cannot tell it
+    from a {'state_dict'} of a PyTorch-trained resnet50; the converter's fingerprint does: it writes
+    the TF statistics into fresh BatchNorm modules [convert.py:74-79], so every num_batches_tracked
+    is present and 0 while the running statistics are not the defaults. Any model trained with
+    PyTorch's BatchNorm counts its batches."""
+    if not isinstance(top, dict) or set(top) != {"state_dict"} or not isinstance(top["state_dict"], dict):
+        return False
+    state = top["state_dict"]
+    if not all(isinstance(k, str) and _TOP_LEVEL_RESNET_KEY.match(k) for k in state):
+        return False
+    fc = state.get("fc.weight")
+    if not isinstance(fc, torch.Tensor) or fc.ndim != 2 or fc.shape[0] != 1000:
+        return False
+    # ResNet-50: Bottleneck blocks (3, 4, 6, 3), the only depth the converter builds.
+    if not all(f"layer{s}.{n - 1}.conv3.weight" in state for s, n in ((1, 3), (2, 4), (3, 6), (4, 3))):
+        return False
+    if "layer3.6.conv1.weight" in state:
+        return False
+    tracked = [v for k, v in state.items() if k.endswith(".num_batches_tracked")]
+    variances = [v for k, v in state.items() if k.endswith(".running_var")]
+    return (
+        bool(tracked)
+        and len(tracked) == len(variances)
+        and all(isinstance(t, torch.Tensor) and t.numel() == 1 and int(t) == 0 for t in tracked)
+        and any(isinstance(v, torch.Tensor) and not bool(torch.all(v == 1)) for v in variances)
+    )
 
 
 def _lightning_format(joined: str) -> str:

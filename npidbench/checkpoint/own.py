@@ -51,7 +51,7 @@ def save_npidbench_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> P
     return atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
-def export_backbone(model: nn.Module, to: str, out: str | Path) -> Path:
+def export_backbone(model: nn.Module, to: str, out: str | Path, *, input_normalised: bool = True) -> Path:
     """Write the loaded backbone for use elsewhere.
 
     ``torchvision``: a plain state_dict without fc, loadable with
@@ -64,6 +64,11 @@ def export_backbone(model: nn.Module, to: str, out: str | Path) -> Path:
         raise BadInput(
             f"this backbone's CIFAR stem pads conv1 by {conv1.padding[0]} (solo-learn's): a plain state dict "
             "cannot say so and would be read back with padding 1, another network; evaluate the original file"
+        )
+    if not input_normalised:
+        raise BadInput(
+            "this backbone takes pixels in [0, 1] without ImageNet mean/std (SimCLR v1): a plain state dict "
+            "cannot say so and would be read back as a normalised-input network; evaluate the original file"
         )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     if to == "torchvision":

@@ -41,7 +41,13 @@ class EvalTransform:
     @property
     def fingerprint(self) -> str:
         """What the feature cache keys on: any change here is a different feature."""
-        return f"{self.mode}:resize{self.resize}:crop{self.crop}:bilinear-aa:imagenet-norm:v1"
+        return self.fingerprint_for(imagenet_norm=True)
+
+    def fingerprint_for(self, imagenet_norm: bool) -> str:
+        """The fingerprint of this resize followed by ``normalize_batch(imagenet_norm=...)``:
+        pixels in [0, 1] without mean/std are another network input, hence other features."""
+        scaling = "imagenet-norm" if imagenet_norm else "unit-range"
+        return f"{self.mode}:resize{self.resize}:crop{self.crop}:bilinear-aa:{scaling}:v1"
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = TF.resize(image, [self.resize], antialias=True)
@@ -110,8 +116,15 @@ def collate(items: list[tuple[torch.Tensor | None, int, int, str | None]]) -> Ba
     )
 
 
-def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> ImageNet-normalised float, channels-last (faster convolutions)."""
+def normalize_batch(
+    images: torch.Tensor, dtype: torch.dtype = torch.float32, *, imagenet_norm: bool = True
+) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalised float, channels-last (faster convolutions).
+
+    ``imagenet_norm=False``: pixels scaled to [0, 1] only, for networks trained without mean/std
+    (SimCLR v1's converted models, ``Inspection.input_normalised``)."""
+    if not imagenet_norm:
+        return (images.to(dtype) / 255).contiguous(memory_format=torch.channels_last)
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     out = (images.to(dtype) - mean) / std

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from npidbench.checkpoint import LoadedBackbone
 from npidbench.checkpoint.own import export_backbone
 from npidbench.config import check_choices
 from npidbench.data import dataset_root, load_detection_split
@@ -217,6 +219,7 @@ def _splits(ctx: RunContext, config: Config) -> tuple[DetectionSplit, DetectionS
 def run(ctx: RunContext, config: Config) -> TaskOutput:
     if config.backend == "detectron2":
         require_detectron2()  # before any work: one line saying how to install it
+        refuse_for_detectron2(ctx.model)
     train, test = _splits(ctx, config)
     world = dense.training_world(ctx, config.batch_size)
     if config.head == "fpn" and train.dataset != "coco":
@@ -284,6 +287,21 @@ def _as_iterations(config: Config, schedule: Schedule, seed: int) -> Config:
         milestones=schedule.milestones,
         window=schedule.window,
     )
+
+
+def refuse_for_detectron2(model: LoadedBackbone) -> None:
+    """backend=detectron2 builds a standard-width ``R-<depth>`` ResNet (``_with_detectron2``) on
+    ImageNet-normalised input: one line for a backbone it would build or feed otherwise."""
+    if not re.fullmatch(r"resnet\d+", model.arch):
+        raise BadInput(
+            f"backend=detectron2 builds standard torchvision-width ResNets (resnet18..resnet152), not "
+            f"{model.arch}; use backend=torchvision, which reads the backbone's widths"
+        )
+    if not model.input_normalised:
+        raise BadInput(
+            f"backend=detectron2 feeds ImageNet-normalised pixels, and this {model.inspection.format} network "
+            "takes them in [0, 1] without mean/std; use backend=torchvision, which feeds them so"
+        )
 
 
 def _with_detectron2(
@@ -374,6 +392,7 @@ def build_model(
         config.max_size,
         config.test_size,
         config.roi_resolution,
+        imagenet_norm=trial.ctx.model.input_normalised,  # False: [0, 1] pixels (SimCLR v1)
     )
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     model.rpn._post_nms_top_n = {"training": config.proposals_train, "testing": config.proposals_test}

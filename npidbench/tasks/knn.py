@@ -85,7 +85,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             dataset, train, test, skipped=[s["path"] for s in train_feats.skipped + test_feats.skipped]
         ),
         protocol="npid-knn",
-        details={} if layer == config.layer else {"layer": layer},
+        details=_layer_details(ctx, layer, config),
     )
 
 
@@ -121,3 +121,17 @@ FAMILY = TaskFamily(
     tables=(TABLE,),
     datasets=("imagenet", "places205", "inat18"),
 )
+
+
+def _layer_details(ctx: RunContext, layer: str, config: Config) -> dict[str, str]:
+    """A ResNet record says nothing more; another backbone's names the feature it used and how
+    its transform differs from its framework's own kNN (DINO / DINOv2 resize bicubic,
+    PROTOCOLS-ARCH.md section 2; the evaluation transform here is bilinear for every backbone)."""
+    backbone = ctx.model.backbone
+    if backbone.family == "resnet":
+        return {} if layer == config.layer else {"layer": layer}
+    return {
+        "layer": layer,
+        "protocol_note": f"NPID's kNN on the {backbone.family}'s {layer}; the resize is bilinear "
+        "(DINO / DINOv2 resize bicubic)",
+    }

@@ -237,15 +237,22 @@ def _augmented_source(probe: _Probe, part: _Part) -> _Source:
     ctx, config, device = probe.ctx, probe.config, probe.device
     extractor = frozen_extractor(probe.backbone, part.layers, device)
     images = TrainImages(probe.train, part.augment, config.seed)
+    imagenet_norm = ctx.model.input_normalised  # False: [0, 1] pixels (SimCLR v1)
 
     def inputs(batch) -> tuple[Features, torch.Tensor]:
         with torch.no_grad(), autocast(device, config.amp):
-            features = extractor(training_input(batch, device))
+            features = extractor(training_input(batch, device, imagenet_norm=imagenet_norm))
         return _float(features), batch.labels.to(device)
 
     def test() -> Iterator[tuple[Features, torch.Tensor]]:
         outputs = forward_on(
-            extractor, probe.test, probe.test_transform, probe.world, ctx.extract, config.amp
+            extractor,
+            probe.test,
+            probe.test_transform,
+            probe.world,
+            ctx.extract,
+            config.amp,
+            imagenet_norm=imagenet_norm,
         )
         return ((_float(features), labels) for features, labels in outputs)
 

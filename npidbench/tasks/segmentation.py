@@ -159,10 +159,12 @@ def _train_and_test(
     augment = SegAugment(config.scale, config.ratio, config.crop, config.cat_max_ratio)
     batches = trial.batches(SegTrainImages(train, augment, trial.seed), len(train), plan, collate_seg)
     amp = autocast(trial.device, config.amp)
-    history = trial.fit(
-        model, optimizer, plan, batches, _training_step(wrapped, trial.device, amp, train.ignore_index)
+    imagenet_norm = trial.ctx.model.input_normalised  # False: [0, 1] pixels (SimCLR v1)
+    step = _training_step(wrapped, trial.device, amp, train.ignore_index, imagenet_norm=imagenet_norm)
+    history = trial.fit(model, optimizer, plan, batches, step)
+    miou, per_class = evaluate(
+        model, test, config, trial.world, trial.device, len(train.classes), imagenet_norm=imagenet_norm
     )
-    miou, per_class = evaluate(model, test, config, trial.world, trial.device, len(train.classes))
     kept = [None if np.isnan(v) else round(float(v) * 100, 3) for v in per_class]
     return dense.TrialResult({"mIoU": miou}, history, {"per_class": kept})
 
@@ -186,16 +188,22 @@ def build_model(
 
 
 def _training_step(
-    wrapped: nn.Module, device: torch.device, amp: contextlib.AbstractContextManager, ignore: int
+    wrapped: nn.Module,
+    device: torch.device,
+    amp: contextlib.AbstractContextManager,
+    ignore: int,
+    *,
+    imagenet_norm: bool = True,
 ) -> Callable[[Any], StepResult]:
     """batch -> the step's loss (``segmentation_loss``: main + 0.4 x auxiliary head) under
-    ``amp``, on the crops normalised with their padding at 0."""
+    ``amp``, on the crops normalised (``imagenet_norm``) with their padding at 0."""
 
     def step(batch) -> StepResult:
         pixels, masks, valid, error = batch
         dense.refuse_unreadable(error)
         masks = masks.to(device)
-        images = normalize_crops(pixels.to(device), valid)  # padding 0 after normalising, as mmseg
+        # padding 0 after normalising, as mmseg
+        images = normalize_crops(pixels.to(device), valid, imagenet_norm=imagenet_norm)
         with amp:
             loss = segmentation_loss(wrapped, images, masks, ignore)
         return StepResult(loss, len(masks), None)
@@ -211,8 +219,11 @@ def evaluate(
     world: DistInfo,
     device: torch.device,
     classes: int,
+    *,
+    imagenet_norm: bool = True,
 ) -> tuple[float, np.ndarray]:
-    """mIoU over ``split`` (this rank's share; confusion matrices summed over ranks)."""
+    """mIoU over ``split`` (this rank's share; confusion matrices summed over ranks);
+    ``imagenet_norm=False``: the images in [0, 1] without mean/std."""
     model.eval()
     matrix = torch.zeros(classes, classes, dtype=torch.float64, device=device)
     for index in range(world.rank, len(split), world.world_size):
@@ -221,7 +232,8 @@ def evaluate(
         mask = read_mask(split, mask_path)
         size = list(keep_ratio_size(image.shape[-2], image.shape[-1], config.scale))
         resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
-        batch = normalize_batch(resized.round().clamp(0, 255).to(torch.uint8).to(device))
+        pixels = resized.round().clamp(0, 255).to(torch.uint8).to(device)
+        batch = normalize_batch(pixels, imagenet_norm=imagenet_norm)
         if config.test_mode == "slide":
             logits = sliding_logits(model, batch, config.slide_crop, config.slide_stride, classes)
         else:

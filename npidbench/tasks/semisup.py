@@ -292,16 +292,25 @@ class _FineTuner:
         model, wrapped, optimizer = self._model(lr, mult, len(data.classes))
         images = TrainImages(data, TrainAugment("rrc", config.crop, config.resize), config.seed)
         local_batch = config.batch_size // self.world.world_size
+        imagenet_norm = self.ctx.model.input_normalised  # False: [0, 1] pixels (SimCLR v1)
 
         def step(batch) -> StepResult:
             labels = batch.labels.to(device)
             with autocast(device, config.amp):
-                logits = wrapped(training_input(batch, device))
+                logits = wrapped(training_input(batch, device, imagenet_norm=imagenet_norm))
             loss = F.cross_entropy(logits.float(), labels)
             return StepResult(loss, len(labels), topk_correct(logits.detach(), labels, (1,))[1])
 
         def evaluate() -> dict[str, float]:
-            outputs = forward_on(model, judge, self.transform, self.world, self.ctx.extract, config.amp)
+            outputs = forward_on(
+                model,
+                judge,
+                self.transform,
+                self.world,
+                self.ctx.extract,
+                config.amp,
+                imagenet_norm=imagenet_norm,
+            )
             return topk_accuracy(
                 model, (([logits.float()], y) for logits, y in outputs), ("head",), self.world
             )["head"]

@@ -263,8 +263,9 @@ def _protocol_note(ctx: RunContext) -> dict[str, str]:
         return {}
     backbone = ctx.model.backbone
     return {
+        "layers": list(backbone.feature_layers),  # what stood in for the configured Feature1..5
         "protocol_note": f"no published VOC07 SVM protocol for {backbone.family} backbones; the layers "
-        f"are {', '.join(backbone.feature_layers)} ({backbone.arch}), best layer chosen as for ResNets"
+        f"are {', '.join(backbone.feature_layers)} ({backbone.arch}), best layer chosen as for ResNets",
     }
 
 

@@ -116,10 +116,15 @@ def collate_train(items: list[tuple[torch.Tensor | None, int, torch.Tensor, int,
     )
 
 
-def apply_lighting(normalised: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def apply_lighting(
+    normalised: torch.Tensor, offsets: torch.Tensor, *, imagenet_norm: bool = True
+) -> torch.Tensor:
     """Add the PCA lighting offsets to an ImageNet-normalised batch (the offset is in [0, 1]
     pixel units, so it is divided by the channel's std). Applying it after normalisation rather
-    than before on uint8 avoids rounding the small offsets away."""
+    than before on uint8 avoids rounding the small offsets away. ``imagenet_norm=False``: the
+    batch is in [0, 1] pixel units already and the offsets are added as they are."""
+    if not imagenet_norm:
+        return normalised + offsets.to(normalised.device, normalised.dtype).view(-1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=normalised.device, dtype=normalised.dtype)
     shift = (offsets.to(normalised.device, normalised.dtype) / std).view(-1, 3, 1, 1)
     return normalised + shift

@@ -44,12 +44,13 @@ def augmented_batches(
     return for_epoch
 
 
-def training_input(batch: TrainBatch, device: torch.device) -> torch.Tensor:
-    """uint8 batch -> normalised float on ``device`` with the batch's PCA lighting applied."""
+def training_input(batch: TrainBatch, device: torch.device, *, imagenet_norm: bool = True) -> torch.Tensor:
+    """uint8 batch -> normalised float on ``device`` with the batch's PCA lighting applied
+    (``imagenet_norm=False``: pixels in [0, 1] without mean/std, ``LoadedBackbone.input_normalised``)."""
     assert batch.images is not None
-    images = normalize_batch(batch.images.to(device, non_blocking=True))
+    images = normalize_batch(batch.images.to(device, non_blocking=True), imagenet_norm=imagenet_norm)
     if batch.lighting.abs().sum() > 0:
-        images = apply_lighting(images, batch.lighting)
+        images = apply_lighting(images, batch.lighting, imagenet_norm=imagenet_norm)
     return images
 
 

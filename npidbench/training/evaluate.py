@@ -60,11 +60,14 @@ def forward_on(
     world: DistInfo,
     extract: ExtractOptions,
     amp: bool,
+    *,
+    imagenet_norm: bool = True,
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """(``forward`` of a normalised batch without gradients, bf16 autocast with ``amp`` on CUDA;
-    the labels on the device) for this rank's share of ``split`` under the test transform."""
+    the labels on the device) for this rank's share of ``split`` under the test transform
+    (``imagenet_norm=False``: pixels in [0, 1] without mean/std)."""
     device = torch.device(world.device)
     for uint8, labels in eval_batches(split, transform, world, extract.batch_size, extract.workers):
         with torch.no_grad(), autocast(device, amp):
-            out = forward(normalize_batch(uint8.to(device)))
+            out = forward(normalize_batch(uint8.to(device), imagenet_norm=imagenet_norm))
         yield out, labels.to(device)

@@ -38,6 +38,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from npidbench.backbones.resnet import layer_channels
+from npidbench.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 Head = Literal["c4", "fpn"]  # the detection Config's ``head`` (checked by the config coercer)
 HEADS: tuple[Head, ...] = typing.get_args(Head)
@@ -137,14 +138,18 @@ def build_detector(
     max_size: int,
     test_min_size: int,
     roi_resolution: int = 14,
+    *,
+    imagenet_norm: bool = True,
 ) -> nn.Module:
     """A trainable detector whose backbone weights are ``resnet``'s (``classes`` without the
-    background). ``min_size``: the short sides drawn in training; ``test_min_size`` at test."""
+    background). ``min_size``: the short sides drawn in training; ``test_min_size`` at test.
+    ``imagenet_norm=False``: the network sees the [0, 1] pixels as they are (SimCLR v1)."""
     common = dict(
         min_size=min_size,
         max_size=max_size,
-        image_mean=[0.485, 0.456, 0.406],  # MoCo's configs: RGB input, torchvision mean/std
-        image_std=[0.229, 0.224, 0.225],
+        # MoCo's configs: RGB input, torchvision mean/std; (x - 0) / 1 keeps [0, 1] pixels exactly.
+        image_mean=list(IMAGENET_MEAN) if imagenet_norm else [0.0, 0.0, 0.0],
+        image_std=list(IMAGENET_STD) if imagenet_norm else [1.0, 1.0, 1.0],
         box_detections_per_img=100,
         box_score_thresh=0.05,
     )

@@ -161,10 +161,11 @@ def random_crop_offsets(
     return top, left
 
 
-def normalize_crops(pixels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def normalize_crops(pixels: torch.Tensor, valid: torch.Tensor, *, imagenet_norm: bool = True) -> torch.Tensor:
     """uint8 (B, 3, S, S) crops padded at the bottom and right -> normalised floats with the padding
-    exactly 0: mmseg normalises first and pads after (Pad(pad_val=0) follows Normalize)."""
-    images = normalize_batch(pixels)
+    exactly 0: mmseg normalises first and pads after (Pad(pad_val=0) follows Normalize).
+    ``imagenet_norm=False``: pixels in [0, 1] without mean/std, the padding 0 all the same."""
+    images = normalize_batch(pixels, imagenet_norm=imagenet_norm)
     valid = valid.to(images.device)
     rows = torch.arange(images.shape[-2], device=images.device)
     cols = torch.arange(images.shape[-1], device=images.device)

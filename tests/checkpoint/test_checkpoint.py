@@ -11,12 +11,13 @@ import pytest
 import torch
 import torchvision
 
+from npidbench.backbones.resnet import wide_resnet50_width
 from npidbench.checkpoint import inspect_checkpoint, load_backbone
 from npidbench.checkpoint.arch import SUPPORTED_ARCHS, infer_arch
 from npidbench.checkpoint.own import export_backbone
 from npidbench.errors import BadInput
 
-from checkpoint_zoo import FORMATS, backbone_state, build, random_resnet
+from checkpoint_zoo import FORMATS, backbone_state, build, random_resnet, wide_resnet50
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +266,10 @@ def test_vit_and_width_multiplied_and_deep_stem_are_named(tmp_path):
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
 def test_infer_arch_from_shapes(arch):
     with torch.device("meta"):
-        state = torchvision.models.get_model(arch).state_dict()
+        width = wide_resnet50_width(arch)
+        state = (
+            wide_resnet50(width, randomise=False) if width else torchvision.models.get_model(arch)
+        ).state_dict()
     spec = infer_arch(state)
     assert (spec.name, spec.cifar_stem) == (arch, False)
 

@@ -57,7 +57,7 @@ def test_facebook_layout_in_its_model_container_loads_every_tensor(tmp_path):
     _equal_to_source(path, source)
     assert load_backbone(path).inspection.format == "convnext-facebookresearch"
     ignored = load_backbone(path).inspection.ignored
-    assert {"model.head.fc.weight", "model.head.fc.bias"} <= set(ignored)  # the classifier, never loaded
+    assert {"model.head.weight", "model.head.bias"} <= set(ignored)  # the classifier, never loaded
 
 
 def test_timm_layout_and_the_dino_teacher_by_default(tmp_path):

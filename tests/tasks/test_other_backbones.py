@@ -43,25 +43,6 @@ def _record(results, task: str) -> dict:
     return json.loads(next(results.glob(f"*_{task}_*.json")).read_text())
 
 
-def test_vit_knn_reads_the_cls_token(vit_file, results_dir):
-    assert cli("run", "knn", str(vit_file)) == 0
-    record = _record(results_dir, "knn")
-    assert record["details"]["layer"] == "CLS"
-    assert record["model"]["checkpoint"]["arch"] == TINY_VIT.name
-    assert set(record["metrics"]["top1"]) == {"10", "20", "100", "200"}
-
-
-def test_vit_svm_on_four_blocks_says_no_protocol_is_published(vit_file, results_dir):
-    assert (
-        cli("run", "voc-svm", str(vit_file), "--set", "lowshot_ks=[1,2]", "--set", "lowshot_samples=1") == 0
-    )
-    record = _record(results_dir, "voc-svm")
-    assert list(record["metrics"]["layers"]) == ["Block1", "Block2", "Block3", "Block4"]
-    assert record["metrics"]["best_layer"] in record["metrics"]["layers"]
-    assert record["metrics"]["lowshot"]["layer"] == record["metrics"]["best_layer"]
-    assert "no published VOC07 SVM protocol for vit" in record["details"]["protocol_note"]
-
-
 @pytest.mark.parametrize("task", ["linear-imagenet", "semisup-imagenet-1pct", "det-voc0712", "seg-voc12aug"])
 def test_vit_on_a_family_it_does_not_run_is_one_line_exit_2(vit_file, results_dir, capsys, task):
     assert cli("run", task, str(vit_file)) == 2
@@ -74,6 +55,19 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, res
     assert cli("run", "all", str(vit_file)) == 0
     ran = {json.loads(p.read_text())["task"] for p in results_dir.glob("*.json")}
     assert ran == {"knn", "voc-svm"}
+    knn = _record(results_dir, "knn")  # kNN on the CLS token
+    assert (
+        knn["details"]["layer"] == "CLS" and "DINO / DINOv2 resize bicubic" in knn["details"]["protocol_note"]
+    )
+    assert knn["model"]["checkpoint"]["arch"] == TINY_VIT.name
+    assert set(knn["metrics"]["top1"]) == {"10", "20", "100", "200"}
+    # The SVM on four blocks (the record names them, as no published protocol exists)
+    record = _record(results_dir, "voc-svm")
+    assert list(record["metrics"]["layers"]) == ["Block1", "Block2", "Block3", "Block4"]
+    assert record["metrics"]["best_layer"] in record["metrics"]["layers"]
+    assert record["metrics"]["lowshot"]["layer"] == record["metrics"]["best_layer"]
+    assert "no published VOC07 SVM protocol for vit" in record["details"]["protocol_note"]
+    assert record["details"]["layers"] == ["Block1", "Block2", "Block3", "Block4"]
     err = capsys.readouterr().err
     assert "skipped" in err and "does not run on vit" in err
     assert cli("report") == 0
@@ -85,5 +79,5 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, res
 def test_convnext_knn_reads_the_head_normed_average(convnext_file, results_dir):
     assert cli("run", "knn", str(convnext_file)) == 0
     record = _record(results_dir, "knn")
-    assert "layer" not in record["details"]  # AvgPool, as for a ResNet
+    assert record["details"]["layer"] == "AvgPool" and "bilinear" in record["details"]["protocol_note"]
     assert record["model"]["checkpoint"]["arch"] == TINY_CONVNEXT.name
