@@ -42,6 +42,7 @@ from npidbench.checkpoint.formats import (
     looks_like_vit,
     to_torchvision_name,
 )
+from npidbench.checkpoint.matching import match_tensors
 from npidbench.checkpoint.reading import RawCheckpoint, file_sha256, read_checkpoint
 from npidbench.errors import BadInput
 
@@ -282,22 +283,12 @@ def inspect_checkpoint(
         info.stem_padding = _CIFAR_STEM_PADDING.get(fmt, _DEFAULT_CIFAR_PADDING)
     with torch.device("meta"):  # shapes only: no random initialisation (a ResNet-50 w5 has 586M weights)
         expected = _build(info).state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    for name, target in expected.items():
-        source = state.get(name)
-        if source is None:
-            if name.endswith(_OPTIONAL_BUFFER):
-                info.defaulted.append(name)
-                loaded[name] = torch.zeros(target.shape, dtype=target.dtype)
-            else:
-                info.missing.append(name)
-        elif tuple(source.shape) != tuple(target.shape):
-            info.mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
-        else:
-            loaded[name] = source.to(target.dtype) if source.is_floating_point() else source
+    match = match_tensors(expected, state, optional=_OPTIONAL_BUFFER)
+    loaded = match.loaded
+    info.missing, info.mismatched, info.defaulted = match.missing, match.mismatched, match.defaulted
     # Tensors inside conv1/bn1/layer1..4 that the network lacks are part of another network
     # (SE blocks, attention, extra norms): never dropped silently, unlike heads outside.
-    info.unexpected = [name for name in state if name not in expected]
+    info.unexpected = match.unexpected
     info.loaded = [name for name in expected if name in loaded and name not in info.defaulted]
     if info.missing or info.mismatched:
         info.error = _incomplete_message(info, chosen)
@@ -400,16 +391,9 @@ def _inspect_vit(
         info.vit["num_heads"] = None  # not in the shapes and not a standard width: refused below
     with torch.device("meta"):  # shapes only: no random initialisation of a large ViT
         expected = build_vit(spec).state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    for name, target in expected.items():
-        source = state.get(name)
-        if source is None:
-            info.missing.append(name)
-        elif tuple(source.shape) != tuple(target.shape):
-            info.mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
-        else:
-            loaded[name] = source.to(target.dtype) if source.is_floating_point() else source
-    info.unexpected = [name for name in state if name not in expected]
+    match = match_tensors(expected, state)
+    loaded = match.loaded
+    info.missing, info.mismatched, info.unexpected = match.missing, match.mismatched, match.unexpected
     info.loaded = [name for name in expected if name in loaded]
     if info.missing or info.mismatched:
         info.error = vit.incomplete_message(fmt, chosen, spec.name, info.missing, info.mismatched)

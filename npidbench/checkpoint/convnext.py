@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
+from npidbench.checkpoint.matching import match_tensors
 
 _FB_MARK = re.compile(r"(^|\.)downsample_layers\.0\.0\.weight$")
 _TIMM_MARK = re.compile(r"(^|\.)stages\.0\.blocks\.0\.conv_dw\.weight$")
@@ -139,16 +140,14 @@ class ConvNeXtLoad:
 def match_convnext(found: ConvNeXtFound) -> ConvNeXtLoad:
     """Every tensor of the built network from the file (strict), or what is wrong."""
     spec = infer_spec(found.state)
-    expected = build_convnext(spec).state_dict()
-    tensors, missing, mismatched = {}, [], []
-    for name, target in expected.items():
-        source = found.state.get(name)
-        if source is None:
-            missing.append(name)
-        elif tuple(source.shape) != tuple(target.shape):
-            mismatched.append(f"{name}: {tuple(source.shape)} vs {tuple(target.shape)}")
-        else:
-            tensors[name] = source.to(target.dtype)
-    unexpected = [name for name in found.state if name not in expected]
-    complete = not (missing or mismatched or unexpected)
-    return ConvNeXtLoad(spec, tensors if complete else None, list(tensors), missing, mismatched, unexpected)
+    with torch.device("meta"):  # shapes only
+        expected = build_convnext(spec).state_dict()
+    match = match_tensors(expected, found.state)
+    return ConvNeXtLoad(
+        spec,
+        match.loaded if match.complete else None,
+        list(match.loaded),
+        match.missing,
+        match.mismatched,
+        match.unexpected,
+    )
