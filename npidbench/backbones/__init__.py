@@ -49,6 +49,9 @@ class Backbone(ABC):
     # family (the ResNets every protocol, and a plugin family, is written for).
     supports: ClassVar[frozenset[str] | None]
 
+    # The evaluation resize of its framework (EvalTransform.interpolation).
+    interpolation: ClassVar[str] = "bilinear"
+
     def __init__(self, model: nn.Module, arch: str) -> None:
         self.model = model
         self.arch = arch

@@ -55,6 +55,7 @@ class ConvNeXtBackbone(Backbone):
     """timm ConvNeXt: Stage1..4 (global averages), AvgPool (head-normed global average)."""
 
     family = "convnext"
+    interpolation = "bicubic"  # the ConvNeXt evaluation (and timm's convnext configs)
     supports = frozenset({"knn", "voc-svm"})  # linear / fine-tuning / dense protocols: not yet
 
     def layers(self) -> dict[str, Layer]:

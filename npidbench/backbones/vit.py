@@ -86,6 +86,7 @@ class ViTBackbone(Backbone):
     """timm VisionTransformer: CLS, Block<i> (CLS of block i), AvgPatch."""
 
     family = "vit"
+    interpolation = "bicubic"  # DINO / DINOv2 eval: Resize(256, interpolation=3) [eval_knn.py]
     # Frozen-feature protocols so far; fine-tuning and dense transfer follow their own ViT
     # protocols (MAE's AdamW + layer decay, ViTDet, UperNet): refused until they are built.
     supports = frozenset({"knn", "voc-svm"})

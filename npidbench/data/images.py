@@ -33,10 +33,15 @@ class EvalTransform:
     resize: int = 256
     crop: int = 224
     mode: str = "center-crop"
+    # bilinear: the ResNet protocols; bicubic: DINO's / DINOv2's / timm's ViT and ConvNeXt
+    # evaluation (Resize(256, interpolation=3), PROTOCOLS-ARCH.md section 2): Backbone.interpolation
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.mode not in ("center-crop", "squash"):
             raise ValueError(f"unknown resize mode {self.mode}; choose center-crop or squash")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"unknown interpolation {self.interpolation}; choose bilinear or bicubic")
 
     @property
     def fingerprint(self) -> str:
@@ -47,12 +52,15 @@ class EvalTransform:
         """The fingerprint of this resize followed by ``normalize_batch(imagenet_norm=...)``:
         pixels in [0, 1] without mean/std are another network input, hence other features."""
         scaling = "imagenet-norm" if imagenet_norm else "unit-range"
-        return f"{self.mode}:resize{self.resize}:crop{self.crop}:bilinear-aa:{scaling}:v1"
+        return f"{self.mode}:resize{self.resize}:crop{self.crop}:{self.interpolation}-aa:{scaling}:v1"
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = TF.resize(image, [self.resize], antialias=True)
+        mode = (
+            TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+        )
+        image = TF.resize(image, [self.resize], interpolation=mode, antialias=True)
         if self.mode == "squash":
-            return TF.resize(image, [self.crop, self.crop], antialias=True)
+            return TF.resize(image, [self.crop, self.crop], interpolation=mode, antialias=True)
         return TF.center_crop(image, [self.crop, self.crop])
 
 

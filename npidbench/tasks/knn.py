@@ -60,8 +60,9 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         raise BadInput(
             f"{test.root / test.split} and {train.root / train.split} have different class folders"
         )
-    transform = EvalTransform(config.resize, config.crop, "center-crop")
-    layer = ctx.model.backbone.default_layer
+    backbone = ctx.model.backbone
+    transform = EvalTransform(config.resize, config.crop, "center-crop", backbone.interpolation)
+    layer = backbone.default_layer
     train_feats = ctx.features(train, transform, (layer,))[layer]
     test_feats = ctx.features(test, transform, (layer,))[layer]
     train_x, train_y = _readable(train_feats)
@@ -124,14 +125,14 @@ FAMILY = TaskFamily(
 
 
 def _layer_details(ctx: RunContext, layer: str, config: Config) -> dict[str, str]:
-    """A ResNet record says nothing more; another backbone's names the feature it used and how
-    its transform differs from its framework's own kNN (DINO / DINOv2 resize bicubic,
-    PROTOCOLS-ARCH.md section 2; the evaluation transform here is bilinear for every backbone)."""
+    """A ResNet record says nothing more; another backbone's names the feature it used and its
+    resize (DINO / DINOv2 / ConvNeXt: bicubic, PROTOCOLS-ARCH.md section 2)."""
     backbone = ctx.model.backbone
     if backbone.family == "resnet":
         return {} if layer == config.layer else {"layer": layer}
     return {
         "layer": layer,
-        "protocol_note": f"NPID's kNN on the {backbone.family}'s {layer}; the resize is bilinear "
-        "(DINO / DINOv2 resize bicubic)",
+        "interpolation": backbone.interpolation,
+        "protocol_note": f"NPID's kNN (as DINO's: T = 0.07, weighted votes) on the {backbone.family}'s "
+        f"{layer}, resized {backbone.interpolation} as its framework evaluates",
     }

@@ -145,7 +145,7 @@ def _from_checkpoint(ctx: RunContext, config: Config, layers: list[str]) -> _Inp
     test = load_split(ctx.preset.dataset, "test", ctx.data_root)
     if train.label_matrix is None or test.label_matrix is None:
         raise BadInput(f"{train.root} has no classification labels")
-    transform = EvalTransform(config.resize, config.size, "squash")
+    transform = EvalTransform(config.resize, config.size, "squash", ctx.model.backbone.interpolation)
     cached: dict[str, Any] = {}
     for split, part in (("trainval", train), ("test", test)):
         feats = ctx.features(part, transform, layers)

@@ -78,3 +78,22 @@ def test_mae_global_pool_models_default_to_fc_norm_of_the_mean_patch_token():
         assert torch.allclose(
             backbone.forward_layers(images, ["AvgPatch"])["AvgPatch"], mae_style(images), atol=1e-6
         )
+
+
+def test_vit_and_convnext_evaluate_bicubic_and_the_cache_keys_it():
+    """DINO / DINOv2 resize with interpolation=3 (bicubic); ResNet keys stay as they were."""
+    import torchvision.transforms.v2.functional as TF
+
+    from npidbench.backbones import FAMILIES
+    from npidbench.data.images import EvalTransform
+
+    assert FAMILIES["vit"].interpolation == FAMILIES["convnext"].interpolation == "bicubic"
+    assert FAMILIES["resnet"].interpolation == "bilinear"
+    bilinear, bicubic = EvalTransform(64, 56), EvalTransform(64, 56, interpolation="bicubic")
+    assert bilinear.fingerprint == "center-crop:resize64:crop56:bilinear-aa:imagenet-norm:v1"
+    assert bicubic.fingerprint != bilinear.fingerprint
+    image = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
+    expected = TF.center_crop(
+        TF.resize(image, [64], interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [56, 56]
+    )
+    assert torch.equal(bicubic(image), expected) and not torch.equal(bilinear(image), expected)

@@ -56,9 +56,7 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, res
     ran = {json.loads(p.read_text())["task"] for p in results_dir.glob("*.json")}
     assert ran == {"knn", "voc-svm"}
     knn = _record(results_dir, "knn")  # kNN on the CLS token
-    assert (
-        knn["details"]["layer"] == "CLS" and "DINO / DINOv2 resize bicubic" in knn["details"]["protocol_note"]
-    )
+    assert knn["details"]["layer"] == "CLS" and knn["details"]["interpolation"] == "bicubic"
     assert knn["model"]["checkpoint"]["arch"] == TINY_VIT.name
     assert set(knn["metrics"]["top1"]) == {"10", "20", "100", "200"}
     # The SVM on four blocks (the record names them, as no published protocol exists)
@@ -79,5 +77,5 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, res
 def test_convnext_knn_reads_the_head_normed_average(convnext_file, results_dir):
     assert cli("run", "knn", str(convnext_file)) == 0
     record = _record(results_dir, "knn")
-    assert record["details"]["layer"] == "AvgPool" and "bilinear" in record["details"]["protocol_note"]
+    assert record["details"]["layer"] == "AvgPool" and record["details"]["interpolation"] == "bicubic"
     assert record["model"]["checkpoint"]["arch"] == TINY_CONVNEXT.name
