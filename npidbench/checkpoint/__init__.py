@@ -117,6 +117,13 @@ class Inspection:
         return "RGB in [0, 1], not normalised (no mean/std: the network was trained so)"
 
     @property
+    def convnext_spec(self) -> ConvNeXtSpec | None:
+        """The ConvNeXt the inspection describes (None for other families)."""
+        if not self.convnext:
+            return None
+        return ConvNeXtSpec(**{f.name: self.convnext[f.name] for f in fields(ConvNeXtSpec)})
+
+    @property
     def stem(self) -> str:
         """The stem variant in words, e.g. ``CIFAR stem (3x3 stride 1, padding 2, no max-pool)``."""
         spec = self.vit_spec
@@ -200,7 +207,7 @@ class LoadedBackbone:
         }
         if info.family != "resnet":  # ResNet records stay as they were
             record["family"] = info.family
-            record["vit" if info.family == "vit" else info.family] = info.vit or info.convnext
+            record[info.family] = info.vit if info.family == "vit" else info.convnext
         if not info.input_normalised:  # only then: every other record stays as it was
             record["input_normalised"] = False
         return record
@@ -320,12 +327,8 @@ def _build(info: Inspection) -> nn.Module:
     spec = info.vit_spec
     if spec is not None:
         return build_vit(spec)
-    if info.family == "convnext" and info.convnext:
-        return build_convnext(
-            ConvNeXtSpec(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in info.convnext.items() if k != "name"}
-            )
-        )
+    if info.convnext_spec is not None:
+        return build_convnext(info.convnext_spec)
     padding = info.stem_padding if info.cifar_stem and info.stem_padding else _DEFAULT_CIFAR_PADDING
     return build_resnet(info.arch or "", info.cifar_stem, stem_padding=padding)
 
