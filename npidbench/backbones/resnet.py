@@ -1,4 +1,5 @@
-"""The backbone: a torchvision ResNet, and one forward pass that yields Feature1..5 + AvgPool.
+"""The backbone: a torchvision ResNet (or timm's deep-stem ResNet-C/D, built on torchvision's
+blocks), and one forward pass that yields Feature1..5 + AvgPool.
 
 Layers and pooling follow PROTOCOLS.md ("Multi-layer features"): Feature1 is the stem after
 BN+ReLU (before max-pool), Feature2..5 the outputs of layer1..layer4, each average-pooled with a
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 LAYERS = ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool")
 FEATURE_LAYERS = LAYERS[:5]
@@ -56,8 +57,15 @@ def build_resnet(arch: str, cifar_stem: bool = False, *, stem_padding: int = 1) 
 
     ``stem_padding`` is the padding of the CIFAR stem's 3x3 conv (ignored for the standard
     stem): the shapes are the same either way, only the framework that wrote a file knows it.
-    ``resnet50w<N>`` builds the width-multiplied ResNet-50 (``width_multiplied_resnet50``).
+    ``resnet50w<N>`` builds the width-multiplied ResNet-50 (``width_multiplied_resnet50``), the
+    names of ``DEEP_STEM_RESNETS`` timm's ResNet-C/D (``deep_stem_resnet``).
     """
+    if arch in DEEP_STEM_RESNETS:
+        if cifar_stem:
+            raise ValueError(f"{arch}: a deep-stem ResNet has its own stem, not the CIFAR one")
+        model = deep_stem_resnet(arch)
+        model.fc = nn.Identity()
+        return model
     width = wide_resnet50_width(arch)
     if width is not None:
         if cifar_stem:
@@ -123,6 +131,116 @@ def _bottleneck_stage(inplanes: int, planes: int, blocks: int, stride: int) -> n
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class DeepStemConfig:
+    """One of timm's deep-stem ResNets (``stem_width=32, stem_type='deep'``): ResNet-C, plus the
+    average-pool shortcut (``avg_down``) for ResNet-D."""
+
+    block: type[nn.Module]
+    layers: tuple[int, int, int, int]
+    avg_down: bool
+    groups: int = 1
+    width_per_group: int = 64
+
+    @property
+    def kind(self) -> str:
+        return "bottleneck" if self.block is Bottleneck else "basic"
+
+    @property
+    def inner(self) -> int:
+        """Channels inside layer1's first block (64 for BasicBlock; torchvision's Bottleneck
+        width, planes * width_per_group / 64 * groups with planes 64)."""
+        return self.width_per_group * self.groups if self.block is Bottleneck else 64
+
+
+# timm 1.0.31 models/resnet.py register_model entries, by name: resnet18d 1538-1542, resnet34d
+# 1554-1558, resnet26d 1578-1582, resnet50c/50d 1594-1606, resnet101c/101d 1634-1646, resnet152c/152d
+# 1666-1678, resnet200d 1698-1702, resnext50d_32x4d 1745-1751. Not here: ResNet-S (stem_width 64),
+# ResNet-T (stem_type 'deep_tiered'), and the SE / ECA / anti-aliased / blur-pool variants.
+DEEP_STEM_RESNETS: dict[str, DeepStemConfig] = {
+    "resnet18d": DeepStemConfig(BasicBlock, (2, 2, 2, 2), avg_down=True),
+    "resnet26d": DeepStemConfig(Bottleneck, (2, 2, 2, 2), avg_down=True),
+    "resnet34d": DeepStemConfig(BasicBlock, (3, 4, 6, 3), avg_down=True),
+    "resnet50c": DeepStemConfig(Bottleneck, (3, 4, 6, 3), avg_down=False),
+    "resnet50d": DeepStemConfig(Bottleneck, (3, 4, 6, 3), avg_down=True),
+    "resnet101c": DeepStemConfig(Bottleneck, (3, 4, 23, 3), avg_down=False),
+    "resnet101d": DeepStemConfig(Bottleneck, (3, 4, 23, 3), avg_down=True),
+    "resnet152c": DeepStemConfig(Bottleneck, (3, 8, 36, 3), avg_down=False),
+    "resnet152d": DeepStemConfig(Bottleneck, (3, 8, 36, 3), avg_down=True),
+    "resnet200d": DeepStemConfig(Bottleneck, (3, 24, 36, 3), avg_down=True),
+    "resnext50d_32x4d": DeepStemConfig(Bottleneck, (3, 4, 6, 3), avg_down=True, groups=32, width_per_group=4),
+}
+# The deep stem's conv widths (timm ResNet.__init__, resnet.py:555-571: stem_width, stem_width,
+# 2 * stem_width with stem_width=32); its output (64) is what layer1 takes, as after the 7x7 stem.
+DEEP_STEM_WIDTHS = (32, 32, 64)
+
+
+def deep_stem_resnet(arch: str) -> torchvision.models.ResNet:
+    """timm's ResNet-C/D ``arch`` (a ``DEEP_STEM_RESNETS`` name) with timm's parameter names.
+
+    Built on torchvision's ResNet and blocks rather than with ``timm.create_model``: timm's
+    BasicBlock/Bottleneck compute the same ops in the same order as torchvision's (stride in the
+    3x3 conv, ReLU after the residual add) under the same parameter names, so only the stem and the
+    shortcut are replaced; and the network keeps torchvision's module names and block classes
+    (``relu``, ``Bottleneck``) that the rest of npidbench reads (transfer/detection.py's C4 trunk
+    takes ``resnet.relu``). tests/checkpoint/test_deep_stem.py checks that the features equal those
+    of timm's own network on the same weights, bit for bit.
+
+    Stem (timm resnet.py:555-573): ``conv1`` = Sequential(conv 3->32 3x3 s2, BN, ReLU, conv 32->32,
+    BN, ReLU, conv 32->64), then torchvision's ``bn1``, ``relu``, ``maxpool``. ResNet-D shortcut
+    (timm ``downsample_avg``, resnet.py:321-345, used by make_blocks 413-424): ``downsample`` =
+    Sequential(AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False), or Identity at
+    stride 1; 1x1 conv stride 1; BN).
+    """
+    config = DEEP_STEM_RESNETS[arch]
+    model = torchvision.models.ResNet(
+        config.block, list(config.layers), groups=config.groups, width_per_group=config.width_per_group
+    )
+    first, second, out = DEEP_STEM_WIDTHS
+    model.conv1 = nn.Sequential(
+        nn.Conv2d(3, first, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(first),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(first, second, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(second),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(second, out, kernel_size=3, stride=1, padding=1, bias=False),
+    )
+    fresh: list[nn.Module] = [model.conv1]
+    if config.avg_down:
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            shortcut = stage[0].downsample
+            if shortcut is None:  # layer1 of a BasicBlock ResNet: identity shortcut in both
+                continue
+            projection = shortcut[0]
+            stride = projection.stride[0]
+            pool = (
+                nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                if stride != 1
+                else nn.Identity()
+            )
+            stage[0].downsample = nn.Sequential(
+                pool,
+                nn.Conv2d(projection.in_channels, projection.out_channels, kernel_size=1, bias=False),
+                shortcut[1],
+            )
+            fresh.append(stage[0].downsample)
+    # torchvision's initialisation of the replaced convs (ResNet.__init__); BN is already 1/0.
+    for part in fresh:
+        for module in part.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def stem_channels(model: nn.Module) -> int:
+    """Channels of the stem's output: conv1's, or the last conv of a deep stem (Sequential)."""
+    conv1 = model.conv1
+    if isinstance(conv1, nn.Conv2d):
+        return conv1.out_channels
+    return [m for m in conv1.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
 def layer_channels(model: nn.Module) -> dict[str, int]:
     """Channels of each layer's map, read from the modules (works for every ResNet depth)."""
 
@@ -132,7 +250,7 @@ def layer_channels(model: nn.Module) -> dict[str, int]:
         return conv.out_channels
 
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-    channels = {"Feature1": model.conv1.out_channels}
+    channels = {"Feature1": stem_channels(model)}
     for i, stage in enumerate(stages, start=2):
         channels[f"Feature{i}"] = out_channels(stage)
     channels["AvgPool"] = channels["Feature5"]
@@ -160,12 +278,15 @@ class MultiLayerFeatures(nn.Module):
             raise ValueError(f"unknown layers {unknown}; choose from {LAYERS}")
         self.layers = tuple(layers)
         self.model = model
+        # The stem's activation: ``relu`` in torchvision's ResNet (and the deep-stem ones built here),
+        # ``act1`` in timm's. Kept by name, so that it is not registered twice as a submodule.
+        self.stem_act = "relu" if hasattr(model, "relu") else "act1"
         # Stop after the deepest stage any requested layer needs.
         self.depth = max(_STAGE[name] for name in self.layers)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
-        maps = {"Feature1": m.relu(m.bn1(m.conv1(images)))}
+        maps = {"Feature1": getattr(m, self.stem_act)(m.bn1(m.conv1(images)))}
         x = m.maxpool(maps["Feature1"])
         for stage, block in enumerate((m.layer1, m.layer2, m.layer3, m.layer4), start=2):
             if stage > self.depth:

@@ -28,7 +28,7 @@ from torch import nn
 
 from npidbench.backbones import Backbone, backbone_for
 from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
-from npidbench.backbones.resnet import build_resnet, wide_resnet50_width
+from npidbench.backbones.resnet import DEEP_STEM_RESNETS, build_resnet, wide_resnet50_width
 from npidbench.backbones.vit import ViTSpec, build_vit
 from npidbench.checkpoint import convnext, vit
 from npidbench.checkpoint.arch import foreign_tensors_message, infer_arch, parse_arch
@@ -52,6 +52,7 @@ from npidbench.errors import BadInput
 _CIFAR_STEM_PADDING = {"solo-learn": 2}
 _DEFAULT_CIFAR_PADDING = 1
 STANDARD_STEM_PADDING = 3  # torchvision's 7x7 stride-2 conv1
+DEEP_STEM_PADDING = 1  # each 3x3 conv of timm's ResNet-C/D deep stem (conv1.0, conv1.3, conv1.6)
 
 # Absent from files written before torch 0.4.1 (lemniscate) and from detectron2's FrozenBN; it
 # only matters for BatchNorm with momentum=None, so it may be defaulted to 0 (and is reported).
@@ -129,6 +130,10 @@ class Inspection:
         spec = self.vit_spec
         if spec is not None:
             return f"{spec.patch_size}x{spec.patch_size} patch embedding (stride {spec.patch_size})"
+        deep = DEEP_STEM_RESNETS.get(self.arch or "")
+        if deep is not None:
+            shortcut = "; average-pool shortcuts (ResNet-D)" if deep.avg_down else ""
+            return f"deep (ResNet-C/D, timm): 3x3 convs 3-32 stride 2, 32-32, 32-64, max-pool{shortcut}"
         if not self.cifar_stem:
             return "standard stem (7x7 stride 2, padding 3, max-pool)"
         return f"CIFAR stem (3x3 stride 1, padding {self.stem_padding}, no max-pool)"
@@ -282,7 +287,9 @@ def inspect_checkpoint(
         info.error = str(exc)
         return info, None
     info.arch, info.cifar_stem = spec.name, spec.cifar_stem
-    if not spec.cifar_stem:
+    if spec.deep_stem:
+        info.stem_padding = DEEP_STEM_PADDING
+    elif not spec.cifar_stem:
         info.stem_padding = STANDARD_STEM_PADDING
     elif wanted is not None and wanted.stem_padding is not None:
         info.stem_padding = wanted.stem_padding  # the user's word over the format's guess
@@ -506,7 +513,9 @@ def _branch_state(flat: dict[str, torch.Tensor], branch: Branch) -> tuple[dict[s
     return state, used
 
 
-_BACKBONE_ROOTS = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+# maxpool has no tensors in a torchvision ResNet or timm's ResNet-C/D; kept so that a replaced stem
+# pool (timm replace_stem_pool: maxpool.0 conv, maxpool.1 BN) is refused, not dropped as a head.
+_BACKBONE_ROOTS = {"conv1", "bn1", "maxpool", "layer1", "layer2", "layer3", "layer4"}
 # mmpretrain's deep stem (ResNetV1c/V1d: a Sequential of ConvModules) replaces conv1/bn1; it is
 # kept so that the layout is named instead of being reported as a ResNet missing its stem.
 _DEEP_STEM = re.compile(r"^stem\.\d+\.")
@@ -557,6 +566,7 @@ def _incomplete_message(info: Inspection, branch: Branch) -> str:
     where = f"under '{branch.prefix}'" if branch.prefix else "at the top level"
     return (
         f"the {info.format} checkpoint (branch {branch.name}) does not fill the {info.arch} "
-        f"backbone: {'; '.join(parts)}; hint: keys {where} must follow torchvision's ResNet "
+        f"backbone: {'; '.join(parts)}; hint: keys {where} must follow "
+        f"{'timm' if info.arch in DEEP_STEM_RESNETS else 'torchvision'}'s ResNet "
         "names; check that the file is complete, or choose another --branch"
     )

@@ -5,11 +5,14 @@ channels of the stem and first block, the CIFAR-style stem (solo-learn's 3x3 str
 without max-pool) from conv1's kernel. Width-multiplied ResNet-50s (SimCLR v1 2x/4x, SwAV
 RN50-w2/w4/w5: every layer widened, stem included, built by backbones/resnet.py) are named
 ``resnet50w<N>`` from conv1's 64N channels and the stage widths; other width-multiplied depths are
-refused, and so are the variants that reuse torchvision's names for another network: deep stems (timm ResNet-C/D,
-mmpretrain ResNetV1c/V1d), average-pool shortcuts, GroupNorm, squeeze-excitation, and complete
-layouts of a depth torchvision does not build (timm resnet26). A layout with gaps or a missing
-stage is a damaged file instead: it maps to the smallest torchvision ResNet containing it, so
-that the strict load names the missing keys.
+refused. timm's deep-stem ResNets (ResNet-C: ``conv1.0/.1/.3/.4/.6``; ResNet-D: plus the average-
+pool shortcut ``downsample.1/.2``) keep timm's names and are named as timm does (``resnet50d``,
+``DEEP_STEM_ARCHS``, built by backbones/resnet.py on torchvision's blocks). Refused are the
+variants that reuse these names for another network: other deep stems (timm ResNet-S/T,
+mmpretrain ResNetV1c/V1d), average-pool shortcuts without a deep stem, GroupNorm,
+squeeze-excitation, and complete layouts of a depth torchvision does not build (timm resnet26). A
+layout with gaps or a missing stage is a damaged file instead: it maps to the smallest ResNet
+containing it, so that the strict load names the missing keys.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npidbench.backbones.resnet import wide_resnet50_width
+from npidbench.backbones.resnet import DEEP_STEM_RESNETS, DEEP_STEM_WIDTHS, wide_resnet50_width
 from npidbench.errors import BadInput
 
 
@@ -36,6 +39,11 @@ class ArchSpec:
     @property
     def label(self) -> str:
         return f"{self.name} (CIFAR stem)" if self.cifar_stem else self.name
+
+    @property
+    def deep_stem(self) -> bool:
+        """timm's ResNet-C/D (``DEEP_STEM_ARCHS``)."""
+        return self.name in DEEP_STEM_RESNETS
 
 
 # (block, blocks per stage, bottleneck inner width of layer1, groups) -> torchvision builder.
@@ -55,16 +63,25 @@ _KNOWN: dict[tuple[str, tuple[int, ...], int, int], str] = {
 # (SimCLR v1 2x/4x, SwAV w2/w4/w5); another ``resnet50w<N>`` is built and inferred alike.
 WIDE_ARCHS = ("resnet50w2", "resnet50w4", "resnet50w5")
 SUPPORTED_ARCHS = tuple(sorted(set(_KNOWN.values()))) + WIDE_ARCHS
+# timm's deep-stem ResNet-C/D (backbones/resnet.py DEEP_STEM_RESNETS): evaluated and converted, not
+# in SUPPORTED_ARCHS, which are also the torchvision networks the pretrainer builds.
+DEEP_STEM_ARCHS = tuple(DEEP_STEM_RESNETS)
+# (block, blocks per stage, inner width of layer1, groups, average-pool shortcut) -> timm name.
+_DEEP_KNOWN: dict[tuple[str, tuple[int, ...], int, int, bool], str] = {
+    (config.kind, config.layers, config.inner, config.groups, config.avg_down): name
+    for name, config in DEEP_STEM_RESNETS.items()
+}
 _BLOCK_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
-    """The torchvision ResNet whose layout these (torchvision-named) tensors follow, or the
-    width-multiplied ResNet-50 (``resnet50w<N>``, SimCLR v1 / SwAV) built on its blocks.
+    """The torchvision ResNet whose layout these (torchvision-named) tensors follow, the
+    width-multiplied ResNet-50 (``resnet50w<N>``, SimCLR v1 / SwAV) built on its blocks, or timm's
+    deep-stem ResNet-C/D (``resnet50d``, ``DEEP_STEM_ARCHS``; timm's names).
 
-    ResNet variants that share torchvision's names but are other networks (deep stems, average-
-    pool shortcuts, GroupNorm, squeeze-excitation, depths torchvision does not build) are named
-    and refused. When a stage has gaps or a stage is missing (keys renamed or lost), the smallest
+    ResNet variants that share these names but are other networks (other deep stems, average-pool
+    shortcuts without one, GroupNorm, squeeze-excitation, depths torchvision does not build) are
+    named and refused. When a stage has gaps or a stage is missing (keys renamed or lost), the smallest
     architecture that contains the blocks present is returned, so that the strict load can name
     the missing keys instead of failing on an unknown layout.
 
@@ -74,6 +91,8 @@ def infer_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
     variant = non_torchvision_variant(state)
     if variant:
         raise BadInput(variant)
+    if has_deep_stem(state):
+        return _deep_stem_arch(state)
     conv1 = state.get("conv1.weight")
     block = _block_type(state)
     multiples = _width_multiples(state, block)
@@ -208,18 +227,12 @@ def non_torchvision_variant(state: dict[str, torch.Tensor]) -> str | None:
             "mmpretrain ResNetV1c (deep stem of three 3x3 convs under stem.N.conv/stem.N.bn): not a "
             "torchvision ResNet; npidbench cannot evaluate it yet"
         )
-    if "conv1.0.weight" in state:
-        # timm resnet.py: stem_type='deep' puts a Sequential in conv1 (ResNet-C), plus avg_down
-        # in the shortcut for ResNet-D (resnet50d).
-        kind = (
-            "ResNet-D such as resnet50d (deep stem + average-pool shortcut)"
-            if avg_down
-            else "ResNet-C such as resnet50c (deep stem)"
-        )
-        return (
-            f"the backbone has a deep stem (conv1.0/conv1.1/...): a timm {kind}; it is not a "
-            "torchvision ResNet and cannot be evaluated yet"
-        )
+    deep_stem = has_deep_stem(state)
+    if deep_stem:
+        # timm's ResNet-C/D are built (infer_arch); other deep stems of the same names are not.
+        other_stem = _other_deep_stem(state)
+        if other_stem:
+            return other_stem
     norms = [k for k in state if re.match(r"^(bn1|layer[1-4]\.\d+\.bn\d)\.weight$", k)]
     if norms and not any(k.endswith(("running_mean", "running_var")) for k in state):
         # timm resnet50_gn: norm_layer=GroupNorm, weight and bias only.
@@ -247,12 +260,92 @@ def non_torchvision_variant(state: dict[str, torch.Tensor]) -> str | None:
             f"channel-attention modules ({where}, e.g. timm's ECA/CBAM ResNets): not a torchvision "
             "ResNet; npidbench cannot evaluate it yet"
         )
-    if avg_down:
+    if avg_down and not deep_stem:
         return (
             "average-pool shortcut (downsample.0 AvgPool, downsample.1 conv, downsample.2 norm; the "
             "ResNet-D shortcut): not a torchvision ResNet; npidbench cannot evaluate it yet"
         )
     return None
+
+
+_DEEP_STEM_KEY = re.compile(r"^conv1\.\d+\.")  # timm stem_type='deep': conv1 is a Sequential
+
+
+def has_deep_stem(state: dict[str, torch.Tensor]) -> bool:
+    """conv1 is a Sequential (``conv1.0.weight``, ...): a timm deep stem, complete or not."""
+    return any(_DEEP_STEM_KEY.match(k) for k in state)
+
+
+def _deep_stem_shapes() -> dict[str, tuple[int, ...]]:
+    """The conv shapes of timm's ResNet-C/D stem (timm resnet.py:555-571, stem_width 32)."""
+    first, second, out = DEEP_STEM_WIDTHS
+    return {
+        "conv1.0.weight": (first, 3, 3, 3),
+        "conv1.3.weight": (second, first, 3, 3),
+        "conv1.6.weight": (out, second, 3, 3),
+    }
+
+
+def _other_deep_stem(state: dict[str, torch.Tensor]) -> str | None:
+    """The refusal for a deep stem that is not ResNet-C/D's 32-32-64 one (only the convs present
+    are compared: a missing one is named by the strict load)."""
+    expected = _deep_stem_shapes()
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if not wrong:
+        return None
+    first = state.get("conv1.0.weight")
+    such_as = ""
+    if first is not None and first.ndim == 4 and tuple(first.shape[1:]) == (3, 3, 3):
+        # timm resnet.py:555-559: stem_width 64 (resnet50s), or 'deep_tiered' (resnet50t: 24-32-64).
+        such_as = {
+            64: " (timm's ResNet-S such as resnet50s: stem 64-64-128)",
+            24: " (timm's ResNet-T such as resnet50t: tiered stem 24-32-64)",
+        }.get(int(first.shape[0]), "")
+
+    def shape(dims: tuple[int, ...]) -> str:
+        return "x".join(str(d) for d in dims)
+
+    return (
+        f"a deep stem (conv1.0/conv1.3/conv1.6) whose {wrong[0]} is {shape(tuple(state[wrong[0]].shape))}, "
+        f"not {shape(expected[wrong[0]])}{such_as}: npidbench builds timm's ResNet-C/D stem only (3x3 convs "
+        f"3-{DEEP_STEM_WIDTHS[0]}-{DEEP_STEM_WIDTHS[1]}-{DEEP_STEM_WIDTHS[2]}: {', '.join(DEEP_STEM_ARCHS)})"
+    )
+
+
+def _deep_stem_arch(state: dict[str, torch.Tensor]) -> ArchSpec:
+    """The timm ResNet-C/D (``DEEP_STEM_ARCHS``) of a deep-stem layout whose stem is ResNet-C/D's
+    (non_torchvision_variant has refused the others): block type, blocks per stage, width and groups
+    as for torchvision's, and ResNet-D's average-pool shortcut from ``downsample.2``. A damaged
+    layout maps to the smallest such network containing it, as in infer_arch."""
+    block = _block_type(state)
+    counts = tuple(_block_counts(state))
+    inner, groups = _width_and_groups(state, block)
+    avg_down = any(_AVG_DOWN.match(k) for k in state)
+    kind = "ResNet-D (deep stem + average-pool shortcut)" if avg_down else "ResNet-C (deep stem)"
+    multiples = _width_multiples(state, block)
+    if any(m != 1 for m in multiples.values()):
+        parts = ", ".join(f"{name} x{m:g}" for name, m in multiples.items() if m != 1)
+        raise BadInput(
+            f"a width-multiplied timm {kind} ({parts}): npidbench builds "
+            f"{', '.join(DEEP_STEM_ARCHS)} at their own widths only"
+        )
+    exact = _DEEP_KNOWN.get((block, counts, inner, groups, avg_down))
+    if exact:
+        return ArchSpec(exact)
+    shortcut = "downsample.1" if avg_down else "downsample.0"
+    complete = all(counts) and _blocks_complete(state, block, list(counts), shortcut)
+    fits = [
+        (sum(layout), name)
+        for (b, layout, w, g, a), name in _DEEP_KNOWN.items()
+        if (b, w, g, a) == (block, inner, groups, avg_down)
+        and all(c <= n for c, n in zip(counts, layout, strict=True))
+    ]
+    if fits and any(counts) and not complete:
+        return ArchSpec(min(fits)[1])
+    raise BadInput(
+        f"a timm {kind} with {block} blocks {counts} (width {inner}, groups {groups}): not one of the "
+        f"deep-stem ResNets npidbench builds ({', '.join(DEEP_STEM_ARCHS)})"
+    )
 
 
 def foreign_tensors_message(extra: list[str], arch: str) -> str:
@@ -264,9 +357,10 @@ def foreign_tensors_message(extra: list[str], arch: str) -> str:
             modules.append(module)
     shown = ", ".join(modules[:3]) + (f", +{len(modules) - 3} more" if len(modules) > 3 else "")
     count = f"{len(extra)} tensor{'s' if len(extra) != 1 else ''}"
+    library = "timm" if arch in DEEP_STEM_RESNETS else "torchvision"
     return (
-        f"{count} inside the backbone's own modules that a torchvision {arch} does not "
-        f"have ({shown}): a modified ResNet, not a torchvision ResNet; refusing rather than dropping them"
+        f"{count} inside the backbone's own modules that a {library} {arch} does not "
+        f"have ({shown}): a modified ResNet, not a {library} ResNet; refusing rather than dropping them"
     )
 
 
@@ -308,6 +402,12 @@ def _layout_complete(state: dict[str, torch.Tensor], block: str, counts: list[in
     """Stem, every block of every stage (no gaps) and each stage's projection shortcut present."""
     if not all(counts) or "conv1.weight" not in state or "bn1.weight" not in state:
         return False
+    return _blocks_complete(state, block, counts, "downsample.0")
+
+
+def _blocks_complete(state: dict[str, torch.Tensor], block: str, counts: list[int], shortcut: str) -> bool:
+    """Every block of every stage (no gaps) and each stage's projection shortcut (its conv is
+    ``shortcut``: downsample.0, or downsample.1 after ResNet-D's AvgPool) present."""
     convs = (1, 2, 3) if block == "bottleneck" else (1, 2)
     for stage, count in enumerate(counts, start=1):
         for index in range(count):
@@ -317,7 +417,7 @@ def _layout_complete(state: dict[str, torch.Tensor], block: str, counts: list[in
                 if f"layer{stage}.{index}.bn{k}.weight" not in state:
                     return False
         needs_shortcut = stage > 1 or block == "bottleneck"
-        if needs_shortcut and f"layer{stage}.0.downsample.0.weight" not in state:
+        if needs_shortcut and f"layer{stage}.0.{shortcut}.weight" not in state:
             return False
     return True
 
@@ -339,14 +439,18 @@ def _depth_guess(state: dict[str, torch.Tensor], block: str) -> str:
 def parse_arch(name: str) -> ArchSpec:
     """A user's ``--arch`` value: a torchvision name, optionally with ``-cifar`` for the 3x3
     stride-1 stem, and ``-cifar-pad1`` / ``-cifar-pad2`` to say its conv1 padding (solo-learn
-    pads by 2, other CIFAR ResNets by 1; without it, the format's is used)."""
+    pads by 2, other CIFAR ResNets by 1; without it, the format's is used); or a timm deep-stem
+    name (``resnet50d``, ``DEEP_STEM_ARCHS``)."""
     match = re.fullmatch(r"(?P<base>.+?)(?P<cifar>[-_]cifar(?:-pad(?P<pad>[12]))?)?", name)
     base = match["base"] if match else name
-    if base not in SUPPORTED_ARCHS and wide_resnet50_width(base) is None:
+    if base not in SUPPORTED_ARCHS and base not in DEEP_STEM_ARCHS and wide_resnet50_width(base) is None:
         raise BadInput(
-            f"--arch {name} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)} or resnet50wN "
-            "(append -cifar for the 3x3 stride-1 stem, -cifar-pad1 / -cifar-pad2 to set its padding)"
+            f"--arch {name} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)}, resnet50wN or "
+            f"a timm deep-stem ResNet ({', '.join(DEEP_STEM_ARCHS)}) (append -cifar for the 3x3 stride-1 "
+            "stem, -cifar-pad1 / -cifar-pad2 to set its padding)"
         )
+    if match and match["cifar"] and base in DEEP_STEM_ARCHS:
+        raise BadInput(f"--arch {name}: {base} has timm's deep stem, not a CIFAR one; pass {base}")
     if match and match["cifar"] and wide_resnet50_width(base) is not None:
         raise BadInput(f"--arch {name}: width-multiplied ResNet-50s have the standard stem only; pass {base}")
     padding = int(match["pad"]) if match and match["pad"] else None

@@ -32,7 +32,12 @@ def dilate_resnet(model: nn.Module) -> nn.Module:
             # Bottleneck, conv1 in BasicBlock) is the one dilated: its stride goes.
             conv.stride, conv.dilation, conv.padding = (1, 1), (rate, rate), (rate, rate)
             if index == 0 and block.downsample is not None:
-                block.downsample[0].stride = (1, 1)
+                if isinstance(block.downsample[0], nn.AvgPool2d):
+                    # ResNet-D's average-pool shortcut: at stride 1 it is mmseg's (ResLayer with
+                    # avg_down pools with kernel = stride), an identity; the 1x1 conv follows
+                    block.downsample[0] = nn.Identity()
+                else:
+                    block.downsample[0].stride = (1, 1)
     return model
 
 

@@ -23,7 +23,7 @@ from npidbench.transfer.segmentation import FCNSegmenter, dilate_resnet, sliding
 from helpers import interrupt_after_first_window, run_preset
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet50d"])
 def test_dilation_gives_output_stride_8_with_the_same_weights(arch):
     torch.manual_seed(0)
     model = build_resnet(arch)
@@ -32,13 +32,13 @@ def test_dilation_gives_output_stride_8_with_the_same_weights(arch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))  # resnet50d: deep conv1, same relu
         res4 = model.layer3(model.layer2(model.layer1(x)))
         res5 = model.layer4(res4)
     assert res4.shape[-2:] == res5.shape[-2:] == (8, 8)
     # contract_dilation: the first block of layer4 at dilation 2, the others at 4
-    first = model.layer4[0].conv2 if arch == "resnet50" else model.layer4[0].conv1
-    later = model.layer4[1].conv2 if arch == "resnet50" else model.layer4[1].conv1
+    first = model.layer4[0].conv2 if arch != "resnet18" else model.layer4[0].conv1
+    later = model.layer4[1].conv2 if arch != "resnet18" else model.layer4[1].conv1
     assert first.dilation == (2, 2) and later.dilation == (4, 4) and first.stride == (1, 1)
 
 
