@@ -215,17 +215,18 @@ def _summarise(keys: list[str]) -> str:
 @app.command("convert")
 def convert_command(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
-    to: Annotated[str, typer.Option("--to", help="torchvision or detectron2.")],
+    to: Annotated[str, typer.Option("--to", help="torchvision, detectron2 (ResNets) or timm (all).")],
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     arch: ArchOpt = None,
     branch: BranchOpt = None,
     trust_pickle: TrustOpt = False,
 ) -> None:
-    """Write the strictly loaded backbone as a plain torchvision state_dict (no fc) or with
-    detectron2 names."""
+    """Write the strictly loaded backbone as a plain torchvision state_dict (no fc), with
+    detectron2 names, or as a state dict that timm's model loads strictly (ResNets, ViTs,
+    ConvNeXts; prints the timm model name and create_model kwargs that load it)."""
     from npidbench.checkpoint import load_backbone
-    from npidbench.checkpoint.own import CONVERT_TARGETS, export_backbone
+    from npidbench.checkpoint.own import CONVERT_TARGETS, export_backbone, timm_model_for
 
     if to not in CONVERT_TARGETS:
         raise BadInput(f"--to {to} is not supported; choose one of {', '.join(CONVERT_TARGETS)}")
@@ -236,13 +237,19 @@ def convert_command(
     if not out.parent.exists():
         raise BadInput(f"the folder of --out {out} does not exist")
     loaded = load_backbone(checkpoint, arch=arch, branch=branch, trust_pickle=trust_pickle)
-    if loaded.inspection.family != "resnet":
+    info = loaded.inspection
+    if info.family != "resnet" and to != "timm":
         raise BadInput(
             f"convert writes ResNet names (torchvision, detectron2); {checkpoint} holds a "
-            f"{loaded.inspection.family} ({loaded.arch}), which timm loads as it is"
+            f"{info.family} ({loaded.arch}): use --to timm"
         )
-    export_backbone(loaded.model, to, out, input_normalised=loaded.input_normalised)
-    stdout.print(str(out))
+    spec = info.vit_spec or info.convnext_spec
+    export_backbone(
+        loaded.model, to, out, input_normalised=loaded.input_normalised, arch=loaded.arch, spec=spec
+    )
+    # timm: the model that loads the file, e.g. "vit_small_patch16_224 (num_classes=0, img_size=224, ...)"
+    line = str(timm_model_for(loaded.model, loaded.arch, spec)) if to == "timm" else str(out)
+    stdout.print(line, markup=False)
 
 
 @app.command("run")
