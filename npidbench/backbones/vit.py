@@ -58,6 +58,12 @@ class ViTSpec:
         return f"vit_{size}_patch{self.patch_size}{registers}_{self.img_size}"
 
 
+def whole_patches(size: int, patch: int) -> int:
+    """``size`` rounded up to a whole number of ``patch``-pixel patches: timm's patch embedding
+    refuses other sizes [timm layers/patch_embed.py PatchEmbed.forward]."""
+    return -(-size // patch) * patch
+
+
 def build_vit(spec: ViTSpec) -> nn.Module:
     """A randomly initialised timm VisionTransformer of ``spec`` without a classifier."""
     from timm.models.vision_transformer import VisionTransformer

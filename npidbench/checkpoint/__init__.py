@@ -248,10 +248,15 @@ def inspect_checkpoint(
         meta=_own_meta(raw),
         input_normalised=fmt not in UNNORMALISED_INPUT_FORMATS,
     )
+    own = _own_backbone(raw.obj, branches, keys)  # what an npidbench file says it holds
+    if own is not None and own.error:
+        info.error, info.ignored = own.error, keys
+        return info, None
+    recorded = own.spec if own is not None else None
     if not branches and convnext.holds_convnext(keys):
-        return _inspect_convnext(flat, info, arch, branch)
+        return _inspect_convnext(flat, info, arch, branch, recorded)
     if not branches and looks_like_vit(keys):
-        return _inspect_vit(raw.obj, flat, info, arch, branch)
+        return _inspect_vit(raw.obj, flat, info, arch, branch, recorded)
     if not branches:
         info.error = _no_backbone_message(keys, fmt)
         info.ignored = keys
@@ -341,15 +346,21 @@ def _build(info: Inspection) -> nn.Module:
 
 
 def _inspect_vit(
-    top: Any, flat: dict[str, torch.Tensor], info: Inspection, arch: str | None, branch: str | None
+    top: Any,
+    flat: dict[str, torch.Tensor],
+    info: Inspection,
+    arch: str | None,
+    branch: str | None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[Inspection, dict[str, torch.Tensor] | None]:
-    """inspect_checkpoint for a file whose backbone is a ViT (checkpoint/vit.py)."""
+    """inspect_checkpoint for a file whose backbone is a ViT (checkpoint/vit.py); ``recorded``:
+    the ViTSpec fields an npidbench file records (used as they are, checked against the shapes)."""
     keys = list(flat)
     info.family = "vit"
     info.ignored = keys
     branches = vit.find_vit_branches(keys)
     info.branches = [b.name for b in branches]
-    info.format = fmt = vit.detect_vit_format(top, flat, branches)
+    info.format = fmt = "npidbench" if recorded is not None else vit.detect_vit_format(top, flat, branches)
     unsupported = vit.unsupported_layout(keys)
     if unsupported:
         info.error = unsupported
@@ -387,6 +398,8 @@ def _inspect_vit(
         spec, heads_from = vit.infer_vit_spec(state, moco_v3=fmt == "moco-v3" or sincos == "moco-v3")
         if fmt in _DINO_INTERPOLATION and not spec.reg_tokens and not spec.no_embed_class:
             spec = replace(spec, pos_interpolation="dino")
+        if recorded is not None:
+            spec, heads_from = _recorded_vit_spec(recorded, spec), "recorded in the npidbench checkpoint"
         if arch is not None and arch != spec.name:
             raise BadInput(
                 f"the checkpoint holds a {spec.name} ({vit.spec_description(spec)}), but --arch {arch} "
@@ -418,9 +431,14 @@ def _inspect_vit(
 
 
 def _inspect_convnext(
-    flat: dict[str, torch.Tensor], info: Inspection, arch: str | None, branch: str | None
+    flat: dict[str, torch.Tensor],
+    info: Inspection,
+    arch: str | None,
+    branch: str | None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[Inspection, dict[str, torch.Tensor] | None]:
-    """inspect_checkpoint for a file whose backbone is a ConvNeXt (checkpoint/convnext.py)."""
+    """inspect_checkpoint for a file whose backbone is a ConvNeXt (checkpoint/convnext.py);
+    ``recorded``: the spec an npidbench file records (checked against the shapes)."""
     info.family = "convnext"
     info.ignored = list(flat)
     try:
@@ -429,7 +447,7 @@ def _inspect_convnext(
         info.error = str(exc)
         raise CheckpointRefused(str(exc), info) from None
     assert found is not None
-    info.format = f"convnext-{found.layout}"
+    info.format = "npidbench" if recorded is not None else f"convnext-{found.layout}"
     info.branch = found.prefix.rstrip(".") or "main"
     info.branches = [p.rstrip(".") or "main" for p in convnext.candidate_prefixes(flat)]
     info.ignored = found.ignored
@@ -440,6 +458,11 @@ def _inspect_convnext(
         return info, None
     info.arch = match.spec.name
     info.convnext = {**asdict(match.spec), "name": match.spec.name}
+    if recorded is not None:
+        problem = _recorded_convnext_problem(recorded, match.spec)
+        if problem:
+            info.error = problem
+            return info, None
     if arch is not None and arch != match.spec.name:
         info.error = f"the checkpoint holds a {match.spec.name}, but --arch {arch} was asked for; pass --arch {match.spec.name}"
         return info, None
@@ -525,6 +548,101 @@ def _inside_backbone(name: str, naming: str) -> bool:
     if name.split(".")[0] in _BACKBONE_ROOTS:
         return True
     return naming == "torchvision" and bool(_DEEP_STEM.match(name))
+
+
+@dataclass(frozen=True)
+class _OwnBackbone:
+    """What an npidbench file records about its backbone: family, spec (ViT / ConvNeXt), or why
+    the record and the tensors disagree."""
+
+    family: str
+    spec: dict[str, Any] | None
+    error: str | None = None
+
+
+_OWN_FAMILIES = ("resnet", "vit", "convnext")
+
+
+def _own_backbone(obj: Any, branches: list[Branch], keys: list[str]) -> _OwnBackbone | None:
+    """None for other formats. An npidbench file without "family" is a ResNet (every file before
+    the pretrainer built ViTs and ConvNeXts); a ViT or ConvNeXt one records its spec (own.py)."""
+    if not (isinstance(obj, dict) and obj.get("format") == "npidbench"):
+        return None
+    family = obj.get("family", "resnet")
+    said = f"family {family}" if "family" in obj else "no family (a ResNet)"
+    if family not in _OWN_FAMILIES:
+        error = f"the npidbench file records family {family!r}, not one of {', '.join(_OWN_FAMILIES)}"
+        return _OwnBackbone(str(family), None, error)
+    spec = obj.get(family) if family != "resnet" else None
+    if family != "resnet" and not isinstance(spec, dict):
+        return _OwnBackbone(family, None, f"the npidbench file records family {family} without its spec")
+    held = None
+    if not branches and convnext.holds_convnext(keys):
+        held = "ConvNeXt"
+    elif not branches and looks_like_vit(keys):
+        held = "Vision Transformer"
+    elif branches:
+        held = "ResNet"
+    expected = {"resnet": "ResNet", "vit": "Vision Transformer", "convnext": "ConvNeXt"}[family]
+    if held is not None and held != expected:
+        return _OwnBackbone(family, spec, f"the npidbench file records {said} but its tensors are a {held}")
+    return _OwnBackbone(family, spec)
+
+
+# What a ViT's tensors tell (infer_vit_spec); num_heads and pos_interpolation they cannot.
+_VIT_SHAPE_FIELDS = (
+    "depth",
+    "embed_dim",
+    "patch_size",
+    "img_size",
+    "mlp_ratio",
+    "qkv_bias",
+    "reg_tokens",
+    "no_embed_class",
+    "fc_norm",
+)
+
+
+def _recorded_vit_spec(recorded: dict[str, Any], inferred: ViTSpec) -> ViTSpec:
+    """The ViTSpec an npidbench file records, when its tensors agree with it.
+
+    Raises:
+        BadInput: the record is incomplete or says another network than the tensors.
+    """
+    names = {f.name for f in fields(ViTSpec)}
+    try:
+        spec = ViTSpec(**{k: v for k, v in recorded.items() if k in names})
+    except TypeError as exc:
+        raise BadInput(f"the npidbench file's ViT spec is incomplete ({exc})") from None
+    differ = [
+        f"{name} {getattr(spec, name)!r} (tensors: {getattr(inferred, name)!r})"
+        for name in _VIT_SHAPE_FIELDS
+        if getattr(spec, name) != getattr(inferred, name)
+    ]
+    if (spec.init_values is None) != (inferred.init_values is None):
+        differ.append(
+            f"layer scale {spec.init_values!r} (tensors: {'yes' if inferred.init_values else 'none'})"
+        )
+    if differ:
+        raise BadInput(f"the npidbench file records a ViT whose tensors differ: {', '.join(differ)}")
+    return spec
+
+
+def _recorded_convnext_problem(recorded: dict[str, Any], inferred: ConvNeXtSpec) -> str | None:
+    try:
+        spec = ConvNeXtSpec(
+            tuple(recorded["depths"]), tuple(recorded["dims"]), bool(recorded.get("layer_scale", True))
+        )
+    except (KeyError, TypeError) as exc:
+        return f"the npidbench file's ConvNeXt spec is incomplete ({exc})"
+    if spec != inferred:
+        return f"the npidbench file records a {_convnext_words(spec)} but its tensors are a {_convnext_words(inferred)}"
+    return None
+
+
+def _convnext_words(spec: ConvNeXtSpec) -> str:
+    scale = "" if spec.layer_scale else ", no layer scale"
+    return f"{spec.name} (depths {list(spec.depths)}, dims {list(spec.dims)}{scale})"
 
 
 def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:

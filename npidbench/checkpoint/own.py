@@ -37,10 +37,20 @@ def npidbench_checkpoint(
     arch: str,
     meta: dict[str, Any],
     head: dict[str, torch.Tensor] | None = None,
+    *,
+    family: str = "resnet",
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict for a backbone (its fc, if any, is dropped)."""
+    """The checkpoint dict for a backbone (its fc, if any, is dropped).
+
+    A ViT or ConvNeXt adds ``"family"`` ("vit" / "convnext") and, under the family's name, the
+    spec that builds it (plain types: a ViT's ``ViTSpec`` fields, num_heads and
+    pos_interpolation included, which its tensors cannot tell; a ConvNeXt's depths, dims,
+    layer_scale), so that the loader rebuilds exactly that network. ResNet files keep the
+    layout above: a file without "family" is a ResNet.
+    """
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    return {
+    checkpoint = {
         "format": "npidbench",
         "version": FORMAT_VERSION,
         "arch": arch,
@@ -48,6 +58,11 @@ def npidbench_checkpoint(
         "head": {k: v.detach().cpu().clone() for k, v in (head or {}).items()},
         "meta": {"versions": versions(), **meta},
     }
+    if family != "resnet":
+        if spec is None:
+            raise ValueError(f"a {family} checkpoint needs the spec that builds it")
+        checkpoint.update({"family": family, family: dict(spec)})
+    return checkpoint
 
 
 def save_npidbench_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:

@@ -14,17 +14,21 @@ from torch.utils.data import Dataset, Sampler
 from npidbench.data.images import decode_error_reason, decode_rgb
 from npidbench.data.splits import DatasetSplit
 from npidbench.errors import BadInput
+from npidbench.pretrain.archs import fit_to_patches
 from npidbench.pretrain.recipe import Recipe
 
 PRELOAD_LIMIT = 20_000  # splits up to this size are decoded once and kept in memory (the synthetic ones)
 
 
 def paper_augmentation(recipe: Recipe) -> T.Compose:
-    """RandomResizedCrop, RandomGrayscale, ColorJitter, flip (PROTOCOLS.md "NPID pretraining")."""
+    """RandomResizedCrop, RandomGrayscale, ColorJitter, flip (PROTOCOLS.md "NPID pretraining").
+    A ViT's crops are a whole number of patches (archs.fit_to_patches: 56 px -> 64 for patch 16)."""
     jitter = recipe.color_jitter
     return T.Compose(
         [
-            T.RandomResizedCrop(recipe.input_size, scale=tuple(recipe.crop_scale), antialias=True),
+            T.RandomResizedCrop(
+                fit_to_patches(recipe.arch, recipe.input_size), scale=tuple(recipe.crop_scale), antialias=True
+            ),
             T.RandomGrayscale(p=recipe.grayscale),
             T.ColorJitter(jitter, jitter, jitter, min(jitter, 0.5)),
             T.RandomHorizontalFlip(),

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from npidbench.checkpoint.arch import SUPPORTED_ARCHS
 from npidbench.config import build_config, check_choices, config_to_dict, parse_set_options, read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
+from npidbench.pretrain.archs import PRETRAIN_ARCHS
 from npidbench.progress import log
 
 DEFAULT_RECIPE = "npid_resnet18_synthetic"  # for the embedded synthetic data
@@ -26,7 +26,7 @@ PAPER_RECIPE = "npid_resnet50_8xb32-steplr-200e_in1k"  # for real data
 class Recipe:
     name: str = DEFAULT_RECIPE
     description: str = ""
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # a torchvision ResNet, vit_<size>_patch<p> or convnext_<size> (pretrain/archs.py)
     dataset: str = "imagenet"  # the embedded synthetic ImageNet layout unless --data-root is given
     train_split: str = "train"
     val_split: str = "val"  # queries of the kNN monitor
@@ -67,8 +67,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.arch not in SUPPORTED_ARCHS:
-            problems.append(f"arch {self.arch} is not supported; choose one of {', '.join(SUPPORTED_ARCHS)}")
+        if self.arch not in PRETRAIN_ARCHS:
+            problems.append(f"arch {self.arch} is not supported; choose one of {', '.join(PRETRAIN_ARCHS)}")
         if self.epochs < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 2 or self.lr_batch < 1:
@@ -155,7 +155,13 @@ def load_recipe(name_or_path: str | None, set_options: list[str], data_root: Pat
                 f"unknown recipe {name!r}; choose one of {', '.join(recipe_names())} or pass a .toml path"
             )
     data = {"name": path.stem, **read_toml(path)}
-    return build_config(Recipe, data, parse_set_options(set_options), source_names=[str(path), "--set"])
+    recipe = build_config(Recipe, data, parse_set_options(set_options), source_names=[str(path), "--set"])
+    written = data.get("arch", Recipe.arch)
+    if recipe.arch != written:
+        # e.g. npid_resnet18_synthetic+arch=vit_tiny_patch16: the name records and the report's
+        # Config column show must not pass another network off as the recipe's own
+        recipe = dataclasses.replace(recipe, name=f"{recipe.name}+arch={recipe.arch}")
+    return recipe
 
 
 # Settings added after files were written, with the value those files were made with: every
