@@ -6,6 +6,7 @@ record_path = run_task(RunRequest(task="knn", checkpoint="ckpt.pth"))
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from npidbench.backbones.vit import whole_patches
 from npidbench.cache import FeatureCache
 from npidbench.checkpoint import LoadedBackbone, load_backbone
 from npidbench.config import build_config, config_to_dict, parse_set_options
@@ -88,10 +90,37 @@ def resolve_config(preset: Preset, synthetic: bool, set_options: list[str]) -> A
     return build_config(family.config, *layers, source_names=names)
 
 
-def protocol_variant(preset: Preset, synthetic: bool, config: Any) -> str:
+# The image-size settings of the families (center crop; the SVM's squashed size).
+_INPUT_SIZE_FIELDS = ("crop", "size")
+
+
+def fit_config_to_patches(config: Any, patch: int, synthetic: bool) -> Any:
+    """``config`` with its input sizes fitted to a ViT's ``patch`` size: timm's patch embedding
+    needs whole patches. The embedded data's small crops (56 px) are rounded up to whole patches
+    (64 for patch 16; the resize grows with them); on real data (224 is whole for patch 8, 14
+    and 16) another size is one line naming the fix."""
+    if patch <= 1:
+        return config
+    changes: dict[str, int] = {}
+    for name in _INPUT_SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or value % patch == 0:
+            continue
+        if not synthetic:
+            raise BadInput(
+                f"{name}={value} is not a whole number of {patch}-pixel patches for this ViT: "
+                f"--set {name}={whole_patches(value, patch)} (or {value // patch * patch})"
+            )
+        changes[name] = whole_patches(value, patch)
+    if "crop" in changes and getattr(config, "resize", changes["crop"]) < changes["crop"]:
+        changes["resize"] = changes["crop"]
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def protocol_variant(preset: Preset, synthetic: bool, config: Any, patch: int = 1) -> str:
     """The settings that differ from the preset's (e.g. "temperature=1.0"): "" for the protocol
     as published. The report names variants, so changed settings never pass as the standard."""
-    standard = config_to_dict(resolve_config(preset, synthetic, []))
+    standard = config_to_dict(fit_config_to_patches(resolve_config(preset, synthetic, []), patch, synthetic))
     actual = config_to_dict(config)
     named = set(family_of(preset).protocol_keys)  # settings the protocol name says
     changed = [
@@ -144,8 +173,13 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         backbone = load_backbone(
             request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
         )
+    patch = 1
     if backbone is not None:
-        backbone.backbone.check_supports(preset.family)
+        refusal = family_of(preset).refusal(config, backbone.backbone)
+        if refusal is not None:
+            raise BadInput(refusal)
+        patch = backbone.backbone.patch_size
+        config = fit_config_to_patches(config, patch, synthetic)
     with distributed(options.device) as world:
         options = replace(options, device=world.device)
         ctx = RunContext(
@@ -170,7 +204,7 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         model=model_entry(request, backbone, output),
         metrics=output.metrics,
         protocol=output.protocol,
-        variant=protocol_variant(preset, synthetic, config),
+        variant=protocol_variant(preset, synthetic, config, patch),
         config=config_to_dict(config),
         seeds=output.seeds,
         timings=timings(total, ctx.extract_stats),

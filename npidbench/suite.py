@@ -12,11 +12,11 @@ from pathlib import Path
 from rich.table import Table
 
 from npidbench.checkpoint import LoadedBackbone, load_backbone
-from npidbench.data import dataset_parts, dataset_root
+from npidbench.data import dataset_parts, dataset_root, reads_synthetic_data
 from npidbench.errors import BadInput, NpidbenchError
 from npidbench.progress import console, log
-from npidbench.runner import RunRequest, extract_options, run_task
-from npidbench.tasks import presets
+from npidbench.runner import RunRequest, extract_options, resolve_config, run_task
+from npidbench.tasks import family_of, presets
 from npidbench.tasks.base import Preset
 
 
@@ -38,10 +38,11 @@ class SuiteResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def suite_presets() -> list[Preset]:
+def suite_presets(backbone_family: str = "resnet") -> list[Preset]:
     """The presets ``run all`` runs: all of them except those marked ``in_all = false`` (parts of
-    another preset, or an alternative protocol)."""
-    return [p for p in presets().values() if p.in_all]
+    another preset, or an alternative protocol) and, for a checkpoint of ``backbone_family``,
+    those listing other families (``in_all = ["vit", "convnext"]``)."""
+    return [p for p in presets().values() if p.runs_in_all(backbone_family)]
 
 
 def missing_data(preset: Preset, data_root: Path | None) -> str | None:
@@ -56,14 +57,12 @@ def missing_data(preset: Preset, data_root: Path | None) -> str | None:
     return None
 
 
-def unsupported(preset: Preset, loaded: LoadedBackbone | None) -> str | None:
-    """Why the checkpoint's backbone cannot run ``preset`` (None: it can)."""
-    try:
-        if loaded is not None:
-            loaded.backbone.check_supports(preset.family)
-    except BadInput as exc:
-        return str(exc)
-    return None
+def unsupported(preset: Preset, loaded: LoadedBackbone | None, data_root: Path | None) -> str | None:
+    """Why the checkpoint's backbone cannot run ``preset`` with its settings (None: it can)."""
+    if loaded is None:
+        return None
+    config = resolve_config(preset, reads_synthetic_data(preset.dataset, data_root), [])
+    return family_of(preset).refusal(config, loaded.backbone)
 
 
 def run_all(request: RunRequest) -> SuiteResult:
@@ -79,10 +78,10 @@ def run_all(request: RunRequest) -> SuiteResult:
         request.checkpoint, arch=request.arch, branch=request.branch, trust_pickle=request.trust_pickle
     )
     result = SuiteResult()
-    chosen = suite_presets()
+    data_root = Path(request.data_root) if request.data_root is not None else None
+    chosen = suite_presets(loaded.backbone.family if loaded is not None else "resnet")
     for number, preset in enumerate(chosen, start=1):
-        reason = missing_data(preset, Path(request.data_root) if request.data_root is not None else None)
-        reason = reason or unsupported(preset, loaded)
+        reason = missing_data(preset, data_root) or unsupported(preset, loaded, data_root)
         if reason is not None:
             result.outcomes.append(TaskOutcome(preset.name, "skipped", reason=reason))
             continue

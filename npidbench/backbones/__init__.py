@@ -52,6 +52,11 @@ class Backbone(ABC):
     # The evaluation resize of its framework (EvalTransform.interpolation).
     interpolation: ClassVar[str] = "bilinear"
 
+    @property
+    def patch_size(self) -> int:
+        """Input sides must be a multiple of this (a ViT's patch; 1: any size)."""
+        return 1
+
     def __init__(self, model: nn.Module, arch: str) -> None:
         self.model = model
         self.arch = arch
@@ -78,6 +83,13 @@ class Backbone(ABC):
     def forward_layers(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.extractor(names)(images)
 
+    def linear_input(self, last_blocks: int, avgpool: bool) -> tuple[str, ...] | None:
+        """The layers whose concatenation is a linear probe's input "class tokens of the last
+        ``last_blocks`` blocks (+ the mean patch token)" (DINO / DINOv2 / iBOT linear,
+        PROTOCOLS-ARCH.md section 2); None where the backbone has no such input. A backbone
+        without tokens has one: its global feature (n = 1, no avgpool)."""
+        return (self.default_layer,) if last_blocks == 1 and not avgpool else None
+
     def check_layers(self, names: Sequence[str], setting: str = "layers") -> None:
         unknown = [n for n in names if n not in self.layers()]
         if unknown:
@@ -89,10 +101,18 @@ class Backbone(ABC):
         """One line naming what runs ``family`` when this backbone does not."""
         if self.supports is not None and family not in self.supports:
             able = sorted(n for n, cls in FAMILIES.items() if cls.supports is None or family in cls.supports)
+            instead = INSTEAD.get(family)
             raise BadInput(
-                f"{family} does not run on {self.family} backbones ({self.arch}) yet; it runs on: "
-                f"{', '.join(able)}"
+                f"{family} does not run on {self.family} backbones ({self.arch}); it runs on: "
+                f"{', '.join(able)}" + (f"; {instead}" if instead else "")
             )
+
+
+# What evaluates a backbone instead of a family written for ResNets (a refusal names it).
+INSTEAD = {
+    "linear": "for other backbones run linear-imagenet-dino, linear-imagenet-mae or linear-imagenet-sweep "
+    "(frozen-linear: DINO's, MAE's and DINOv2's protocols)",
+}
 
 
 class ResNetBackbone(Backbone):

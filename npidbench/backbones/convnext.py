@@ -56,7 +56,10 @@ class ConvNeXtBackbone(Backbone):
 
     family = "convnext"
     interpolation = "bicubic"  # the ConvNeXt evaluation (and timm's convnext configs)
-    supports = frozenset({"knn", "voc-svm"})  # linear / fine-tuning / dense protocols: not yet
+    # The frozen-feature protocols (semisup: its logistic-regression method; the ResNet
+    # fine-tuning grid is refused by semisup's backbone check). The mmselfsup Feature1..5 linear
+    # protocol is ResNet-only; dense transfer follows its own protocols (ViTDet, UperNet): refused.
+    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup"})
 
     def layers(self) -> dict[str, Layer]:
         dims = [int(stage.blocks[-1].mlp.fc2.out_features) for stage in self.model.stages]

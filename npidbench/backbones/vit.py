@@ -93,9 +93,10 @@ class ViTBackbone(Backbone):
 
     family = "vit"
     interpolation = "bicubic"  # DINO / DINOv2 eval: Resize(256, interpolation=3) [eval_knn.py]
-    # Frozen-feature protocols so far; fine-tuning and dense transfer follow their own ViT
-    # protocols (MAE's AdamW + layer decay, ViTDet, UperNet): refused until they are built.
-    supports = frozenset({"knn", "voc-svm"})
+    # The frozen-feature protocols (semisup: its logistic-regression method; the ResNet
+    # fine-tuning grid is refused by semisup's backbone check). The mmselfsup Feature1..5 linear
+    # protocol is ResNet-only; dense transfer follows its own protocols (ViTDet, UperNet): refused.
+    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup"})
 
     def layers(self) -> dict[str, Layer]:
         width = int(self.model.embed_dim)
@@ -113,6 +114,17 @@ class ViTBackbone(Backbone):
     def default_layer(self) -> str:
         # MAE's global-pool models evaluate fc_norm(mean of patch tokens) [mae models_vit.py]
         return "AvgPatch" if isinstance(getattr(self.model, "fc_norm", None), nn.LayerNorm) else "CLS"
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.patch_embed.patch_size[0])
+
+    def linear_input(self, last_blocks: int, avgpool: bool) -> tuple[str, ...] | None:
+        depth = len(self.model.blocks)
+        if not 1 <= last_blocks <= depth:
+            return None
+        blocks = tuple(f"Block{i}" for i in range(depth - last_blocks + 1, depth + 1))
+        return blocks + ("AvgPatch",) if avgpool else blocks
 
     def extractor(self, names: Sequence[str]) -> nn.Module:
         self.check_layers(names)

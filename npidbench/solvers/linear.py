@@ -54,6 +54,25 @@ class AvgPoolHead(nn.Module):
         return self.fc(pooled)
 
 
+class BatchNormLinearHead(nn.Module):
+    """MAE's linear-probe head: BatchNorm1d(affine=False, eps 1e-6) then Linear with weights
+    trunc_normal(std 0.01) and zero bias (mae main_linprobe.py; PROTOCOLS-ARCH.md section 2)."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(channels, affine=False, eps=1e-6)
+        self.fc = nn.Linear(channels, classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.fc.in_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(features))
+
+
 class HeadSet(nn.Module):
     """Several heads trained together on one forward pass: {layer: features} -> {layer: logits}."""
 

@@ -24,7 +24,7 @@ from npidbench.config import read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
 from npidbench.tables import TableSpec
-from npidbench.tasks import detection, knn, linear, segmentation, semisup, voc_svm
+from npidbench.tasks import detection, frozen_linear, knn, linear, segmentation, semisup, voc_svm
 from npidbench.tasks.base import Preset, TaskFamily
 
 ENTRY_POINT_GROUP = "npidbench.tasks"
@@ -33,6 +33,7 @@ BUILTIN_FAMILIES: tuple[TaskFamily, ...] = (
     knn.FAMILY,
     voc_svm.FAMILY,
     linear.FAMILY,
+    frozen_linear.FAMILY,
     semisup.FAMILY,
     detection.FAMILY,
     segmentation.FAMILY,
@@ -116,7 +117,21 @@ def load_preset(path: Path) -> Preset:
         config=data.get("config", {}),
         synthetic=data.get("synthetic", {}),
         path=path,
-        in_all=bool(data.get("in_all", True)),
+        in_all=_in_all(path, data.get("in_all", True)),
+    )
+
+
+def _in_all(path: Path, value: Any) -> bool | tuple[str, ...]:
+    """``in_all``: true, false, or a list of backbone families (backbones.FAMILIES)."""
+    from npidbench.backbones import FAMILIES
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value and all(v in FAMILIES for v in value):
+        return tuple(value)
+    raise BadInput(
+        f"preset {path}: in_all must be true, false or a list of backbone families ({', '.join(FAMILIES)}), "
+        f"got {value!r}"
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from npidbench.backbones import Backbone
 from npidbench.cache import CachedFeatures, FeatureCache
 from npidbench.checkpoint import LoadedBackbone
 from npidbench.config import config_to_dict
@@ -31,7 +32,12 @@ class Preset:
     config: dict[str, Any]
     synthetic: dict[str, Any]  # overrides applied on the embedded synthetic data
     path: Path
-    in_all: bool = True  # run by `npidbench run all` (false for parts of another preset, options)
+    # Run by `npidbench run all`: True, False (parts of another preset, alternative protocols),
+    # or the backbone families it is run for (e.g. the ViT-era linear protocol: vit, convnext).
+    in_all: bool | tuple[str, ...] = True
+
+    def runs_in_all(self, backbone_family: str) -> bool:
+        return self.in_all if isinstance(self.in_all, bool) else backbone_family in self.in_all
 
 
 @dataclass
@@ -94,6 +100,18 @@ class TaskFamily:
     accepts_features_dir: bool = False  # runs on --features-dir instead of a checkpoint (SVM)
     # Preset TOML files a plugin ships beside its module (the built-in presets are tasks/*.toml).
     preset_files: tuple[Path, ...] = ()
+    # (config, backbone) -> why this config cannot run on that backbone, or None: for a protocol
+    # written for one backbone family (semi-supervised ResNet fine-tuning). Backbone.supports
+    # says which families run at all.
+    backbone_check: Callable[[Any, Backbone], str | None] | None = None
+
+    def refusal(self, config: Any, backbone: Backbone) -> str | None:
+        """Why ``backbone`` cannot run this family with ``config`` (None: it can)."""
+        try:
+            backbone.check_supports(self.name)
+        except BadInput as exc:
+            return str(exc)
+        return self.backbone_check(config, backbone) if self.backbone_check is not None else None
 
     def __post_init__(self) -> None:
         problems = self.problems()

@@ -106,13 +106,42 @@ def _table_values(record: dict[str, Any]) -> dict[str, float | None]:
     return {column: top1.get(column[2:]) for column in KNN_COLUMNS}
 
 
+def _k20(model: str, source: str, top1: float) -> dict[str, Any]:
+    return {"Model": model, "Config": source, **dict.fromkeys(KNN_COLUMNS), "k=20": top1}
+
+
+# PROTOCOLS-ARCH.md section 4: the same weighted vote (T = 0.07) on the CLS token, reported at
+# k = 20 (DINO's and iBOT's README; DINOv2's README does not name its k: shown in the same column).
+_OTHER_REFERENCES = [
+    *(
+        _k20(f"DINO {model}", "dino README (eval_knn, k=20)", top1)
+        for model, top1 in (
+            ("ViT-S/16", 74.5),
+            ("ViT-S/8", 78.3),
+            ("ViT-B/16", 76.1),
+            ("ViT-B/8", 77.4),
+            ("ResNet-50", 67.5),
+        )
+    ),
+    *(
+        _k20(f"DINOv2 ViT-{size}/14", "dinov2 README (eval/knn; k not stated)", top1)
+        for size, top1 in (("S", 79.0), ("B", 82.1), ("L", 83.5), ("g", 83.5))
+    ),
+    *(
+        _k20(f"DINOv2 ViT-{size}/14 reg4", "dinov2 README (eval/knn; k not stated)", top1)
+        for size, top1 in (("S", 79.1), ("B", 82.0), ("L", 83.8), ("g", 83.7))
+    ),
+    _k20("iBOT ViT-S/16", "ibot README (DINO's eval_knn)", 75.2),
+    _k20("iBOT ViT-B/16", "ibot README (DINO's eval_knn)", 77.1),
+]
+
 TABLE = TableSpec(
     key="knn",
     title="kNN",
     columns=KNN_COLUMNS,
     values=_table_values,
     default_protocol="npid-knn",
-    references={"imagenet": [npid_reference(KNN_COLUMNS, (42.9, 44.0, 43.2, 42.2))]},
+    references={"imagenet": [npid_reference(KNN_COLUMNS, (42.9, 44.0, 43.2, 42.2)), *_OTHER_REFERENCES]},
 )
 FAMILY = TaskFamily(
     name="knn",

@@ -143,7 +143,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
-    probe = _Probe(ctx, config, train, test, world)
+    probe = Probe(ctx, config, train, test, world)
     if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
         layers = tuple(layer for name in config.parts for layer in config.part(name, probe.backbone).layers)
         for split in (train, test):
@@ -192,11 +192,12 @@ def _reported(part: _Part, history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Probe:
-    """What the parts of one linear run share: the context, the settings, the splits, the world."""
+class Probe:
+    """What the heads of one linear run share: the context, the settings (``seed``, ``amp``,
+    ``batch_size``, ``resize``, ``crop``), the splits, the world."""
 
     ctx: RunContext
-    config: Config
+    config: Any
     train: DatasetSplit
     test: DatasetSplit
     world: DistInfo
@@ -215,15 +216,16 @@ class _Probe:
 
     @property
     def test_transform(self) -> EvalTransform:
-        return EvalTransform(self.config.resize, self.config.crop, "center-crop")
+        # the backbone's framework resize: bilinear for ResNets, bicubic for ViT / ConvNeXt
+        return EvalTransform(self.config.resize, self.config.crop, "center-crop", self.backbone.interpolation)
 
 
 Features = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class _Source:
-    """Where a part's head inputs come from: ``batches(epoch)``, ``inputs(batch)`` -> (features,
+class Source:
+    """Where a probe's head inputs come from: ``batches(epoch)``, ``inputs(batch)`` -> (features,
     labels) of a training batch, ``test()`` -> the test split's, ``size`` images per epoch."""
 
     batches: Callable[[int], Iterable[Any]]
@@ -232,11 +234,12 @@ class _Source:
     size: int
 
 
-def _augmented_source(probe: _Probe, part: _Part) -> _Source:
-    """Augmented training images through the frozen backbone at every step (the protocol)."""
+def augmented_source(probe: Probe, layers: tuple[str, ...], augment: TrainAugment) -> Source:
+    """Augmented training images through the frozen backbone at every step (the protocol):
+    ``layers`` of each batch and of the test split."""
     ctx, config, device = probe.ctx, probe.config, probe.device
-    extractor = frozen_extractor(probe.backbone, part.layers, device)
-    images = TrainImages(probe.train, part.augment, config.seed)
+    extractor = frozen_extractor(probe.backbone, layers, device)
+    images = TrainImages(probe.train, augment, config.seed)
     imagenet_norm = ctx.model.input_normalised  # False: [0, 1] pixels (SimCLR v1)
 
     def inputs(batch) -> tuple[Features, torch.Tensor]:
@@ -257,10 +260,10 @@ def _augmented_source(probe: _Probe, part: _Part) -> _Source:
         return ((_float(features), labels) for features, labels in outputs)
 
     batches = augmented_batches(images, probe.world, probe.local_batch, ctx.extract.workers, device)
-    return _Source(batches, inputs, test, len(probe.train))
+    return Source(batches, inputs, test, len(probe.train))
 
 
-def _cached_source(probe: _Probe, part: _Part) -> _Source:
+def _cached_source(probe: Probe, part: _Part) -> Source:
     """Rows of the features extracted once with the test transform (``mode=cached``)."""
     world, device = probe.world, probe.device
     train_x, train_y = _cached(probe.ctx, probe.train, probe.test_transform, part.layers)
@@ -275,10 +278,10 @@ def _cached_source(probe: _Probe, part: _Part) -> _Source:
             yield _rows(test_x, rows, device), test_y[rows].to(device)
 
     batches = row_batches(len(train_y), world, probe.local_batch, probe.config.seed)
-    return _Source(batches, inputs, test, len(train_y))
+    return Source(batches, inputs, test, len(train_y))
 
 
-def _train_part(probe: _Probe, part: _Part, state: ResumeState) -> list[dict[str, Any]]:
+def _train_part(probe: Probe, part: _Part, state: ResumeState) -> list[dict[str, Any]]:
     config = probe.config
     lr = scaled_lr(part.lr, config.batch_size)
     torch.manual_seed(config.seed)  # the heads' initial weights
@@ -290,7 +293,10 @@ def _train_part(probe: _Probe, part: _Part, state: ResumeState) -> list[dict[str
     )
     # The heads hold Linear layers only (BN has no affine): weight decay applies to all of them.
     optimizer = sgd(heads.parameters(), lr, config.momentum, part.nesterov, part.weight_decay)
-    source = (_augmented_source if config.mode == "augmented" else _cached_source)(probe, part)
+    if config.mode == "augmented":
+        source = augmented_source(probe, part.layers, part.augment)
+    else:
+        source = _cached_source(probe, part)
     shown = part.layers[-1]
 
     def step(batch) -> StepResult:

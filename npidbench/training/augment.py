@@ -42,10 +42,15 @@ class TrainAugment:
     resize: int = 256
     color_jitter: float = 0.4
     lighting: float = 0.1  # standard deviation of the PCA lighting weights
+    # The random crop's resize: bilinear (torchvision's default: the ResNet protocols, DINO's
+    # eval_linear) or bicubic (MAE's linprobe and DINOv2's linear, PROTOCOLS-ARCH.md section 2).
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.kind not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.kind}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"unknown interpolation {self.interpolation}; choose bilinear or bicubic")
         if self.crop < 1 or self.resize < self.crop:
             raise ValueError(f"need 1 <= crop <= resize, got crop {self.crop}, resize {self.resize}")
 
@@ -57,7 +62,12 @@ class TrainAugment:
                 T.RandomCrop(self.crop),
             ]
         else:
-            steps = [T.RandomResizedCrop(self.crop, antialias=True)]
+            mode = (
+                T.InterpolationMode.BICUBIC
+                if self.interpolation == "bicubic"
+                else T.InterpolationMode.BILINEAR
+            )
+            steps = [T.RandomResizedCrop(self.crop, interpolation=mode, antialias=True)]
         steps.append(T.RandomHorizontalFlip())
         if self.kind == "rrc-jitter-lighting" and self.color_jitter > 0:
             jitter = self.color_jitter

@@ -47,6 +47,27 @@ class StepSchedule:
         return self.gamma ** sum(epoch >= m for m in self.milestones)
 
 
+@dataclass(frozen=True)
+class CosineSchedule:
+    """lr x (1 + cos(pi t / T)) / 2 down to 0 over ``epochs``, after a linear warm-up from 0 over
+    ``warmup_epochs`` (T counts from its end). ``factor(epoch)`` is the per-epoch form (DINO's
+    eval_linear steps CosineAnnealingLR once an epoch); ``at(t)`` takes a fractional epoch, for
+    the per-iteration forms (MAE's lr_sched.adjust_learning_rate, DINOv2's per-iteration
+    CosineAnnealingLR: PROTOCOLS-ARCH.md section 2)."""
+
+    epochs: int
+    warmup_epochs: float = 0.0
+
+    def factor(self, epoch: int) -> float:
+        return self.at(float(epoch))
+
+    def at(self, t: float) -> float:
+        if t < self.warmup_epochs:
+            return t / self.warmup_epochs
+        span = self.epochs - self.warmup_epochs
+        return 0.5 * (1.0 + math.cos(math.pi * (t - self.warmup_epochs) / span))
+
+
 def scaled_lr(lr: float, global_batch: int) -> float:
     """The linear scaling rule: the protocol's lr is for a global batch of 256."""
     return lr * global_batch / REFERENCE_BATCH
@@ -111,7 +132,7 @@ def fit(
     trainable: nn.Module,
     optimizer: torch.optim.Optimizer,
     base_lrs: Sequence[float],
-    schedule: StepSchedule,
+    schedule: StepSchedule | CosineSchedule,
     batches: Callable[[int], Iterable[Any]],
     step: Callable[[Any], StepResult],
     evaluate: Callable[[], dict[str, Any]] | None,
@@ -160,7 +181,7 @@ class _Training:
     trainable: nn.Module
     optimizer: torch.optim.Optimizer
     base_lrs: Sequence[float]
-    schedule: StepSchedule
+    schedule: StepSchedule | CosineSchedule
     batches: Callable[[int], Iterable[Any]]
     step: Callable[[Any], StepResult]
     evaluate: Callable[[], dict[str, Any]] | None

@@ -183,3 +183,45 @@ def test_bf16_rows_are_kept_apart_and_named():
         == "fp32"
     )
     assert record_precision({"family": "knn", "details": {"device": "cuda"}}) == "fp32"
+
+
+def _frozen_linear_record(protocol: str, head: str, top1: float, synthetic: bool = False) -> dict:
+    record = make_record(synthetic=synthetic, protocol=f"linear-{protocol}")
+    record.update(task=f"linear-imagenet-{protocol}", family="frozen-linear", table=f"linear-{protocol}")
+    record["metrics"] = {"top1": top1, "top5": top1 + 10, "head": head}
+    return record
+
+
+def test_frozen_linear_tables_are_named_after_their_protocol_with_section_4_references():
+    records = [
+        _frozen_linear_record("dino", "CLS of the last 4 blocks", 70.0),
+        _frozen_linear_record("mae", "CLS", 60.0),
+        _frozen_linear_record("sweep", "CLS + mean patch, lr 0.001", 75.0),
+        make_record(synthetic=False),
+    ]
+    tables = {t.title: t.frame for t in build_tables(records, reference=True)}
+    assert sorted(tables) == [
+        "ImageNet Linear Evaluation (DINO protocol)",
+        "ImageNet Linear Evaluation (MAE protocol)",
+        "ImageNet Linear Evaluation (multi-head sweep, DINOv2 protocol; best head on val)",
+        "ImageNet kNN",
+    ]
+    dino = tables["ImageNet Linear Evaluation (DINO protocol)"].set_index("Model")
+    assert list(dino.columns) == ["Config", "Head", "Top-1 (%)", "Top-5 (%)"]
+    assert list(dino.loc["m"]) == ["-", "CLS of the last 4 blocks", "70.00", "80.00"]
+    assert (
+        dino.loc["DINO ViT-S/16", "Top-1 (%)"] == "77.00"
+        and dino.loc["SwAV ResNet-50-w5", "Top-1 (%)"] == "78.50"
+    )
+    mae = tables["ImageNet Linear Evaluation (MAE protocol)"].set_index("Model")
+    assert mae.loc["MAE ViT-B", "Top-1 (%)"] == "68.00"
+    sweep = tables["ImageNet Linear Evaluation (multi-head sweep, DINOv2 protocol; best head on val)"]
+    sweep = sweep.set_index("Model")
+    assert sweep.loc["DINOv2 ViT-g/14 reg4", "Top-1 (%)"] == "87.10" and sweep.loc["m", "Head"].endswith(
+        "lr 0.001"
+    )
+    knn = tables["ImageNet kNN"].set_index("Model")
+    assert knn.loc["DINO ViT-S/16", "k=20"] == "74.50" and knn.loc["DINO ViT-S/16", "k=200"] == "-"
+    # the published rows belong to real ImageNet only
+    synthetic = build_tables([_frozen_linear_record("dino", "CLS", 50.0, synthetic=True)], reference=True)
+    assert len(synthetic[0].frame) == 1
