@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from npidbench.backbones import Backbone
 from npidbench.config import check_choices
 from npidbench.data import load_split
 from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
@@ -34,6 +35,7 @@ from npidbench.precision import autocast, precision_name
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
 from npidbench.tables import NPID_CONFIG, NPID_MODEL, TableSpec
+from npidbench.tasks import semisup_logreg
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
 from npidbench.training.augment import TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, training_input
@@ -42,11 +44,15 @@ from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit, 
 
 Selection = Literal["test", "heldout"]
 Split = Literal["simclr", "drawn"]
+Method = Literal["finetune", "logreg"]
 PROTOCOL = "semisup-finetune"
 
 
 @dataclass(frozen=True)
 class Config:
+    # finetune: the ResNet grid below (mmselfsup); logreg: iBOT's logistic regression on frozen
+    # features, every backbone (tasks/semisup_logreg.py)
+    method: Method = "finetune"
     fraction: float = 0.01  # of the train split: 0.01 or 0.1 for SimCLR's lists
     split: Split = "simclr"  # simclr: SimCLR's list for `fraction` (shipped); drawn: seeded draw
     split_file: str = ""  # another list in SimCLR's format (one train file name per line)
@@ -69,9 +75,16 @@ class Config:
     test_split: str = "val"
     sync_bn: bool = True  # SyncBatchNorm under torchrun on GPUs
     amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
+    # method=logreg (iBOT eval_logistic_regression.py defaults)
+    lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
+    last_blocks: int = 1  # class tokens of the last n blocks (ViT)
+    avgpool: Literal["cls", "mean", "both"] = "cls"  # iBOT's avgpool_patchtokens 0 / 1 / 2
+    logreg_max_iter: int = 1000
 
     def __post_init__(self) -> None:
         check_choices(self)  # the Literal fields, also when built in Python
+        if not self.lambdas or min(self.lambdas) <= 0 or self.last_blocks < 1 or self.logreg_max_iter < 1:
+            raise ValueError("lambdas must be positive, last_blocks and logreg_max_iter at least 1")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if (self.lr is None) != (self.head_mult is None):
@@ -165,6 +178,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
     labelled, split_info = labelled_split(train, config)
+    if config.method == "logreg":
+        return _logreg(ctx, config, train, test, labelled, split_info)
     tuner = _FineTuner(ctx, config, world)
     grid_scores, chosen, final = _select(tuner, labelled, test)
     tuner.clear()
@@ -189,6 +204,46 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "lr_scaled": {point_name(a, b): scaled_lr(a, config.batch_size) for a, b in config.grid},
         },
     )
+
+
+def _logreg(
+    ctx: RunContext,
+    config: Config,
+    train: DatasetSplit,
+    test: DatasetSplit,
+    labelled: DatasetSplit,
+    split_info: dict[str, Any],
+) -> TaskOutput:
+    scores, chosen, final, layers = semisup_logreg.select(ctx, config, labelled, test)
+    return TaskOutput(
+        metrics={
+            **final,
+            "finetuned_config": f"{split_info['label']}_{chosen}",
+            "chosen": chosen,
+            "grid": scores,
+        },
+        dataset=_with_labelled(split_record(ctx.preset.dataset, train, test), split_info),
+        protocol=semisup_logreg.PROTOCOL,
+        seeds=[config.seed],
+        details={
+            "selection": config.selection,
+            "selected_on": "val (test-selected, as iBOT prints every lambda)"
+            if config.selection == "test"
+            else f"held-out {config.heldout_fraction:g} of the labelled split",
+            **semisup_logreg.details(layers),
+        },
+    )
+
+
+def _backbone_check(config: Config, backbone: Backbone) -> str | None:
+    """The fine-tuning grid is the ResNet protocol (mmselfsup); logreg runs on every backbone."""
+    if config.method == "finetune" and backbone.family != "resnet":
+        return (
+            f"the semi-supervised fine-tuning grid is the ResNet protocol (mmselfsup); a {backbone.family} "
+            "runs semisup-imagenet-1pct-logreg / -10pct-logreg (iBOT's logistic regression on frozen "
+            "features), or --set method=logreg"
+        )
+    return None
 
 
 def _select(
@@ -377,4 +432,6 @@ FAMILY = TaskFamily(
     run=run,
     tables=(TABLE,),
     datasets=("imagenet",),
+    protocol_keys=("method",),  # named by the protocol ("semisup-logreg")
+    backbone_check=_backbone_check,
 )

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 
 from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
 from npidbench.backbones.vit import ViTSpec, build_vit
+from npidbench.tasks import presets
 
 from helpers import cli, one_error_line
 
@@ -43,18 +45,61 @@ def _record(results, task: str) -> dict:
     return json.loads(next(results.glob(f"*_{task}_*.json")).read_text())
 
 
-@pytest.mark.parametrize("task", ["linear-imagenet", "semisup-imagenet-1pct", "det-voc0712", "seg-voc12aug"])
-def test_vit_on_a_family_it_does_not_run_is_one_line_exit_2(vit_file, results_dir, capsys, task):
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (
+            "linear-imagenet",
+            r"linear does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet; "
+            r"for other backbones run linear-imagenet-dino, linear-imagenet-mae or linear-imagenet-sweep",
+        ),
+        (
+            "semisup-imagenet-1pct",
+            r"fine-tuning grid is the ResNet protocol .*a vit runs semisup-imagenet-1pct-logreg",
+        ),
+        (
+            "det-voc0712",
+            r"detection does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet",
+        ),
+        (
+            "seg-voc12aug",
+            r"segmentation does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet",
+        ),
+    ],
+)
+def test_vit_on_a_protocol_written_for_resnets_is_one_line_exit_2(
+    vit_file, results_dir, capsys, task, message
+):
     assert cli("run", task, str(vit_file)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert re.search(r"does not run on vit backbones \(vit_tiny_patch8_56\) yet; it runs on: resnet", line)
+    assert re.search(message, line), line
     assert not results_dir.exists() or not list(results_dir.glob("*.json"))
 
 
-def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, results_dir, capsys):
+# What `run all` runs on a ViT or a ConvNeXt: the frozen-feature protocols, each family's own.
+FROZEN_SUITE = {
+    "knn",
+    "voc-svm",
+    "linear-imagenet-dino",
+    "semisup-imagenet-1pct-logreg",
+    "semisup-imagenet-10pct-logreg",
+}
+
+
+@pytest.fixture
+def one_epoch_linear(monkeypatch):
+    """The DINO-protocol probe for one epoch: these tests check what runs and what the records
+    say; the protocol's training is tested in tests/tasks/test_frozen_linear.py."""
+    preset = presets()["linear-imagenet-dino"]
+    monkeypatch.setitem(presets(), preset.name, replace(preset, synthetic={**preset.synthetic, "epochs": 1}))
+
+
+def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(
+    vit_file, results_dir, capsys, one_epoch_linear
+):
     assert cli("run", "all", str(vit_file)) == 0
     ran = {json.loads(p.read_text())["task"] for p in results_dir.glob("*.json")}
-    assert ran == {"knn", "voc-svm"}
+    assert ran == FROZEN_SUITE
     knn = _record(results_dir, "knn")  # kNN on the CLS token
     assert knn["details"]["layer"] == "CLS" and knn["details"]["interpolation"] == "bicubic"
     assert knn["model"]["checkpoint"]["arch"] == TINY_VIT.name
@@ -66,12 +111,32 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(vit_file, res
     assert record["metrics"]["lowshot"]["layer"] == record["metrics"]["best_layer"]
     assert "no published VOC07 SVM protocol for vit" in record["details"]["protocol_note"]
     assert record["details"]["layers"] == ["Block1", "Block2", "Block3", "Block4"]
+    # DINO's linear protocol for a ViT of width 192: its default, the last 4 class tokens
+    linear = _record(results_dir, "linear-imagenet-dino")
+    assert linear["protocol"] == "linear-dino" and linear["metrics"]["head"] == "CLS of the last 4 blocks"
+    assert linear["details"]["inputs"] == ["Block1 + Block2 + Block3 + Block4"]
+    semisup = _record(results_dir, "semisup-imagenet-1pct-logreg")
+    assert semisup["protocol"] == "semisup-logreg" and semisup["details"]["layers"] == ["Block4"]
+    assert semisup["metrics"]["chosen"] in semisup["metrics"]["grid"]
     err = capsys.readouterr().err
     assert "skipped" in err and "does not run on vit" in err
     assert cli("report") == 0
     report = capsys.readouterr().out
     assert "### ImageNet kNN (synthetic data)" in report and "dino_vit_tiny" in report
     assert "### VOC07 SVM / Low-shot SVM (synthetic data)" in report
+    assert "### ImageNet Linear Evaluation (DINO protocol) (synthetic data)" in report
+    assert "dino_vit_tiny [semisup-logreg]" in report and "in1k-1pct-drawn_logreg-lambda" in report
+
+
+def test_run_all_on_a_convnext_runs_the_frozen_feature_suite(convnext_file, results_dir, one_epoch_linear):
+    assert cli("run", "all", str(convnext_file)) == 0
+    records = {
+        json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in results_dir.glob("*.json")
+    }
+    assert set(records) == FROZEN_SUITE
+    # a ConvNeXt has one linear input, its pooled last stage through the head norm
+    assert records["linear-imagenet-dino"]["metrics"]["head"] == "AvgPool"
+    assert records["semisup-imagenet-10pct-logreg"]["details"]["layers"] == ["AvgPool"]
 
 
 def test_convnext_knn_reads_the_head_normed_average(convnext_file, results_dir):
@@ -79,3 +144,32 @@ def test_convnext_knn_reads_the_head_normed_average(convnext_file, results_dir):
     record = _record(results_dir, "knn")
     assert record["details"]["layer"] == "AvgPool" and record["details"]["interpolation"] == "bicubic"
     assert record["model"]["checkpoint"]["arch"] == TINY_CONVNEXT.name
+
+
+@pytest.fixture(scope="module")
+def patch16_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vit16") / "vit_patch16.pth"
+    torch.save(
+        build_vit(ViTSpec(depth=2, embed_dim=192, num_heads=3, patch_size=16, img_size=64)).state_dict(), path
+    )
+    return path
+
+
+def test_a_patch16_vit_reads_the_embedded_data_at_whole_patches(patch16_file, results_dir):
+    """The synthetic profile's 56 px crop is 3.5 patches of 16: rounded up to 64, not a variant."""
+    assert cli("run", "knn", str(patch16_file)) == 0
+    record = _record(results_dir, "knn")
+    assert record["config"]["crop"] == 64 and record["config"]["resize"] == 64
+    assert record["variant"] == ""
+
+
+def test_a_crop_of_partial_patches_on_real_data_is_one_line(patch16_file, results_dir, tmp_path, capsys):
+    from helpers import tiny_imagefolder
+
+    for split in ("train", "val"):
+        tiny_imagefolder(tmp_path / "data" / "imagenet", split=split)
+    code = cli("run", "knn", str(patch16_file), "--data-root", str(tmp_path / "data"), "--set", "crop=100")
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "crop=100 is not a whole number of 16-pixel patches" in line and "--set crop=112" in line
