@@ -35,7 +35,7 @@ from npidbench.precision import autocast, precision_name
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
 from npidbench.tables import NPID_CONFIG, NPID_MODEL, TableSpec
-from npidbench.tasks import semisup_logreg
+from npidbench.tasks import semisup_logreg, semisup_vit
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
 from npidbench.training.augment import TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, training_input
@@ -44,14 +44,15 @@ from npidbench.training.loop import ResumeState, StepResult, StepSchedule, fit, 
 
 Selection = Literal["test", "heldout"]
 Split = Literal["simclr", "drawn"]
-Method = Literal["finetune", "logreg"]
+Method = Literal["finetune", "logreg", "mae-finetune"]
 PROTOCOL = "semisup-finetune"
 
 
 @dataclass(frozen=True)
 class Config:
     # finetune: the ResNet grid below (mmselfsup); logreg: iBOT's logistic regression on frozen
-    # features, every backbone (tasks/semisup_logreg.py)
+    # features, every backbone (tasks/semisup_logreg.py); mae-finetune: MAE's ViT fine-tuning
+    # recipe (tasks/semisup_vit.py, the ft_ settings)
     method: Method = "finetune"
     fraction: float = 0.01  # of the train split: 0.01 or 0.1 for SimCLR's lists
     split: Split = "simclr"  # simclr: SimCLR's list for `fraction` (shipped); drawn: seeded draw
@@ -80,11 +81,32 @@ class Config:
     last_blocks: int = 1  # class tokens of the last n blocks (ViT)
     avgpool: Literal["cls", "mean", "both"] = "cls"  # iBOT's avgpool_patchtokens 0 / 1 / 2
     logreg_max_iter: int = 1000
+    # method=mae-finetune (mae FINETUNE.md, ViT-B; ViT-L: blr 1e-3, ld 0.75, drop path 0.2, 50 ep)
+    ft_blr: float = 5e-4
+    ft_batch_size: int = 1024
+    ft_epochs: int = 100
+    ft_warmup_epochs: float = 5.0
+    ft_layer_decay: float = 0.65
+    ft_weight_decay: float = 0.05
+    ft_drop_path: float = 0.1
+    ft_randaug: str = "rand-m9-mstd0.5-inc1"  # timm's RandAugment config; "" for none
+    ft_mixup: float = 0.8
+    ft_cutmix: float = 1.0
+    ft_label_smoothing: float = 0.1
+    ft_reprob: float = 0.25
 
     def __post_init__(self) -> None:
         check_choices(self)  # the Literal fields, also when built in Python
         if not self.lambdas or min(self.lambdas) <= 0 or self.last_blocks < 1 or self.logreg_max_iter < 1:
             raise ValueError("lambdas must be positive, last_blocks and logreg_max_iter at least 1")
+        if self.ft_blr <= 0 or self.ft_batch_size < 1 or self.ft_epochs < 1:
+            raise ValueError("ft_blr must be positive, ft_batch_size and ft_epochs at least 1")
+        if not 0 <= self.ft_warmup_epochs < self.ft_epochs or not 0 < self.ft_layer_decay <= 1:
+            raise ValueError("need 0 <= ft_warmup_epochs < ft_epochs and 0 < ft_layer_decay <= 1")
+        if min(self.ft_weight_decay, self.ft_mixup, self.ft_cutmix, self.ft_label_smoothing) < 0:
+            raise ValueError("ft_weight_decay, ft_mixup, ft_cutmix and ft_label_smoothing cannot be negative")
+        if not 0 <= self.ft_drop_path < 1 or not 0 <= self.ft_reprob <= 1:
+            raise ValueError("ft_drop_path must be in [0, 1) and ft_reprob in [0, 1]")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if (self.lr is None) != (self.head_mult is None):
@@ -180,6 +202,21 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     labelled, split_info = labelled_split(train, config)
     if config.method == "logreg":
         return _logreg(ctx, config, train, test, labelled, split_info)
+    if config.method == "mae-finetune":
+        check_global_batch(config.ft_batch_size, world)
+        scores, history = semisup_vit.finetune(ctx, config, world, labelled, test)
+        name = f"{split_info['label']}_mae-finetune-blr{config.ft_blr:g}-ld{config.ft_layer_decay:g}"
+        return TaskOutput(
+            metrics={**scores, "finetuned_config": name},
+            dataset=_with_labelled(split_record(dataset, train, test), split_info),
+            protocol=semisup_vit.PROTOCOL,
+            seeds=[config.seed],
+            details={
+                "precision": precision_name(ctx.extract.device, config.amp),
+                "history": history,
+                **semisup_vit.details(config),
+            },
+        )
     tuner = _FineTuner(ctx, config, world)
     grid_scores, chosen, final = _select(tuner, labelled, test)
     tuner.clear()
@@ -241,8 +278,10 @@ def _backbone_check(config: Config, backbone: Backbone) -> str | None:
         return (
             f"the semi-supervised fine-tuning grid is the ResNet protocol (mmselfsup); a {backbone.family} "
             "runs semisup-imagenet-1pct-logreg / -10pct-logreg (iBOT's logistic regression on frozen "
-            "features), or --set method=logreg"
+            "features)" + (" or -mae-finetune (MAE's recipe)" if backbone.family == "vit" else "")
         )
+    if config.method == "mae-finetune" and backbone.family != "vit":
+        return f"method=mae-finetune is MAE's ViT recipe; a {backbone.family} runs semisup-imagenet-1pct / -10pct"
     return None
 
 

@@ -7,6 +7,7 @@ index), so a resumed run and a run on another number of processes see the same a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -83,9 +84,14 @@ class TrainImages(SplitImages):
     """(uint8 augmented image or None, label, lighting offset, error) per index, deterministic per
     (seed, epoch, index). Decoding errors travel to the main process, which names the file."""
 
-    def __init__(self, split: DatasetSplit, augment: TrainAugment, seed: int) -> None:
+    def __init__(
+        self, split: DatasetSplit, augment: TrainAugment, seed: int, extra: Callable | None = None
+    ) -> None:
+        """``extra``: a transform of the augmented uint8 image after ``augment`` (MAE's
+        RandAugment), drawing from the same per-image seed."""
         self.augment = augment
-        super().__init__(split, augment.build(), seed)
+        transform = augment.build() if extra is None else T.Compose([augment.build(), extra])
+        super().__init__(split, transform, seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, torch.Tensor, int, str | None]:
         label = self.split.samples[index][1]
