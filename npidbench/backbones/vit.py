@@ -51,11 +51,25 @@ class ViTSpec:
 
     @property
     def name(self) -> str:
-        size = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}.get(
-            self.embed_dim, f"d{self.embed_dim}"
-        )
+        """timm's name of the size (vit_small_patch16_224), with what differs from that size's
+        standard depth and head count said (MoCo v3's 12-head ViT-S: ``..._heads12``), so that two
+        different networks never share a name."""
+        size, depth, heads = _SIZES.get(self.embed_dim, (f"d{self.embed_dim}", None, None))
         registers = f"_reg{self.reg_tokens}" if self.reg_tokens else ""
-        return f"vit_{size}_patch{self.patch_size}{registers}_{self.img_size}"
+        other = (f"_depth{self.depth}" if self.depth != depth else "") + (
+            f"_heads{self.num_heads}" if heads is not None and self.num_heads != heads else ""
+        )
+        return f"vit_{size}_patch{self.patch_size}{registers}_{self.img_size}{other}"
+
+
+# width -> (timm's size name, its depth, its heads) [timm vision_transformer.py vit_tiny .. vit_huge]
+_SIZES = {
+    192: ("tiny", 12, 3),
+    384: ("small", 12, 6),
+    768: ("base", 12, 12),
+    1024: ("large", 24, 16),
+    1280: ("huge", 32, 16),
+}
 
 
 def whole_patches(size: int, patch: int) -> int:

@@ -87,11 +87,11 @@ def test_inspect_shows_the_vit_facts_and_json_has_them(tmp_path, capsys):
 
 def test_arch_option_accepts_the_spec_name_and_refuses_another(tmp_path, capsys):
     path = build_vit_file("timm-bare", tmp_path).path
-    assert load_backbone(path, arch="vit_tiny_patch8_32").arch == "vit_tiny_patch8_32"
+    assert load_backbone(path, arch="vit_tiny_patch8_32_depth2").arch == "vit_tiny_patch8_32_depth2"
     assert cli("inspect", "--arch", "vit_base_patch16_224", str(path)) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "holds a vit_tiny_patch8_32" in line and "--arch vit_base_patch16_224" in line
-    with pytest.raises(BadInput, match="pass --arch vit_tiny_patch8_32"):
+    assert "holds a vit_tiny_patch8_32_depth2" in line and "--arch vit_base_patch16_224" in line
+    with pytest.raises(BadInput, match="pass --arch vit_tiny_patch8_32_depth2"):
         load_backbone(path, arch="resnet50")
 
 
@@ -144,7 +144,7 @@ REFUSED = {
     "missing-cls": (lambda s: s.pop("cls_token"), "missing (first: cls_token"),
     "extra": (
         lambda s: s.update({"blocks.0.attn.q_norm.weight": torch.ones(64)}),
-        "1 tensor inside the ViT backbone that a timm VisionTransformer vit_tiny_patch8_32 does not have "
+        "1 tensor inside the ViT backbone that a timm VisionTransformer vit_tiny_patch8_32_depth2 does not have "
         "(blocks.0.attn.q_norm.*)",
     ),
     "swiglu": (_swiglu, "SwiGLU feed-forward blocks (mlp.w12 / mlp.w3: DINOv2 ViT-g"),

@@ -50,7 +50,7 @@ def _record(results, task: str) -> dict:
     [
         (
             "linear-imagenet",
-            r"linear does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet; "
+            r"linear does not run on vit backbones \(vit_tiny_patch8_56_depth4\); it runs on: resnet; "
             r"for other backbones run linear-imagenet-dino, linear-imagenet-mae or linear-imagenet-sweep",
         ),
         (
@@ -59,11 +59,11 @@ def _record(results, task: str) -> dict:
         ),
         (
             "det-voc0712",
-            r"detection does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet",
+            r"detection does not run on vit backbones \(vit_tiny_patch8_56_depth4\); it runs on: resnet",
         ),
         (
             "seg-voc12aug",
-            r"segmentation does not run on vit backbones \(vit_tiny_patch8_56\); it runs on: resnet",
+            r"segmentation does not run on vit backbones \(vit_tiny_patch8_56_depth4\); it runs on: resnet",
         ),
     ],
 )
