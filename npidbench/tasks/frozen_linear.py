@@ -91,6 +91,12 @@ class Config:
             raise ValueError("weight decay and momentum cannot be negative")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.protocol == "dino" and self.warmup_epochs:
+            raise ValueError("DINO's schedule has no warm-up (a cosine stepped per epoch): warmup_epochs=0")
+        for name in ("lrs", "sweep_last_blocks", "sweep_avgpool"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice: {list(values)}")
         if not 1 <= self.crop <= self.resize:
             raise ValueError(f"need 1 <= crop <= resize, got crop {self.crop}, resize {self.resize}")
 
@@ -156,6 +162,8 @@ def head_plans(backbone: Backbone, config: Config) -> list[HeadPlan]:
                 continue  # a ResNet has no class tokens: its one input is the global feature
             name = input_name(backbone, last_blocks, avgpool)
             plans += [HeadPlan(f"{name}, lr {lr:g}", layers, lr) for lr in config.lrs]
+    if len({plan.name for plan in plans}) != len(plans):
+        raise BadInput(f"two sweep lrs print alike ({list(config.lrs)}): give lrs that differ at 6 digits")
     if not plans:
         raise BadInput(
             f"no sweep input exists on {backbone.arch}: sweep_last_blocks / sweep_avgpool name none of "
@@ -207,7 +215,8 @@ def _optimizer(heads: ProbeHeads, config: Config) -> tuple[torch.optim.Optimizer
         # ratio has no epsilon; with wd 0 timm's Lars with these groups is the same update.
         groups = [
             {"params": weights, "always_adapt": True, "eps": 0.0},
-            {"params": biases, "always_adapt": False},
+            # timm adapts and decays every tensor of a group with weight decay: biases get none
+            {"params": biases, "always_adapt": False, "weight_decay": 0.0},
         ]
         optimizer = Lars(groups, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         return optimizer, [lr, lr]
@@ -223,9 +232,16 @@ def _optimizer(heads: ProbeHeads, config: Config) -> tuple[torch.optim.Optimizer
     return optimizer, lrs
 
 
+def _drops_last(config: Config) -> bool:
+    """MAE's and DINOv2's loaders drop the last partial batch (main_linprobe.py, eval/linear.py);
+    DINO's keeps it."""
+    return config.protocol != "dino"
+
+
 def _iterations_per_epoch(images: int, config: Config, world: DistInfo) -> int:
     per_rank = math.ceil(images / world.world_size)  # DistributedSampler pads to equal shares
-    return math.ceil(per_rank / (config.batch_size // world.world_size))
+    local = config.batch_size // world.world_size
+    return per_rank // local if _drops_last(config) else math.ceil(per_rank / local)
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
@@ -234,9 +250,16 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     test = load_split(dataset, config.test_split, ctx.data_root)
     if len(test.classes) > len(train.classes):
         raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
+    written = ctx.preset.config.get("protocol", config.protocol)
+    if config.protocol != written:  # its schedule, batch and crops are the preset's protocol's
+        raise BadInput(
+            f"{ctx.preset.name} is the {written} protocol: run linear-imagenet-{config.protocol} "
+            f"for {config.protocol}'s (a preset of that protocol), not --set protocol={config.protocol}"
+        )
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
-    probe = Probe(ctx, config, train, test, world)
+    # all three resize val bicubic, whatever the backbone (eval_linear.py, main_linprobe.py, DINOv2)
+    probe = Probe(ctx, config, train, test, world, interpolation="bicubic")
     torch.manual_seed(config.seed)  # the heads' initial weights
     heads = build_probe_heads(probe.backbone, config, len(train.classes))
     history = _train(probe, heads, run_identity(ctx, config, world.world_size, data=train.fingerprint))
@@ -251,7 +274,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
             "global_batch": config.batch_size,
             "heads": len(heads.plans),
             "inputs": sorted({" + ".join(p.layers) for p in heads.plans}),
-            "interpolation": {"train": config.interpolation, "test": probe.backbone.interpolation},
+            "interpolation": {"train": config.interpolation, "test": "bicubic"},
             "protocol_note": _NOTES[config.protocol],
         },
     )
@@ -269,7 +292,7 @@ def _train(probe: Probe, heads: ProbeHeads, identity: dict[str, Any]) -> list[di
     config, world = probe.config, probe.world
     layers = tuple(dict.fromkeys(layer for plan in heads.plans for layer in plan.layers))
     augment = TrainAugment("rrc", config.crop, config.resize, 0.0, 0.0, interpolation=config.interpolation)
-    source = augmented_source(probe, layers, augment)
+    source = augmented_source(probe, layers, augment, drop_last=_drops_last(config))
     heads, trainable = prepare_for_training(heads, world, sync_bn=False, channels_last=False)
     optimizer, base_lrs = _optimizer(heads, config)
     schedule = CosineSchedule(config.epochs, config.warmup_epochs)
@@ -317,7 +340,12 @@ def _metrics(config: Config, heads: ProbeHeads, history: list[dict[str, Any]]) -
         return {**final[best], "head": best, "selected_on": config.test_split, "heads": final}
     name = heads.names[0]
     chosen = max(evaluated, key=lambda line: line["eval"][name]["top1"])
-    return {**chosen["eval"][name], "head": name, "best_epoch": chosen["epoch"]}
+    return {
+        **chosen["eval"][name],
+        "head": name,
+        "best_epoch": chosen["epoch"],
+        "selected_on": config.test_split,
+    }
 
 
 COLUMNS = ("Head", "Top-1 (%)", "Top-5 (%)")

@@ -201,6 +201,7 @@ class Probe:
     train: DatasetSplit
     test: DatasetSplit
     world: DistInfo
+    interpolation: str | None = None  # the test resize; None: the backbone's framework's
 
     @property
     def device(self) -> torch.device:
@@ -217,7 +218,8 @@ class Probe:
     @property
     def test_transform(self) -> EvalTransform:
         # the backbone's framework resize: bilinear for ResNets, bicubic for ViT / ConvNeXt
-        return EvalTransform(self.config.resize, self.config.crop, "center-crop", self.backbone.interpolation)
+        interpolation = self.interpolation or self.backbone.interpolation
+        return EvalTransform(self.config.resize, self.config.crop, "center-crop", interpolation)
 
 
 Features = dict[str, torch.Tensor]
@@ -234,7 +236,9 @@ class Source:
     size: int
 
 
-def augmented_source(probe: Probe, layers: tuple[str, ...], augment: TrainAugment) -> Source:
+def augmented_source(
+    probe: Probe, layers: tuple[str, ...], augment: TrainAugment, *, drop_last: bool = False
+) -> Source:
     """Augmented training images through the frozen backbone at every step (the protocol):
     ``layers`` of each batch and of the test split."""
     ctx, config, device = probe.ctx, probe.config, probe.device
@@ -259,7 +263,9 @@ def augmented_source(probe: Probe, layers: tuple[str, ...], augment: TrainAugmen
         )
         return ((_float(features), labels) for features, labels in outputs)
 
-    batches = augmented_batches(images, probe.world, probe.local_batch, ctx.extract.workers, device)
+    batches = augmented_batches(
+        images, probe.world, probe.local_batch, ctx.extract.workers, device, drop_last=drop_last
+    )
     return Source(batches, inputs, test, len(probe.train))
 
 

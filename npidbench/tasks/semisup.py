@@ -31,6 +31,7 @@ from npidbench.data.imagenet import load_imagenet_subset, simclr_subset
 from npidbench.data.images import EvalTransform
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
+from npidbench.errors import BadInput
 from npidbench.precision import autocast, precision_name
 from npidbench.progress import log
 from npidbench.solvers.linear import topk_correct
@@ -79,13 +80,16 @@ class Config:
     # method=logreg (iBOT eval_logistic_regression.py defaults)
     lambdas: tuple[float, ...] = (0.01, 0.1, 1.0)
     last_blocks: int = 1  # class tokens of the last n blocks (ViT)
-    avgpool: Literal["cls", "mean", "both"] = "cls"  # iBOT's avgpool_patchtokens 0 / 1 / 2
+    # iBOT's avgpool_patchtokens 0 (cls) / 2 (both: + the mean normed patch token); its 1 (the
+    # mean of un-normed tokens of a mean-pooling ViT) is not offered
+    avgpool: Literal["cls", "both"] = "cls"
     logreg_max_iter: int = 1000
     # method=mae-finetune (mae FINETUNE.md, ViT-B; ViT-L: blr 1e-3, ld 0.75, drop path 0.2, 50 ep)
     ft_blr: float = 5e-4
     ft_batch_size: int = 1024
     ft_epochs: int = 100
     ft_warmup_epochs: float = 5.0
+    ft_min_lr: float = 1e-6  # the cosine's end (main_finetune.py --min_lr), before the layer scale
     ft_layer_decay: float = 0.65
     ft_weight_decay: float = 0.05
     ft_drop_path: float = 0.1
@@ -99,8 +103,10 @@ class Config:
         check_choices(self)  # the Literal fields, also when built in Python
         if not self.lambdas or min(self.lambdas) <= 0 or self.last_blocks < 1 or self.logreg_max_iter < 1:
             raise ValueError("lambdas must be positive, last_blocks and logreg_max_iter at least 1")
-        if self.ft_blr <= 0 or self.ft_batch_size < 1 or self.ft_epochs < 1:
-            raise ValueError("ft_blr must be positive, ft_batch_size and ft_epochs at least 1")
+        if self.ft_blr <= 0 or self.ft_batch_size < 1 or self.ft_epochs < 1 or self.ft_min_lr < 0:
+            raise ValueError(
+                "ft_blr must be positive, ft_min_lr not negative, ft_batch_size and ft_epochs at least 1"
+            )
         if not 0 <= self.ft_warmup_epochs < self.ft_epochs or not 0 < self.ft_layer_decay <= 1:
             raise ValueError("need 0 <= ft_warmup_epochs < ft_epochs and 0 < ft_layer_decay <= 1")
         if min(self.ft_weight_decay, self.ft_mixup, self.ft_cutmix, self.ft_label_smoothing) < 0:
@@ -197,8 +203,13 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     dataset = ctx.preset.dataset
     train = load_split(dataset, config.train_split, ctx.data_root)
     test = load_split(dataset, config.test_split, ctx.data_root)
+    written = ctx.preset.config.get("method", "finetune")
+    if config.method != written:  # the preset's other settings belong to its method
+        raise BadInput(
+            f"{ctx.preset.name} runs method={written}: run a preset of method {config.method} "
+            f"(npidbench list), not --set method={config.method}"
+        )
     world = current_world(ctx.extract.device)
-    check_global_batch(config.batch_size, world)
     labelled, split_info = labelled_split(train, config)
     if config.method == "logreg":
         return _logreg(ctx, config, train, test, labelled, split_info)
@@ -217,6 +228,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
                 **semisup_vit.details(config),
             },
         )
+    check_global_batch(config.batch_size, world)
     tuner = _FineTuner(ctx, config, world)
     grid_scores, chosen, final = _select(tuner, labelled, test)
     tuner.clear()
@@ -281,7 +293,12 @@ def _backbone_check(config: Config, backbone: Backbone) -> str | None:
             "features)" + (" or -mae-finetune (MAE's recipe)" if backbone.family == "vit" else "")
         )
     if config.method == "mae-finetune" and backbone.family != "vit":
-        return f"method=mae-finetune is MAE's ViT recipe; a {backbone.family} runs semisup-imagenet-1pct / -10pct"
+        runs = (
+            "semisup-imagenet-1pct / -10pct"
+            if backbone.family == "resnet"
+            else "semisup-imagenet-1pct-logreg / -10pct-logreg"
+        )
+        return f"method=mae-finetune is MAE's ViT recipe; a {backbone.family} runs {runs}"
     return None
 
 

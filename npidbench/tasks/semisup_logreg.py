@@ -2,8 +2,8 @@
 ``method=logreg``): iBOT's protocol (evaluation/eval_logistic_regression.py, PROTOCOLS-ARCH.md
 section 2 "Semi-supervised"), which runs on every backbone.
 
-Features: the class tokens of the last n blocks (``avgpool=cls``), the mean patch token
-(``mean``) or both (``both``), from images resized 256 bicubic + center crop 224, L2-normalised
+Features: the class tokens of the last n blocks (``avgpool=cls``), or with the mean patch token
+(``both``), from images resized 256 bicubic + center crop 224, L2-normalised
 (a ResNet or ConvNeXt: its global feature). A multinomial logistic regression with an L2 penalty
 and no intercept is fitted on the labelled 1% / 10% for each lambda in {0.01, 0.1, 1}; iBOT
 prints the val accuracy of each, so the best on val is reported (test-selected, as the
@@ -37,11 +37,9 @@ PROTOCOL = "semisup-logreg"
 
 
 def feature_layers(backbone: Backbone, config: Config) -> tuple[str, ...]:
-    """iBOT's ``n_last_blocks`` x ``avgpool_patchtokens`` (0: cls, 1: mean, 2: both) input."""
+    """iBOT's ``n_last_blocks`` x ``avgpool_patchtokens`` (0: cls, 2: both) input."""
     if backbone.family != "vit":
         return (backbone.default_layer,)
-    if config.avgpool == "mean":
-        return ("AvgPatch",)
     layers = backbone.linear_input(config.last_blocks, config.avgpool == "both")
     if layers is None:
         raise BadInput(

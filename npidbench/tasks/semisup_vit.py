@@ -14,7 +14,8 @@ Augmentation as timm's create_transform for MAE: bicubic RandomResizedCrop + fli
 cutmix 1.0 (switch 0.5, per batch) with label smoothing 0.1 and soft-target cross-entropy.
 ViT-B's settings are the defaults (blr 5e-4, ld 0.65, wd 0.05, drop path 0.1, 100 epochs); ViT-L
 uses blr 1e-3, ld 0.75, drop path 0.2, 50 epochs (``--set``). Evaluation: resize 256 bicubic +
-center crop 224, top-1 / top-5 of the last epoch (``evaluate_at`` the end, as the grid).
+center crop 224, evaluated every epoch and the best epoch reported, as MAE prints its max
+accuracy (test-selected, recorded as such).
 
 Every random draw is seeded per (seed, epoch, image) for the images and per iteration for mixup
 and erasing, so a resumed run repeats the uninterrupted one.
@@ -36,6 +37,7 @@ from npidbench.data.images import EvalTransform
 from npidbench.data.splits import DatasetSplit
 from npidbench.distributed import DistInfo, prepare_for_training
 from npidbench.precision import autocast
+from npidbench.pretrain.data import mix_seed
 from npidbench.solvers.linear import topk_correct
 from npidbench.tasks.base import RunContext, run_identity
 from npidbench.training.augment import TrainAugment, TrainImages
@@ -162,24 +164,30 @@ def finetune(
     extra = RandAugment(config.ft_randaug, config.crop) if config.ft_randaug else None
     images = TrainImages(data, augment, config.seed, extra=extra)
     local_batch = config.ft_batch_size // world.world_size
-    mixup = Mixup(
-        mixup_alpha=config.ft_mixup,
-        cutmix_alpha=config.ft_cutmix,
-        label_smoothing=config.ft_label_smoothing,
-        num_classes=len(data.classes),
-    )
+    mixup = None
+    if config.ft_mixup > 0 or config.ft_cutmix > 0:  # main_finetune.py: no mixup_fn otherwise
+        mixup = Mixup(
+            mixup_alpha=config.ft_mixup,
+            cutmix_alpha=config.ft_cutmix,
+            label_smoothing=config.ft_label_smoothing,
+            num_classes=len(data.classes),
+        )
     erase = RandomErasing(config.ft_reprob, mode="pixel", max_count=1, device=str(device))
     criterion = SoftTargetCrossEntropy()
     imagenet_norm = ctx.model.input_normalised
-    per_epoch = -(-len(data) // config.ft_batch_size)
-    schedule = CosineSchedule(config.ft_epochs, config.ft_warmup_epochs)
+    # main_finetune.py drops the last partial batch (drop_last=True)
+    per_epoch = -(-len(data) // world.world_size) // local_batch
+    # lr_sched.adjust_learning_rate: the cosine ends at min_lr (then each group's layer scale)
+    schedule = CosineSchedule(
+        config.ft_epochs, config.ft_warmup_epochs, floor=min(1.0, config.ft_min_lr / lr)
+    )
 
     def step(batch) -> StepResult:
         labels = batch.labels.to(device)
         inputs = training_input(batch, device, imagenet_norm=imagenet_norm)
         with python_and_numpy_seeded_from_torch():  # fit seeds torch per iteration (step_seed)
             inputs = erase(inputs) if config.ft_reprob > 0 else inputs
-            if len(labels) % 2 == 0:  # timm's batch mixup pairs the batch with its reverse
+            if mixup is not None and len(labels) % 2 == 0:  # timm's batch mixup pairs it with its reverse
                 inputs, targets = mixup(inputs, labels)
             else:
                 targets = _smoothed(labels, len(data.classes), config.ft_label_smoothing)
@@ -204,19 +212,22 @@ def finetune(
         optimizer=optimizer,
         base_lrs=[lr * group["lr_scale"] for group in groups],
         schedule=schedule,
-        batches=augmented_batches(images, world, local_batch, ctx.extract.workers, device),
+        batches=augmented_batches(images, world, local_batch, ctx.extract.workers, device, drop_last=True),
         step=step,
         evaluate=evaluate,
-        evaluate_at=lambda epoch: epoch + 1 == config.ft_epochs,
+        evaluate_at=lambda epoch: True,  # MAE evaluates every epoch and prints the max accuracy
         state=state,
         world=world,
         images_per_epoch=len(data),
         iterations_per_epoch=per_epoch,
         lr_at=lambda it: schedule.at(it / per_epoch),
-        step_seed=config.seed,
+        # per rank: MAE seeds each process with seed + rank (main_finetune.py), its drop-path
+        # masks, erasing and mixup draws differ across the global batch
+        step_seed=mix_seed(config.seed, world.rank, 29),
     )
     state.clear()
-    return history[-1]["eval"], history
+    best = max(history, key=lambda line: line["eval"]["top1"])
+    return {**best["eval"], "best_epoch": best["epoch"]}, history
 
 
 def _smoothed(labels: torch.Tensor, classes: int, smoothing: float) -> torch.Tensor:
@@ -232,7 +243,7 @@ def details(config: Config) -> dict[str, Any]:
         "protocol_note": "MAE main_finetune.py on the labelled split: global-pool head, AdamW with layer "
         f"decay {config.ft_layer_decay:g}, drop path {config.ft_drop_path:g}, RandAugment {config.ft_randaug}, "
         f"mixup {config.ft_mixup:g} / cutmix {config.ft_cutmix:g}, label smoothing {config.ft_label_smoothing:g}, "
-        f"random erasing {config.ft_reprob:g}; last epoch",
+        f"random erasing {config.ft_reprob:g}; the best epoch on val (test-selected, as MAE's max accuracy)",
         "global_batch": config.ft_batch_size,
         "lr_scaled": scaled_lr(config.ft_blr, config.ft_batch_size),
     }

@@ -18,9 +18,22 @@ from npidbench.training.loop import epoch_indices
 
 
 def augmented_batches(
-    images: TrainImages, world: DistInfo, batch_size: int, workers: int, device: torch.device
+    images: TrainImages,
+    world: DistInfo,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    *,
+    drop_last: bool = False,
 ) -> Callable[[int], Iterator[TrainBatch]]:
-    """epoch -> this rank's augmented batches (``batch_size`` per process)."""
+    """epoch -> this rank's augmented batches (``batch_size`` per process); ``drop_last``: without
+    the last partial batch, as MAE's and DINOv2's loaders (a BatchNorm head cannot train on one
+    image)."""
+    if drop_last and len(epoch_indices(len(images), world, images.seed, 0)) < batch_size:
+        raise BadInput(
+            f"{len(images)} training images give no full batch of {batch_size} per process "
+            "(this protocol drops partial batches): lower the batch size with --set"
+        )
 
     def for_epoch(epoch: int) -> Iterator[TrainBatch]:
         images.epoch = epoch
@@ -32,6 +45,7 @@ def augmented_batches(
             num_workers=0 if images.images is not None else workers,
             collate_fn=collate_train,
             pin_memory=device.type == "cuda",
+            drop_last=drop_last,
         )
         for batch in loader:
             if batch.error is not None:

@@ -57,6 +57,7 @@ class CosineSchedule:
 
     epochs: int
     warmup_epochs: float = 0.0
+    floor: float = 0.0  # the end as a fraction of the peak (MAE fine-tuning: min_lr 1e-6 / lr)
 
     def factor(self, epoch: int) -> float:
         return self.at(float(epoch))
@@ -65,7 +66,9 @@ class CosineSchedule:
         if t < self.warmup_epochs:
             return t / self.warmup_epochs
         span = self.epochs - self.warmup_epochs
-        return 0.5 * (1.0 + math.cos(math.pi * (t - self.warmup_epochs) / span))
+        return self.floor + (1.0 - self.floor) * 0.5 * (
+            1.0 + math.cos(math.pi * (t - self.warmup_epochs) / span)
+        )
 
 
 def scaled_lr(lr: float, global_batch: int) -> float:

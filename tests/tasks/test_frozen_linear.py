@@ -94,6 +94,9 @@ def test_mae_heads_train_with_maes_lars_update():
     heads = build_probe_heads(backbone_for(build_resnet("resnet18"), "resnet18"), config, classes=5)
     optimizer, base_lrs = _optimizer(heads, config)
     assert base_lrs == [0.1, 0.1]
+    # with weight decay, timm's Lars would decay and adapt a group's biases: MAE's never are
+    decayed, _ = _optimizer(heads, Config(protocol="mae", weight_decay=1e-4, warmup_epochs=1))
+    assert [g["weight_decay"] for g in decayed.param_groups] == [1e-4, 0.0]
     head = heads.heads[0]
     assert isinstance(head.norm, torch.nn.BatchNorm1d) and not head.norm.affine and head.norm.eps == 1e-6
     expected = {name: p.detach().clone() for name, p in head.named_parameters()}
@@ -119,6 +122,8 @@ def test_cosine_schedules_with_and_without_warm_up():
     dino = CosineSchedule(100)  # CosineAnnealingLR(T_max=100) stepped per epoch
     assert dino.factor(0) == 1.0 and dino.factor(50) == pytest.approx(0.5)
     assert dino.factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    floored = CosineSchedule(10, floor=0.01)  # MAE fine-tuning's min_lr
+    assert floored.at(10.0) == pytest.approx(0.01) and floored.at(0.0) == 1.0
     mae = CosineSchedule(90, warmup_epochs=10)  # lr_sched.adjust_learning_rate
     assert mae.at(0.0) == 0.0 and mae.at(5.0) == pytest.approx(0.5) and mae.at(10.0) == 1.0
     assert mae.at(50.0) == pytest.approx(0.5) and mae.at(90.0) == pytest.approx(0.0)
@@ -164,3 +169,29 @@ def test_the_sweep_reports_its_best_head_by_name_chosen_on_the_reported_split(vi
     assert (
         len(record["details"]["inputs"]) == 2
     )  # depth 2: n = 4 does not exist, n = 1 with and without avgpool
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["protocol=mae"], "linear-imagenet-dino is the dino protocol: run linear-imagenet-mae"),
+        (["warmup_epochs=1"], "DINO's schedule has no warm-up"),
+        (["lrs=[0.1, 0.1]"], "lrs lists a value twice"),
+    ],
+)
+def test_settings_that_are_not_the_protocol_are_one_line(vit_file, results_dir, capsys, options, message):
+    from helpers import cli, one_error_line
+
+    sets = [part for option in options for part in ("--set", option)]
+    assert cli("run", "linear-imagenet-dino", str(vit_file), *sets) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_maes_batchnorm_head_never_sees_a_one_image_batch(vit_file, tmp_path):
+    """1,600 images in batches of 533 leave one over: dropped, as MAE's loader drops it."""
+    record = run_preset(
+        "linear-imagenet-mae", vit_file, tmp_path, ["epochs=1", "warmup_epochs=0", "batch_size=533"]
+    )
+    (line,) = record["details"]["history"]
+    # three steps: the last at 2/3 of the one-epoch cosine (a fourth, partial one would be at 3/4)
+    assert line["lr_factor"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 3)))

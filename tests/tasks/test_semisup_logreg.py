@@ -62,3 +62,8 @@ def test_a_resnet_runs_the_logistic_regression_on_its_global_feature(random_chec
 def test_a_bad_lambda_is_one_line(random_checkpoint, results_dir, capsys):
     assert cli("run", "semisup-imagenet-1pct-logreg", str(random_checkpoint), "--set", "lambdas=[0]") == 2
     assert "lambdas must be positive" in one_error_line(capsys.readouterr().err)
+
+
+def test_another_method_than_the_presets_is_one_line(random_checkpoint, results_dir, capsys):
+    assert cli("run", "semisup-imagenet-1pct", str(random_checkpoint), "--set", "method=logreg") == 2
+    assert "semisup-imagenet-1pct runs method=finetune" in one_error_line(capsys.readouterr().err)
