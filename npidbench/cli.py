@@ -552,7 +552,10 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the Typer app and turn every failure into one line."""
     args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args
+    # --debug is an option of npidbench itself, before the command (`npidbench --debug run ...`);
+    # the same word later is a value (`--set --debug` is a bad setting, reported in one line)
+    command_at = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
+    debug = "--debug" in args[:command_at]
     try:
         result = app(args=args, prog_name="npidbench", standalone_mode=False)
     except NpidbenchError as exc:

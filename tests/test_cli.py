@@ -248,3 +248,11 @@ def test_batch_size_is_the_old_name_of_eval_batch_size(monkeypatch, random_check
     assert cli("run", "--help") == 0
     shown = capsys.readouterr().out
     assert "--eval-batch-size" in shown and "--batch-size " not in shown  # the old name is hidden
+
+
+def test_debug_after_the_command_is_a_value_not_the_traceback_switch(tmp_path, capsys):
+    """Found by tests/test_fuzz.py: `--set --debug` printed a traceback instead of one line."""
+    from helpers import cli, one_error_line
+
+    assert cli("run", "knn", str(tmp_path / "missing.pth"), "--set", "--debug") == 2
+    assert "--set '--debug' is not key=value" in one_error_line(capsys.readouterr().err)
