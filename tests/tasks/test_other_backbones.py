@@ -88,10 +88,12 @@ FROZEN_SUITE = {
 
 @pytest.fixture
 def one_epoch_linear(monkeypatch):
-    """The DINO-protocol probe for one epoch: these tests check what runs and what the records
-    say; the protocol's training is tested in tests/tasks/test_frozen_linear.py."""
+    """The DINO-protocol probe for one epoch, the low-shot SVM on one sample: these tests check what
+    runs and what the records say; the protocols are tested in test_frozen_linear.py, test_voc_svm.py."""
     preset = presets()["linear-imagenet-dino"]
     monkeypatch.setitem(presets(), preset.name, replace(preset, synthetic={**preset.synthetic, "epochs": 1}))
+    svm = presets()["voc-svm"]  # and one low-shot sample per k
+    monkeypatch.setitem(presets(), svm.name, replace(svm, synthetic={**svm.synthetic, "lowshot_samples": 1}))
 
 
 def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(
@@ -128,12 +130,16 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(
     assert "dino_vit_tiny [semisup-logreg]" in report and "in1k-1pct-drawn_logreg-lambda" in report
 
 
-def test_run_all_on_a_convnext_runs_the_frozen_feature_suite(convnext_file, results_dir, one_epoch_linear):
+def test_run_all_on_a_convnext_runs_the_frozen_feature_suite(
+    convnext_file, results_dir, one_epoch_linear, monkeypatch
+):
+    # the SVM on a ConvNeXt's stages is the ViT's path above with other layers: left out for time
+    monkeypatch.setitem(presets(), "voc-svm", replace(presets()["voc-svm"], in_all=False))
     assert cli("run", "all", str(convnext_file)) == 0
     records = {
         json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in results_dir.glob("*.json")
     }
-    assert set(records) == FROZEN_SUITE
+    assert set(records) == FROZEN_SUITE - {"voc-svm"}
     # a ConvNeXt has one linear input, its pooled last stage through the head norm
     assert records["linear-imagenet-dino"]["metrics"]["head"] == "AvgPool"
     assert records["semisup-imagenet-10pct-logreg"]["details"]["layers"] == ["AvgPool"]
