@@ -44,6 +44,7 @@ from npidbench.checkpoint.formats import (
 )
 from npidbench.checkpoint.matching import match_tensors
 from npidbench.checkpoint.reading import RawCheckpoint, file_sha256, read_checkpoint
+from npidbench.checkpoint.safe_unpickle import Inert
 from npidbench.errors import BadInput
 
 # The CIFAR stem's conv1 padding per format. solo-learn builds nn.Conv2d(3, 64, kernel_size=3,
@@ -288,6 +289,14 @@ def inspect_checkpoint(
         recorded = info.meta.get("arch")
         if recorded and recorded != spec.name:
             raise BadInput(f"the file says arch {recorded} but its tensors are a {spec.label}")
+        declared = _timm_model(raw.obj)
+        if declared and declared.split(".")[0] != spec.name:
+            # e.g. timm's resnetaa50d / resnetblur50d: anti-aliased downsampling without tensors of
+            # its own, so their files have resnet50d's exact names and shapes: another network
+            raise BadInput(
+                f"the file's timm training arguments name model {declared}, but its tensors fit a "
+                f"{spec.label}: {declared} computes differently with the same tensors (not supported)"
+            )
     except BadInput as exc:
         info.error = str(exc)
         return info, None
@@ -643,6 +652,17 @@ def _recorded_convnext_problem(recorded: dict[str, Any], inferred: ConvNeXtSpec)
 def _convnext_words(spec: ConvNeXtSpec) -> str:
     scale = "" if spec.layer_scale else ", no layer scale"
     return f"{spec.name} (depths {list(spec.depths)}, dims {list(spec.dims)}{scale})"
+
+
+def _timm_model(obj: Any) -> str | None:
+    """The ``--model`` of timm's train.py as its CheckpointSaver stores it (``args``: an
+    argparse.Namespace, read as an inert placeholder), or None."""
+    if not isinstance(obj, dict) or "args" not in obj:
+        return None
+    args = obj["args"]
+    state = args.__dict__.get("_inert_state") if isinstance(args, Inert) else getattr(args, "__dict__", None)
+    model = state.get("model") if isinstance(state, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _own_meta(raw: RawCheckpoint) -> dict[str, Any]:

@@ -234,6 +234,10 @@ def test_inspect_json_on_every_refusal(tmp_path, capsys):
         ("resnet26", "(2, 2, 2, 2)"),
         ("resnet50d", None),  # timm's ResNet-D: loaded as timm names it, features equal to its EMA's
         ("resnet50t", "ResNet-T"),  # another deep stem (tiered 24-32-64): still refused
+        # resnet50d's exact tensors, another network (anti-aliased / blur-pool downsampling): the
+        # file's training arguments say so
+        ("resnetaa50d", "name model resnetaa50d, but its tensors fit"),
+        ("resnetblur50d", "name model resnetblur50d, but its tensors fit"),
         ("seresnext50_32x4d", "timm seresnext50_32x4d"),
     ],
 )
