@@ -35,14 +35,13 @@ from torch import nn
 
 from npidbench.backbones import Backbone
 from npidbench.config import check_choices
-from npidbench.data import load_split
 from npidbench.distributed import DistInfo, check_global_batch, current_world, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.precision import precision_name
 from npidbench.solvers.linear import AvgPoolHead, BatchNormLinearHead, topk_correct
 from npidbench.tables import TableSpec
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput, run_identity, split_record
-from npidbench.tasks.linear import Probe, augmented_source
+from npidbench.tasks.linear import Probe, augmented_source, classification_splits
 from npidbench.training.augment import TrainAugment
 from npidbench.training.evaluate import topk_accuracy
 from npidbench.training.loop import CosineSchedule, ResumeState, StepResult, fit, scaled_lr
@@ -246,10 +245,7 @@ def _iterations_per_epoch(images: int, config: Config, world: DistInfo) -> int:
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
     dataset = ctx.preset.dataset
-    train = load_split(dataset, config.train_split, ctx.data_root)
-    test = load_split(dataset, config.test_split, ctx.data_root)
-    if len(test.classes) > len(train.classes):
-        raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
+    train, test = classification_splits(ctx, config)
     written = ctx.preset.config.get("protocol", config.protocol)
     if config.protocol != written:  # its schedule, batch and crops are the preset's protocol's
         raise BadInput(
@@ -395,30 +391,26 @@ _SWEEP_REFERENCES = [
     _reference("iBOT ViT-B/16", "ibot README (eval_linear_multi sweep)", "CLS + mean patch", 79.5),
 ]
 
+
+def _table(key: str, title: str, protocol: str, references: list[dict[str, Any]]) -> TableSpec:
+    return TableSpec(
+        key=key,
+        title=title,
+        columns=COLUMNS,
+        values=_table_values,
+        default_protocol=PROTOCOLS[protocol],
+        references={"imagenet": references},
+    )
+
+
 TABLES = (
-    TableSpec(
-        key="linear-dino",
-        title="Linear Evaluation (DINO protocol)",
-        columns=COLUMNS,
-        values=_table_values,
-        default_protocol=PROTOCOLS["dino"],
-        references={"imagenet": _DINO_REFERENCES},
-    ),
-    TableSpec(
-        key="linear-mae",
-        title="Linear Evaluation (MAE protocol)",
-        columns=COLUMNS,
-        values=_table_values,
-        default_protocol=PROTOCOLS["mae"],
-        references={"imagenet": _MAE_REFERENCES},
-    ),
-    TableSpec(
-        key="linear-sweep",
-        title="Linear Evaluation (multi-head sweep, DINOv2 protocol; best head on val)",
-        columns=COLUMNS,
-        values=_table_values,
-        default_protocol=PROTOCOLS["sweep"],
-        references={"imagenet": _SWEEP_REFERENCES},
+    _table("linear-dino", "Linear Evaluation (DINO protocol)", "dino", _DINO_REFERENCES),
+    _table("linear-mae", "Linear Evaluation (MAE protocol)", "mae", _MAE_REFERENCES),
+    _table(
+        "linear-sweep",
+        "Linear Evaluation (multi-head sweep, DINOv2 protocol; best head on val)",
+        "sweep",
+        _SWEEP_REFERENCES,
     ),
 )
 FAMILY = TaskFamily(

@@ -135,12 +135,19 @@ class _Part:
         return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.schedule.epochs
 
 
-def run(ctx: RunContext, config: Config) -> TaskOutput:
-    dataset = ctx.preset.dataset
-    train = load_split(dataset, config.train_split, ctx.data_root)
-    test = load_split(dataset, config.test_split, ctx.data_root)
+def classification_splits(ctx: RunContext, config: Any) -> tuple[DatasetSplit, DatasetSplit]:
+    """(train, test) of the preset's dataset by ``config.train_split`` / ``test_split``; a test
+    split with classes the training split lacks is refused."""
+    train = load_split(ctx.preset.dataset, config.train_split, ctx.data_root)
+    test = load_split(ctx.preset.dataset, config.test_split, ctx.data_root)
     if len(test.classes) > len(train.classes):
         raise BadInput(f"{test.root} {config.test_split} has more classes than {config.train_split}")
+    return train, test
+
+
+def run(ctx: RunContext, config: Config) -> TaskOutput:
+    dataset = ctx.preset.dataset
+    train, test = classification_splits(ctx, config)
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
     probe = Probe(ctx, config, train, test, world)

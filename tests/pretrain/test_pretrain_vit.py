@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_pretrain import TINY
 
 from npidbench.checkpoint import inspect_checkpoint, load_backbone
 from npidbench.errors import RunFailed
@@ -156,23 +157,7 @@ def test_bad_arch_is_one_line_naming_every_choice(capsys):
 
 
 # On disk, tiny (3 classes x 8 images, 32 px crops = 2 x 2 patches): 3 steps of 8 per epoch.
-TINY_VIT = Recipe(
-    name="tiny-vit",
-    arch="vit_tiny_patch16",
-    epochs=2,
-    batch_size=8,
-    lr=0.05,
-    lr_batch=8,
-    negatives=16,
-    input_size=32,
-    crop_scale=(0.5, 1.0),
-    eval_resize=36,
-    eval_crop=32,
-    knn_k=5,
-    knn_every=0,
-    save_every_steps=0,
-    workers=0,
-)
+TINY_VIT = replace(TINY, name="tiny-vit", arch="vit_tiny_patch16", knn_every=0)
 
 
 @pytest.fixture(scope="module")
