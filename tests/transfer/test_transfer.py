@@ -259,3 +259,27 @@ def test_dense_families_record_the_spread_only_over_several_trials():
         "test": {"split": "val", "images": 1, "objects": 5},
         "classes": 2,
     }
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+def test_deep_stem_resnets_carry_every_tensor_into_both_detectors(head):
+    """timm's ResNet-D (a Sequential deep stem, average-pool shortcuts) in the C4 and FPN
+    detectors: every backbone tensor is the checkpoint's, and a forward pass runs."""
+    torch.manual_seed(0)
+    resnet = build_resnet("resnet18d")
+    reference = {k: v.clone() for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    model = build_detector(resnet, head, 20, (64,), 96, 64)
+    if head == "c4":
+        used = {
+            **model.backbone.state_dict(),
+            **{f"layer4.{k}": v for k, v in model.roi_heads.box_head.res5.state_dict().items()},
+        }
+    else:
+        used = {k: v for k, v in model.backbone.body.state_dict().items()}
+    assert "conv1.0.weight" in used and "layer2.0.downsample.1.weight" in used  # deep stem, ResNet-D shortcut
+    assert all(torch.equal(used[k], reference[k]) for k in used)
+    assert set(used) == set(reference) if head == "c4" else set(used) <= set(reference)
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 64, 80)])
+    assert set(out) >= {"boxes", "labels", "scores"}
