@@ -15,6 +15,16 @@ from npidbench.data.splits import DatasetSplit
 from npidbench.runner import RunRequest, run_task
 from npidbench.training import loop
 
+# PROTOCOLS.md "Multi-layer features": the flattened pooled sizes of a ResNet-50's layers.
+RESNET50_DIMS = {
+    "Feature1": 9216,
+    "Feature2": 9216,
+    "Feature3": 8192,
+    "Feature4": 9216,
+    "Feature5": 8192,
+    "AvgPool": 2048,
+}
+
 
 def tiny_imagefolder(
     root: Path, classes: int = 3, per_class: int = 8, size: int = 40, split: str = "train", seed: int = 0

@@ -102,9 +102,7 @@ class Inspection:
     @property
     def vit_spec(self) -> ViTSpec | None:
         """The ViT the inspection describes (None for ResNets and unfinished ViT inspections)."""
-        if not self.vit:
-            return None
-        return ViTSpec(**{f.name: self.vit[f.name] for f in fields(ViTSpec)})
+        return _spec_from(ViTSpec, self.vit)
 
     @property
     def width_multiplier(self) -> int:
@@ -121,9 +119,7 @@ class Inspection:
     @property
     def convnext_spec(self) -> ConvNeXtSpec | None:
         """The ConvNeXt the inspection describes (None for other families)."""
-        if not self.convnext:
-            return None
-        return ConvNeXtSpec(**{f.name: self.convnext[f.name] for f in fields(ConvNeXtSpec)})
+        return _spec_from(ConvNeXtSpec, self.convnext)
 
     @property
     def stem(self) -> str:
@@ -652,6 +648,11 @@ def _recorded_convnext_problem(recorded: dict[str, Any], inferred: ConvNeXtSpec)
 def _convnext_words(spec: ConvNeXtSpec) -> str:
     scale = "" if spec.layer_scale else ", no layer scale"
     return f"{spec.name} (depths {list(spec.depths)}, dims {list(spec.dims)}{scale})"
+
+
+def _spec_from(cls: type, facts: dict[str, Any] | None) -> Any:
+    """The spec dataclass ``cls`` from an inspection's facts of it (None when there are none)."""
+    return cls(**{f.name: facts[f.name] for f in fields(cls)}) if facts else None
 
 
 def _timm_model(obj: Any) -> str | None:

@@ -10,19 +10,14 @@ from npidbench.backbones import FAMILIES, Backbone, Layer, ResNetBackbone, backb
 from npidbench.backbones.resnet import MultiLayerFeatures, build_resnet
 from npidbench.errors import BadInput
 
+from helpers import RESNET50_DIMS
+
 
 def test_resnet50_layers_are_the_protocols_pooled_sizes():
     """PROTOCOLS.md "Multi-layer features": 9216 / 9216 / 8192 / 9216 / 8192, AvgPool 2048."""
     backbone = backbone_for(build_resnet("resnet50"), "resnet50")
     dims = {name: layer.dim for name, layer in backbone.layers().items()}
-    assert dims == {
-        "Feature1": 9216,
-        "Feature2": 9216,
-        "Feature3": 8192,
-        "Feature4": 9216,
-        "Feature5": 8192,
-        "AvgPool": 2048,
-    }
+    assert dims == RESNET50_DIMS
     assert backbone.feature_layers == ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5")
     assert backbone.default_layer == "AvgPool" and backbone.layers()["AvgPool"].grid == 0
 

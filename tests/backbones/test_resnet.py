@@ -9,17 +9,11 @@ from torch import nn
 from npidbench.backbones.resnet import LAYERS, POOLING, MultiLayerFeatures, build_resnet, layer_dims
 
 from checkpoint_zoo import random_resnet
+from helpers import RESNET50_DIMS
 
 # PROTOCOLS.md "Multi-layer features" (ResNet-50) and the same grids with ResNet-18 channels.
 EXPECTED_DIMS = {
-    "resnet50": {
-        "Feature1": 9216,
-        "Feature2": 9216,
-        "Feature3": 8192,
-        "Feature4": 9216,
-        "Feature5": 8192,
-        "AvgPool": 2048,
-    },
+    "resnet50": RESNET50_DIMS,
     "resnet18": {
         "Feature1": 64 * 144,
         "Feature2": 64 * 36,

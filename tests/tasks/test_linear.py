@@ -24,7 +24,7 @@ from npidbench.tasks import linear as linear_task
 from npidbench.tasks.base import RunContext
 from npidbench.training import loop
 
-from helpers import tiny_imagefolder
+from helpers import RESNET50_DIMS, tiny_imagefolder
 
 SMALL = ["resize=48", "crop=40", "train_resize=48", "batch_size=8"]
 
@@ -48,14 +48,7 @@ def test_heads_see_the_pooled_dims_of_the_protocol():
         ("Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"),
     )
     dims = {name: head.in_features for name, head in heads.heads.items()}
-    assert dims == {
-        "Feature1": 9216,
-        "Feature2": 9216,
-        "Feature3": 8192,
-        "Feature4": 9216,
-        "Feature5": 8192,
-        "AvgPool": 2048,
-    }
+    assert dims == RESNET50_DIMS
     for name in ("Feature1", "Feature5"):
         assert heads.heads[name].norm.affine is False  # BN without affine (mmselfsup MultiClsHead)
     with torch.no_grad():
