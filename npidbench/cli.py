@@ -529,7 +529,7 @@ def data_check(
     name: Annotated[
         str,
         typer.Argument(
-            help="Dataset: imagenet, places205, inat18, voc07, voc12, voc12aug, coco, cityscapes."
+            help="Dataset: imagenet, places205, inat18, voc07, voc12, voc12aug, coco, cityscapes, ade20k."
         ),
     ],
     root: Annotated[Path, typer.Option("--root", help="The dataset folder, or a data root holding it.")],

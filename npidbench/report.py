@@ -36,6 +36,7 @@ DATASET_LABELS = {
     "voc0712": "Pascal VOC 2007 + 2012",
     "coco": "COCO2017",
     "cityscapes": "Cityscapes",
+    "ade20k": "ADE20K",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from npidbench.data.ade20k import load_ade20k
 from npidbench.data.cityscapes import load_cityscapes
 from npidbench.data.coco import load_coco
 from npidbench.data.imagenet import load_imagefolder, load_inat18, load_places205
@@ -25,6 +26,7 @@ class DatasetInfo:
     description: str
     splits: tuple[str, ...]
     markers: tuple[str, ...]  # what must exist inside the folder for it to be this dataset
+    alternatives: tuple[str, ...] = ()  # other sub-paths in common use, tried after ``subpath``
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -94,6 +96,16 @@ DATASETS: dict[str, DatasetInfo] = {
             ("train", "val"),
             ("leftImg8bit", "gtFine"),
         ),
+        DatasetInfo(
+            "ade20k",
+            "ADEChallengeData2016",
+            "images/{training,validation}/*.jpg, annotations/{training,validation}/*.png (0 = other)",
+            "ADE20K SceneParsing semantic segmentation (150 classes; synthetic: 15 of them)",
+            ("training", "validation"),
+            ("images", "annotations"),
+            # mmseg's configs/_base_/datasets/ade20k.py: data_root = 'data/ade/ADEChallengeData2016'
+            ("ade20k/ADEChallengeData2016", "ade/ADEChallengeData2016"),
+        ),
     )
 }
 
@@ -130,8 +142,9 @@ def dataset_root(name: str, data_root: Path | None) -> tuple[Path, bool]:
     if not data_root.is_dir():
         raise BadInput(f"--data-root {data_root} is not a folder")
     standard = data_root / info.subpath
-    if standard.is_dir():
-        return standard, is_synthetic(standard)
+    for folder in (standard, *(data_root / alt for alt in info.alternatives)):
+        if folder.is_dir():
+            return folder, is_synthetic(folder)
     if info.markers and all((data_root / m).exists() for m in info.markers):
         return data_root, is_synthetic(data_root)  # the user pointed at the dataset folder itself
     raise BadInput(f"{name} not found under --data-root {data_root}: expected {standard} ({info.layout})")
@@ -172,12 +185,14 @@ def load_detection_split(name: str, split: str, data_root: Path | None) -> Detec
 
 
 def load_segmentation_split(name: str, split: str, data_root: Path | None) -> SegmentationSplit:
-    """``voc12``, ``voc12aug`` or ``cityscapes`` segmentation pairs."""
+    """``voc12``, ``voc12aug``, ``cityscapes`` or ``ade20k`` segmentation pairs."""
     root, synthetic = dataset_root(name, data_root)
     if name in ("voc12", "voc12aug"):
         return load_segmentation(root, split, aug=name == "voc12aug", synthetic=synthetic)
     if name == "cityscapes":
         return load_cityscapes(root, split, synthetic)
+    if name == "ade20k":
+        return load_ade20k(root, split, synthetic)
     raise BadInput(f"{name} is not a segmentation dataset")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from npidbench.data import DATASETS, is_synthetic
+from npidbench.data.ade20k import ADE20K_CLASSES, load_ade20k
 from npidbench.data.cityscapes import load_cityscapes
 from npidbench.data.coco import decode_segmentation, load_coco
 from npidbench.data.imagenet import load_imagefolder, load_inat18, load_places205
@@ -53,8 +54,9 @@ def resolve_root(name: str, root: Path) -> Path:
     if not root.is_dir():
         raise BadInput(f"--root {root} is not a folder")
     standard = root / info.subpath
-    if standard.is_dir():
-        return standard
+    for folder in (standard, *(root / alt for alt in info.alternatives)):
+        if folder.is_dir():
+            return folder
     if name.startswith("voc"):
         return find_year_dir(root, "2007" if name == "voc07" else "2012")
     missing = [m for m in info.markers if not (root / m).exists()]
@@ -78,6 +80,7 @@ def check_dataset(name: str, root: Path) -> CheckReport:
         "voc12aug": _check_voc12aug,
         "coco": _check_coco,
         "cityscapes": _check_cityscapes,
+        "ade20k": _check_ade20k,
     }[name]
     checker(name, root, report)
     if not report.splits:
@@ -201,12 +204,7 @@ def _segmentation(report: CheckReport, split: SegmentationSplit, layout: str) ->
     values: set[int] = set()
     for image, mask in _sample(split.pairs, DECODE_SAMPLE):
         target = _read_mask(split, mask)
-        with Image.open(image) as picture:
-            size = picture.size
-        if (target.shape[1], target.shape[0]) != size:
-            raise BadInput(
-                f"{mask} is {target.shape[1]}x{target.shape[0]} but its image {image} is {size[0]}x{size[1]}"
-            )
+        _same_size(target, mask, image)
         values |= set(np.unique(target).tolist())
     bad = sorted(v for v in values if v != split.ignore_index and v >= len(split.classes))
     if bad:
@@ -218,6 +216,15 @@ def _segmentation(report: CheckReport, split: SegmentationSplit, layout: str) ->
         report.notes.append(
             f"{split.split} masks: {split.mask_kind}"
             + (" (mapped to trainIds by the official table)" if split.label_map is not None else "")
+        )
+
+
+def _same_size(target: np.ndarray, mask: str, image: str) -> None:
+    with Image.open(image) as picture:
+        size = picture.size
+    if (target.shape[1], target.shape[0]) != size:
+        raise BadInput(
+            f"{mask} is {target.shape[1]}x{target.shape[0]} but its image {image} is {size[0]}x{size[1]}"
         )
 
 
@@ -255,6 +262,45 @@ def _check_cityscapes(name: str, root: Path, report: CheckReport) -> None:
             report.absent.append(split)
             continue
         _segmentation(report, load_cityscapes(root, split, report.synthetic), DATASETS[name].layout)
+
+
+def _check_ade20k(name: str, root: Path, report: CheckReport) -> None:
+    layout = DATASETS[name].layout
+    for split_name in DATASETS[name].splits:
+        if not (root / "images" / split_name).is_dir():
+            report.absent.append(split_name)
+            continue
+        split = load_ade20k(root, split_name, report.synthetic)
+        images = [image for image, _ in split.pairs]
+        _files_exist(images, f"ade20k {split_name} images", layout, report)
+        _decode_sample(images, f"ade20k {split_name}")
+        # Raw values, before reduce_zero_label: its lookup would silently turn 151..254 into ignore.
+        values: set[int] = set()
+        for image, mask in _sample(split.pairs, DECODE_SAMPLE):
+            try:
+                with Image.open(mask) as picture:
+                    raw = np.array(picture)
+            except (OSError, ValueError) as exc:
+                raise BadInput(f"{mask} is unreadable ({exc}; ade20k {split_name} annotations)") from exc
+            if raw.ndim != 2:
+                raise BadInput(
+                    f"{mask} has shape {raw.shape}: expected single-channel class ids 0..150 "
+                    "(ADEChallengeData2016 annotations, not the full ADE20K colour-coded *_seg.png)"
+                )
+            _same_size(raw, mask, image)
+            bad = sorted(int(v) for v in np.unique(raw) if not 0 <= v <= len(ADE20K_CLASSES))
+            if bad:
+                raise BadInput(
+                    f"{mask} holds values {bad} outside 0..{len(ADE20K_CLASSES)} "
+                    "(ADE20K masks: 0 = other, 1..150 the classes)"
+                )
+            values |= set(np.unique(raw).tolist())
+        report.splits[split_name] = {"images": len(split), "masks": len(split), "classes": len(split.classes)}
+        present = sorted(v for v in values if v > 0)
+        report.notes.append(
+            f"{split_name} masks: 0 = other -> ignore 255, 1..150 -> 0..149 (mmseg reduce_zero_label); "
+            f"{len(present)} classes seen in {min(DECODE_SAMPLE, len(split))} decoded masks"
+        )
 
 
 def format_report(report: CheckReport) -> str:

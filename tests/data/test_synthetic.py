@@ -13,6 +13,7 @@ from npidbench.data.check import check_dataset
 from npidbench.data.cityscapes import label_id_to_train_id
 from npidbench.data.coco import decode_segmentation
 from npidbench.data.synthetic import (
+    ADE20KSpec,
     CityscapesSpec,
     CocoSpec,
     ImageNetSpec,
@@ -33,6 +34,7 @@ TINY = SuiteSpec(
     voc=VocSpec(voc07_trainval=12, voc07_test=6, voc12_trainval=16, seg_train=4, seg_val=3, aug_extra=3),
     coco=CocoSpec(train=8, val=4, crowd_probability=0.5),
     cityscapes=CityscapesSpec(train=3, val=2, width=64, height=32),
+    ade20k=ADE20KSpec(train=4, val=2, width=64, height=48),
 )
 
 
@@ -71,6 +73,7 @@ def suite():
         ("voc12aug", {"train_aug": {"masks": 600}, "val": {"masks": 120}}),
         ("coco", {"train2017": {"images": 600, "classes": 20}, "val2017": {"images": 150, "classes": 20}}),
         ("cityscapes", {"train": {"images": 100, "classes": 19}, "val": {"masks": 30}}),
+        ("ade20k", {"training": {"images": 300, "classes": 150}, "validation": {"masks": 100}}),
     ],
 )
 def test_data_check_counts_on_every_synthetic_dataset(suite, name, expected):

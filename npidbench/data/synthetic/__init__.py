@@ -2,9 +2,9 @@
 
 ``ensure_suite()`` generates it once into the cache (``NPIDBENCH_DATA``) and returns its root, laid
 out like a ``--data-root``: ``imagenet/``, ``places205/``, ``inat2018/``, ``VOCdevkit/VOC2007``,
-``VOCdevkit/VOC2012``, ``coco/``, ``cityscapes/``. Each dataset folder carries a manifest
-(``npidbench-synthetic.json``) with the generator version, spec, counts and a content hash; the
-loaders read it all back exactly like real data.
+``VOCdevkit/VOC2012``, ``coco/``, ``cityscapes/``, ``ADEChallengeData2016/``. Each dataset folder
+carries a manifest (``npidbench-synthetic.json``) with the generator version, spec, counts and a
+content hash; the loaders read it all back exactly like real data.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from npidbench.data.splits import SYNTHETIC_MANIFEST
+from npidbench.data.synthetic.ade20k import ADE20KSpec, write_ade20k
 from npidbench.data.synthetic.cityscapes import CityscapesSpec, write_cityscapes
 from npidbench.data.synthetic.classification import (
     ImageNetSpec,
@@ -49,6 +50,7 @@ class SuiteSpec:
     voc: VocSpec = field(default_factory=VocSpec)
     coco: CocoSpec = field(default_factory=CocoSpec)
     cityscapes: CityscapesSpec = field(default_factory=CityscapesSpec)
+    ade20k: ADE20KSpec = field(default_factory=ADE20KSpec)
 
     def key(self) -> str:
         text = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
@@ -65,6 +67,7 @@ def _writers(spec: SuiteSpec) -> dict[str, tuple[str, Callable[[Path], dict]]]:
         "voc": ("VOCdevkit", lambda root: write_voc(root, spec.voc, seed)),
         "coco": ("coco", lambda root: write_coco(root, spec.coco, seed)),
         "cityscapes": ("cityscapes", lambda root: write_cityscapes(root, spec.cityscapes, seed)),
+        "ade20k": ("ADEChallengeData2016", lambda root: write_ade20k(root, spec.ade20k, seed)),
     }
 
 
@@ -175,6 +178,7 @@ __all__ = [
     "VocSpec",
     "CocoSpec",
     "CityscapesSpec",
+    "ADE20KSpec",
     "ensure_suite",
     "generate_suite",
     "synthetic_wnid",
