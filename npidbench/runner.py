@@ -91,7 +91,7 @@ def resolve_config(preset: Preset, synthetic: bool, set_options: list[str]) -> A
 
 
 # The image-size settings of the families (center crop; the SVM's squashed size).
-_INPUT_SIZE_FIELDS = ("crop", "size")
+_INPUT_SIZE_FIELDS = ("crop", "size", "image_size")
 
 
 def fit_config_to_patches(config: Any, patch: int, synthetic: bool) -> Any:

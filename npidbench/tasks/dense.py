@@ -148,14 +148,16 @@ class Trial:
     ) -> list[dict[str, Any]]:
         """``training.loop.fit`` over the plan's windows (one window is one of its "epochs"),
         without an evaluation between them (the protocols test once, at the end): every param
-        group starts at ``plan.lr``, ``plan.lr_at(iteration)`` sets the factor at every step (the
-        window-level schedule is flat), and torch's generator is seeded per iteration from the
+        group starts at ``plan.lr`` (times its ``lr_scale`` where it has one: layer-wise lr
+        decay), ``plan.lr_at(iteration)`` sets the factor at every step (the window-level
+        schedule is flat), and torch's generator is seeded per iteration from the
         trial's seed (RPN / RoI sampling, dropout), so a resumed run repeats the uninterrupted one."""
         return fit(
             label=f"{self.ctx.preset.name} seed {self.seed}",
             trainable=model,
             optimizer=optimizer,
-            base_lrs=[plan.lr] * len(optimizer.param_groups),
+            # a group's lr_scale: layer-wise lr decay (training.layer_decay), else 1
+            base_lrs=[plan.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups],
             schedule=StepSchedule(plan.windows, (), 1.0),
             batches=batches,
             step=step,

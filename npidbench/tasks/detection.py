@@ -15,6 +15,7 @@ detectron2's PascalVOCDetectionEvaluator (detections rounded as it writes them),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from npidbench.backbones import Backbone
 from npidbench.checkpoint import LoadedBackbone
 from npidbench.checkpoint.own import export_backbone
 from npidbench.config import check_choices
@@ -37,17 +39,21 @@ from npidbench.data.voc import find_year_dir
 from npidbench.distributed import DistInfo, prepare_for_training
 from npidbench.errors import BadInput
 from npidbench.metrics_dense import coco_metrics, voc_metrics
+from npidbench.precision import autocast
 from npidbench.pretrain.data import mix_seed
 from npidbench.progress import log
 from npidbench.tables import TableSpec, npid_reference, trial_values
 from npidbench.tasks import dense
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
+from npidbench.training.layer_decay import layer_decay_groups, vit_layer
 from npidbench.training.loop import ResumeState, StepResult
 from npidbench.transfer.det_data import DetectionImages, collate_detection
-from npidbench.transfer.detection import Head, build_detector, parameter_groups, precise_bn
+from npidbench.transfer.detection import NORM_LAYERS, Head, build_detector, parameter_groups, precise_bn
 from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
+from npidbench.transfer.vitdet import build_vitdet
 
-PROTOCOLS = {"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn"}
+PROTOCOLS = {"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn", "vitdet": "vitdet"}
+MASK_HEADS = ("fpn", "vitdet")  # Mask R-CNN: instance masks in training and the mask AP
 Backend = Literal["torchvision", "detectron2"]
 # training images kept: "detectron2" (at least one non-crowd object) or "mmdet" (at least one
 # annotation, crowd included, and a short side >= 32 px): ``kept_for_training``
@@ -56,7 +62,7 @@ TrainFilter = Literal["detectron2", "mmdet"]
 
 @dataclass(frozen=True)
 class Config:
-    head: Head = "c4"  # c4 (Faster R-CNN R50-C4) or fpn (Mask R-CNN R50-FPN)
+    head: Head = "c4"  # c4 (Faster R-CNN R50-C4), fpn (Mask R-CNN R50-FPN) or vitdet (ViTDet's Mask R-CNN)
     backend: Backend = "torchvision"  # or detectron2 (MoCo's configs), used only where it is installed
     iterations: int = 24_000  # 0 with an epoch schedule (computed from epochs)
     window: int = 1_000  # iterations between resume checkpoints (epochs: the nearest divisor at or above)
@@ -89,6 +95,15 @@ class Config:
     train_split: str = "trainval"
     test_split: str = "test"
     sync_bn: bool = True
+    # head=vitdet (transfer.vitdet; PROTOCOLS-ARCH.md section 3): AdamW with layer-wise lr decay
+    # instead of SGD, large-scale jitter to a square image_size instead of min_sizes / test_size
+    image_size: int = 1024  # LSJ's square crop and test size (square_pad)
+    scale_range: tuple[float, float] = (0.1, 2.0)  # LSJ's ResizeScale
+    attention_window: int = 14  # tokens per side of a window-attention block
+    global_blocks: tuple[int, ...] = ()  # 0-based global-attention blocks; () = ViTDet's (2, 5, 8, 11 of 12)
+    drop_path: float = 0.1
+    layer_decay: float = 0.7  # ViT-B (0.8 for L, 0.9 for H)
+    amp: bool = False  # bf16 autocast on CUDA (ViTDet trains with AMP); a no-op on the CPU
 
     def __post_init__(self) -> None:
         check_choices(self)  # the Literal fields, also when built in Python
@@ -119,6 +134,13 @@ class Config:
             )
         if not 0 < self.warmup_factor <= 1 or self.warmup < 0 or self.precise_bn < 0 or self.test_images < 0:
             raise ValueError("need 0 < warmup_factor <= 1 and non-negative warmup, precise_bn, test_images")
+        if self.head == "vitdet":
+            if self.image_size < 1 or self.attention_window < 1 or not 0 < self.layer_decay <= 1:
+                raise ValueError("head=vitdet needs image_size >= 1, attention_window >= 1 and 0 < layer_decay <= 1")
+            if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+                raise ValueError("scale_range must be [low, high] with 0 < low <= high")
+            if not 0 <= self.drop_path < 1 or any(b < 0 for b in self.global_blocks):
+                raise ValueError("need 0 <= drop_path < 1 and global_blocks of 0-based block numbers")
 
     @property
     def scaled_lr(self) -> float:
@@ -222,8 +244,8 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         refuse_for_detectron2(ctx.model)
     train, test = _splits(ctx, config)
     world = dense.training_world(ctx, config.batch_size)
-    if config.head == "fpn" and train.dataset != "coco":
-        raise BadInput("head=fpn trains Mask R-CNN and needs instance masks: use it with det-coco")
+    if config.head in MASK_HEADS and train.dataset != "coco":
+        raise BadInput(f"head={config.head} trains Mask R-CNN and needs instance masks: use it with COCO")
     kept = training_split(train, config.train_filter)
     schedule = schedule_for(config, len(kept))
     if config.epochs:
@@ -365,9 +387,9 @@ def _train_and_test(
     plan = dense.TrainingPlan(
         schedule.iterations, schedule.window, config.batch_size, config.scaled_lr, schedule.lr_factor
     )
-    dataset = DetectionImages(train, trial.seed, masks=config.head == "fpn")
+    dataset = DetectionImages(train, trial.seed, masks=config.head in MASK_HEADS)
     batches = trial.batches(dataset, len(train), plan, collate_detection)
-    losses = _training_loss(wrapped, trial.device)
+    losses = _training_loss(wrapped, trial.device, autocast(trial.device, config.amp))
     history = trial.fit(
         model, optimizer, plan, batches, lambda batch: StepResult(losses(batch), len(batch[0]), None)
     )
@@ -384,40 +406,79 @@ def build_model(
     """(model, what trains it, its optimizer): the detector on a copy of the checkpoint's
     backbone, its new layers drawn from the trial's seed, prepared for its world (SyncBN, DDP)."""
     torch.manual_seed(trial.seed)  # the new layers' initial weights
-    model: nn.Module = build_detector(
-        copy.deepcopy(trial.ctx.model.model),
-        config.head,
-        classes,
-        config.min_sizes,
-        config.max_size,
-        config.test_size,
-        config.roi_resolution,
-        imagenet_norm=trial.ctx.model.input_normalised,  # False: [0, 1] pixels (SimCLR v1)
-    )
+    network = copy.deepcopy(trial.ctx.model.model)
+    model: nn.Module
+    if config.head == "vitdet":
+        model = build_vitdet(
+            network,
+            classes,
+            image_size=config.image_size,
+            window=config.attention_window,
+            global_indexes=config.global_blocks or None,
+            drop_path=config.drop_path,
+            scale_range=config.scale_range,
+        )
+    else:
+        model = build_detector(
+            network,
+            config.head,
+            classes,
+            config.min_sizes,
+            config.max_size,
+            config.test_size,
+            config.roi_resolution,
+            imagenet_norm=trial.ctx.model.input_normalised,  # False: [0, 1] pixels (SimCLR v1)
+        )
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     model.rpn._post_nms_top_n = {"training": config.proposals_train, "testing": config.proposals_test}
     model, wrapped = prepare_for_training(model, trial.world, config.sync_bn, channels_last=False)
     return model, wrapped, make_optimizer(model, config)
 
 
-def _training_loss(wrapped: nn.Module, device: torch.device) -> Callable[[Any], torch.Tensor]:
-    """batch -> the sum of the detector's training losses (RPN, box and mask heads)."""
+def _training_loss(
+    wrapped: nn.Module, device: torch.device, amp: contextlib.AbstractContextManager
+) -> Callable[[Any], torch.Tensor]:
+    """batch -> the sum of the detector's training losses (RPN, box and mask heads), under ``amp``."""
 
     def losses(batch) -> torch.Tensor:
         images, targets, error = batch
         dense.refuse_unreadable(error)
         images = [image.to(device).float() / 255 for image in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        return sum(wrapped(images, targets).values())
+        with amp:
+            return sum(wrapped(images, targets).values())
 
     return losses
 
 
-def make_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     """SGD with ``weight_decay`` on every parameter but the norm layers' weight and bias, which
-    get ``norm_weight_decay`` (``parameter_groups``)."""
+    get ``norm_weight_decay`` (``parameter_groups``); ViTDet: AdamW by ``vitdet_groups``."""
+    if config.head == "vitdet":
+        groups = vitdet_groups(model, config)
+        return torch.optim.AdamW(groups, lr=config.scaled_lr, betas=(0.9, 0.999), fused=True)
     groups = parameter_groups(model, config.weight_decay, config.norm_weight_decay)
     return torch.optim.SGD(groups, lr=config.scaled_lr, momentum=config.momentum, fused=True)
+
+
+def vitdet_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
+    """ViTDet's AdamW groups: layer-wise lr decay over the ViT's blocks (``vit_layer``: the
+    embeddings at decay^(depth + 1), block i at decay^(depth - i), pyramid and heads at 1;
+    detectron2 get_vit_lr_decay_rate), ``weight_decay`` on every parameter but the norm layers'
+    (weight_decay_norm = 0) and the position embedding (its override); biases decay (detectron2's
+    default weight_decay_bias)."""
+    depth = len(model.backbone.trunk.blocks)
+    norms = {
+        id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
+    }
+    return layer_decay_groups(
+        model.named_parameters(),
+        lambda name: vit_layer(name, depth, prefix="backbone.trunk."),
+        depth,
+        config.layer_decay,
+        config.weight_decay,
+        decays=lambda name, p: id(p) not in norms and not name.endswith("pos_embed"),
+    )
 
 
 @torch.no_grad()
@@ -449,7 +510,24 @@ def evaluate(
     outputs = _gathered(predict(model, split, world, device), world)
     if split.dataset == "voc":
         return voc_metrics(split, outputs)
-    return coco_metrics(split, outputs, masks=head == "fpn")
+    return coco_metrics(split, outputs, masks=head in MASK_HEADS)
+
+
+def _backbone_check(config: Config, backbone: Backbone) -> str | None:
+    """Which detector runs on which backbone: C4 (res4 trunk, res5 box head) on ResNets; the FPN
+    Mask R-CNN on ResNets and ConvNeXts (as the ConvNeXt paper); ViTDet on plain ViTs."""
+    family = backbone.family
+    if config.head == "vitdet" and family != "vit":
+        runs = "det-coco (Mask R-CNN FPN)" + (" or det-voc0712 (Faster R-CNN C4)" if family == "resnet" else "")
+        return f"ViTDet is the plain-ViT detector; a {family} runs {runs}"
+    if config.head != "vitdet" and family == "vit":
+        return (
+            f"the {PROTOCOLS[config.head]} detector reads a multi-stage network's maps; a plain ViT runs "
+            "det-coco-vitdet (ViTDet's simple feature pyramid)"
+        )
+    if config.head == "c4" and family != "resnet":
+        return f"Faster R-CNN C4 is built on a ResNet's res4 / res5; a {family} runs det-coco (Mask R-CNN FPN)"
+    return None
 
 
 COCO_COLUMNS = ("mAP(Box)", "AP50(Box)", "AP75(Box)", "mAP(Mask)", "AP50(Mask)", "AP75(Mask)")
@@ -467,13 +545,29 @@ COCO_TABLE = TableSpec(
     columns=COCO_COLUMNS,
     values=lambda record: trial_values(record, {c: c.replace("mAP", "AP") for c in COCO_COLUMNS}),
     default_protocol=PROTOCOLS["fpn"],
-    references={"coco": [npid_reference(COCO_COLUMNS, (38.5, 57.7, 42.0, 34.6, 54.8, 37.1))]},
+    references={
+        "coco": [
+            npid_reference(COCO_COLUMNS, (38.5, 57.7, 42.0, 34.6, 54.8, 37.1)),
+            # PROTOCOLS-ARCH.md section 3: ViTDet Mask R-CNN, 100 epochs, MAE-initialised
+            *(
+                {
+                    "Model": f"MAE ViT-{size} [{PROTOCOLS['vitdet']}]",
+                    "Config": "ViTDet paper / detectron2 projects/ViTDet",
+                    **dict.fromkeys(COCO_COLUMNS),
+                    "mAP(Box)": box,
+                    "mAP(Mask)": mask,
+                }
+                for size, box, mask in (("B", 51.6, 45.9), ("L", 55.5, 49.2))
+            ),
+        ]
+    },
 )
 FAMILY = TaskFamily(
     name="detection",
-    description="Detection fine-tuning: Faster R-CNN C4 (VOC07+12), Mask R-CNN FPN (COCO); AP",
+    description="Detection fine-tuning: Faster R-CNN C4 (VOC07+12), Mask R-CNN FPN and ViTDet (COCO); AP",
     config=Config,
     run=run,
     tables=(VOC_TABLE, COCO_TABLE),
     datasets=("voc0712", "voc07", "coco"),
+    backbone_check=_backbone_check,
 )

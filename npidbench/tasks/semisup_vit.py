@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import random
-import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,7 @@ from npidbench.tasks.base import RunContext, run_identity
 from npidbench.training.augment import TrainAugment, TrainImages
 from npidbench.training.batches import augmented_batches, training_input
 from npidbench.training.evaluate import forward_on, topk_accuracy
+from npidbench.training.layer_decay import layer_decay_groups, vit_layer
 from npidbench.training.loop import CosineSchedule, ResumeState, StepResult, fit, scaled_lr
 
 if TYPE_CHECKING:
@@ -72,37 +72,20 @@ def classifier(vit: nn.Module, classes: int, drop_path: float) -> nn.Module:
 
 
 _NO_DECAY = {"cls_token", "pos_embed", "reg_token", "dist_token"}
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def layer_id(name: str, depth: int) -> int:
-    """MAE's layer of a parameter (util/lr_decay.py get_layer_id_for_vit): the embeddings 0,
-    block i i + 1, everything after the blocks depth + 1. Written here rather than through
-    timm's group matcher, whose layer count depends on which modules still hold parameters (the
-    dropped final norm would shift every block by one)."""
-    if name.split(".")[0] in _NO_DECAY or name.startswith("patch_embed"):
-        return 0
-    found = _BLOCK.match(name)
-    return int(found[1]) + 1 if found else depth + 1
 
 
 def param_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
-    """AdamW groups by (layer, decay) with their lr scale ld^(depth + 1 - layer)."""
+    """AdamW groups by (layer, decay) with their lr scale ld^(depth + 1 - layer) (MAE's layers:
+    ``training.layer_decay``); no weight decay on 1-d tensors and the tokens / position embedding."""
     depth = len(model.blocks)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        layer = layer_id(name, depth)
-        decay = param.ndim > 1 and name.split(".")[0] not in _NO_DECAY
-        group = groups.setdefault(
-            (layer, decay),
-            {
-                "params": [],
-                "weight_decay": config.ft_weight_decay if decay else 0.0,
-                "lr_scale": config.ft_layer_decay ** (depth + 1 - layer),
-            },
-        )
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+    return layer_decay_groups(
+        model.named_parameters(),
+        lambda name: vit_layer(name, depth),
+        depth,
+        config.ft_layer_decay,
+        config.ft_weight_decay,
+        decays=lambda name, param: param.ndim > 1 and name.split(".")[0] not in _NO_DECAY,
+    )
 
 
 @contextmanager

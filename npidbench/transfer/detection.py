@@ -1,12 +1,14 @@
-"""Detectors built from the checkpoint's ResNet with torchvision.models.detection parts
-(PROTOCOLS.md "Detection"; MoCo's detectron2 configs, mmdetection's Mask R-CNN FPN).
+"""Detectors built from the checkpoint's ResNet (or, in the FPN detector, ConvNeXt) with
+torchvision.models.detection parts (PROTOCOLS.md "Detection"; MoCo's detectron2 configs,
+mmdetection's Mask R-CNN FPN). ViTs: ``transfer.vitdet``.
 
 - ``c4``: Faster R-CNN R50-C4: stem + res2..res4 feed the RPN (15 anchors per position) and a
   14x14 RoIAlign; res5 (with its stride) is the box head, followed by the extra BatchNorm of
   MoCo's Res5ROIHeadsExtraNorm, then global average pooling. Works on layer4 of any ResNet
   (512 channels for ResNet-18/34).
 - ``fpn``: Mask R-CNN R50-FPN with BatchNorm in the FPN, the 4conv-1fc box head and the mask head
-  (mmdetection's "SyncBN in backbone, neck and heads").
+  (mmdetection's "SyncBN in backbone, neck and heads"); a ConvNeXt's four stages feed the same
+  FPN through a LayerNorm each (``ConvNeXtStages``).
 torchvision's builders freeze BN (FrozenBatchNorm2d) and the first stages; here every stage
 and every BN trains (FREEZE_AT 0), and under torchrun on GPUs BN becomes SyncBatchNorm.
 
@@ -34,13 +36,13 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from npidbench.backbones.resnet import layer_channels
 from npidbench.data.images import IMAGENET_MEAN, IMAGENET_STD
 
-Head = Literal["c4", "fpn"]  # the detection Config's ``head`` (checked by the config coercer)
+Head = Literal["c4", "fpn", "vitdet"]  # the detection Config's ``head`` (checked by the config coercer)
 HEADS: tuple[Head, ...] = typing.get_args(Head)
 
 # detectron2's norm_module_types (detectron2/solver/build.py, get_default_optimizer_params):
@@ -130,6 +132,60 @@ class Res5BoxHead(nn.Module):
         return self.norm(self.res5(x)).mean(dim=(2, 3))
 
 
+class ConvNeXtStages(nn.Module):
+    """A timm ConvNeXt's four stage maps (strides 4..32), each through a new channel LayerNorm:
+    the ConvNeXt detection backbone's ``norm{i}`` on every output it hands to the FPN
+    (ConvNeXt repo object_detection/mmdet/models/backbones/convnext.py, out_indices 0-3)."""
+
+    def __init__(self, convnext: nn.Module) -> None:
+        from timm.layers import LayerNorm2d
+
+        super().__init__()
+        self.stem, self.stages = convnext.stem, convnext.stages
+        self.channels = [int(info["num_chs"]) for info in convnext.feature_info]
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.channels)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        x = self.stem(x)
+        out = OrderedDict()
+        for index, (stage, norm) in enumerate(zip(self.stages, self.norms, strict=True)):
+            x = stage(x)
+            out[str(index)] = norm(x)
+        return out
+
+
+class PyramidBackbone(nn.Module):
+    """``body`` (a dict of stride-4..32 maps) + torchvision's FPN with BatchNorm and P6 max-pool:
+    what BackboneWithFPN computes, for a body that is not a ResNet."""
+
+    def __init__(self, body: nn.Module, in_channels: list[int]) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(in_channels, 256, LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+        self.out_channels = 256
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def fpn_backbone(network: nn.Module) -> nn.Module:
+    """The FPN detector's backbone on a ResNet (res2..res5) or a timm ConvNeXt (its four stages,
+    as the ConvNeXt paper's Mask R-CNN): 256 channels, BatchNorm in the FPN (the protocol's
+    "SyncBN in backbone, neck and heads")."""
+    if hasattr(network, "stages") and hasattr(network, "stem"):
+        body = ConvNeXtStages(network)
+        return PyramidBackbone(body, body.channels)
+    channels = layer_channels(network)
+    return BackboneWithFPN(
+        network,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[channels[f"Feature{i}"] for i in (2, 3, 4, 5)],
+        out_channels=256,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d,
+    )
+
+
 def build_detector(
     resnet: nn.Module,
     head: str,
@@ -173,15 +229,7 @@ def build_detector(
             **common,
         )
     elif head == "fpn":
-        channels = layer_channels(resnet)
-        backbone = BackboneWithFPN(
-            resnet,
-            return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-            in_channels_list=[channels[f"Feature{i}"] for i in (2, 3, 4, 5)],
-            out_channels=256,
-            extra_blocks=LastLevelMaxPool(),
-            norm_layer=nn.BatchNorm2d,
-        )
+        backbone = fpn_backbone(resnet)
         anchors = AnchorGenerator(
             sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5
         )
