@@ -174,3 +174,22 @@ def test_det_coco_runs_a_convnext_in_the_fpn_mask_rcnn(tmp_path):
     torch.save(model.state_dict(), path)
     record = run_preset("det-coco", path, tmp_path, ["iterations=2", "window=1", "milestones=[]", "test_images=3"])
     assert record["protocol"] == "mask-rcnn-fpn" and record["details"]["arch"].startswith("convnext")
+
+
+def test_width_multiplied_resnets_feed_the_c4_fpn_and_fcn_models_with_their_widths():
+    from checkpoint_zoo import wide_resnet50
+
+    from npidbench.transfer.detection import build_detector
+    from npidbench.transfer.segmentation import FCNSegmenter
+
+    wide = wide_resnet50(2, randomise=False)  # SimCLR x2 / SwAV w2: res4 2048, res5 4096 wide
+    c4 = build_detector(wide, "c4", 3, (64,), 96, 64)
+    assert c4.backbone.out_channels == 2048 and c4.roi_heads.box_head.out_channels == 4096
+    fpn = build_detector(wide_resnet50(2, randomise=False), "fpn", 3, (64,), 96, 64).eval()
+    with torch.no_grad():
+        maps = fpn.backbone(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps.values()] == [256] * 5
+    fcn = FCNSegmenter(wide_resnet50(2, randomise=False), classes=5).eval()
+    assert fcn.head.convs[0][0].in_channels == 4096 and fcn.aux_head.convs[0][0].in_channels == 2048
+    with torch.no_grad():
+        assert fcn(torch.randn(1, 3, 64, 64))[0].shape == (1, 5, 64, 64)
