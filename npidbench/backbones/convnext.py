@@ -57,10 +57,11 @@ class ConvNeXtBackbone(Backbone):
     family = "convnext"
     interpolation = "bicubic"  # the ConvNeXt evaluation (and timm's convnext configs)
     # The frozen-feature protocols (semisup: its logistic-regression method; the ResNet
-    # fine-tuning grid is refused by semisup's backbone check) and detection by Mask R-CNN FPN,
-    # as the ConvNeXt paper (C4 refused by detection's backbone check). The mmselfsup
-    # Feature1..5 linear protocol is ResNet-only: refused.
-    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup", "detection"})
+    # fine-tuning grid is refused by semisup's backbone check) and dense transfer (segmentation:
+    # the ConvNeXt repo's UperNet; detection: Mask R-CNN FPN, as the ConvNeXt paper), the ResNet
+    # protocols of those refused by the families' backbone checks. The mmselfsup Feature1..5
+    # linear protocol is ResNet-only: refused.
+    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup", "detection", "segmentation"})
 
     def layers(self) -> dict[str, Layer]:
         dims = [int(stage.blocks[-1].mlp.fc2.out_features) for stage in self.model.stages]

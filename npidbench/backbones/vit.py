@@ -108,10 +108,11 @@ class ViTBackbone(Backbone):
     family = "vit"
     interpolation = "bicubic"  # DINO / DINOv2 eval: Resize(256, interpolation=3) [eval_knn.py]
     # The frozen-feature protocols (semisup: its logistic-regression method; the ResNet
-    # fine-tuning grid is refused by semisup's backbone check) and detection by ViTDet (the
-    # ResNet detectors refused by detection's backbone check). The mmselfsup Feature1..5 linear
+    # fine-tuning grid is refused by semisup's backbone check) and dense transfer by its own
+    # protocols (segmentation: mmseg's MAE UperNet, DINOv2's linear head; detection: ViTDet),
+    # the ResNet ones refused by the families' backbone checks. The mmselfsup Feature1..5 linear
     # protocol is ResNet-only: refused.
-    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup", "detection"})
+    supports = frozenset({"knn", "voc-svm", "frozen-linear", "semisup", "detection", "segmentation"})
 
     def layers(self) -> dict[str, Layer]:
         width = int(self.model.embed_dim)

@@ -1,10 +1,20 @@
-"""Semantic segmentation transfer: FCN-D8 on VOC12+aug and Cityscapes (PROTOCOLS.md
-"Segmentation"; mmsegmentation's fcn_r50-d8 as mmselfsup runs it), mIoU on val.
+"""Semantic segmentation transfer, mIoU on val, by three protocols (``head``):
 
-The whole network fine-tunes (SyncBN under torchrun on GPUs) for a fixed number of iterations
-with poly lr; the run is cut into windows of iterations, each saved atomically so a killed run
-resumes at the next window. ``trials=N`` repeats the run with seeds seed .. seed + N - 1 and
-records every trial's mIoU (the report shows mean ± std; the record's ``std`` with N > 1).
+- ``fcn`` (protocol ``fcn-d8``): FCN-D8 on ResNets (PROTOCOLS.md "Segmentation"; mmsegmentation's
+  fcn_r50-d8 as mmselfsup runs it), SGD with poly lr.
+- ``upernet`` (``upernet-mae`` on ViTs, ``upernet-convnext`` on ConvNeXts; PROTOCOLS-ARCH.md section
+  3): UperNet fine-tuning as mmseg's MAE config and the ConvNeXt repo's ADE20K configs run it
+  (transfer/vit_segmentation.py), AdamW (betas 0.9 / 0.999) with layer-wise (ViT) or stage-wise
+  (ConvNeXt) lr decay, mmcv's poly lr (power 1, min 0) under a linear warm-up of 1,500 iterations
+  from 1e-6; weight decay as mmseg's LearningRateDecayOptimizerConstructor gives it.
+- ``linear`` (``linear-dinov2``): DINOv2's linear head (BN + 1x1 on the concatenated patch maps)
+  on a frozen ViT, AdamW with iBOT's published linear schedule (its DINOv2 training settings were
+  not found: PROTOCOLS-ARCH.md section 3).
+
+The network fine-tunes (SyncBN under torchrun on GPUs) for a fixed number of iterations; the run
+is cut into windows of iterations, each saved atomically so a killed run resumes at the next
+window. ``trials=N`` repeats the run with seeds seed .. seed + N - 1 and records every trial's mIoU
+(the report shows mean ± std; the record's ``std`` with N > 1).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from npidbench.backbones import Backbone
 from npidbench.config import check_choices
 from npidbench.data import load_segmentation_split
 from npidbench.data.images import normalize_batch
@@ -31,7 +42,7 @@ from npidbench.errors import BadInput
 from npidbench.metrics_dense import confusion_matrix, mean_iou
 from npidbench.precision import autocast, precision_name
 from npidbench.tables import TableSpec, npid_reference
-from npidbench.tasks import dense
+from npidbench.tasks import dense, segmentation_vit
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
 from npidbench.training.loop import StepResult, all_reduce_sum
 from npidbench.transfer.seg_data import (
@@ -45,7 +56,15 @@ from npidbench.transfer.seg_data import (
 from npidbench.transfer.segmentation import FCNSegmenter, segmentation_loss, sliding_logits
 
 PROTOCOL = "fcn-d8"
+# The record's protocol by head (and, for UperNet, backbone family: the recipes differ)
+PROTOCOLS = {
+    ("upernet", "vit"): "upernet-mae",  # mmseg configs/mae (MAE ViT-B, 48.13 mIoU on ADE20K)
+    ("upernet", "convnext"): "upernet-convnext",  # ConvNeXt repo semantic_segmentation configs
+    ("linear", "vit"): "linear-dinov2",  # DINOv2's BNHead on frozen patch tokens
+}
 TestMode = Literal["whole", "slide"]
+Head = Literal["fcn", "upernet", "linear"]
+LinearBlocks = Literal["last", "last4", "ibot"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,27 @@ class Config:
     align_corners: bool = False
     test_images: int = 0  # 0: the whole val split; N: its first N images (quick checks)
     amp: bool = True  # bf16 autocast on CUDA (recorded as the precision); false: fp32
+    # --- the ViT / ConvNeXt protocols (PROTOCOLS-ARCH.md section 3); fcn ignores them ---------
+    # fcn: FCN-D8, SGD (ResNets); upernet: UperNet, AdamW + layer decay (ViT, ConvNeXt);
+    # linear: BN + 1x1 on a frozen ViT, AdamW (tasks/seg-*-upernet.toml, seg-*-linear.toml)
+    head: Head = "fcn"
+    # mmcv's linear warm-up of the poly lr (lr_config warmup='linear', warmup_iters 1500, warmup_ratio
+    # 1e-6 in the MAE, ConvNeXt and iBOT configs): the factor times 1 - (1 - i / W)(1 - ratio)
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    layer_decay: float = 0.65  # ViT layer-wise lr decay (mmseg MAE ViT-B: layer_decay_rate 0.65)
+    stage_decay: float = 0.9  # ConvNeXt stage-wise lr decay (ConvNeXt configs: decay_rate 0.9)
+    # the ConvNeXt configs' num_layers of stage_wise decay; None: 6 for ConvNeXt-T, 12 for S/B/L/XL
+    stage_decay_layers: int | None = None
+    drop_path: float = 0.1  # ViT stochastic depth, rising linearly (mmseg MAE drop_path_rate 0.1)
+    # ConvNeXt stochastic depth; None: the repo's per size (0.3 for ConvNeXt-S, 0.4 for T/B/L/XL)
+    convnext_drop_path: float | None = None
+    # UPerHead channels; None: the ViT's width (mmseg MAE ViT-B: 768) or 512 (ConvNeXt configs)
+    channels: int | None = None
+    aux_channels: int = 256  # the auxiliary FCNHead's channels (both configs)
+    # linear: the blocks whose patch maps are concatenated: last (DINOv2 "linear"), last4
+    # (DINOv2's multi-layer head), ibot (iBOT: out_indices [3, 5, 7, 11], evenly spaced)
+    linear_blocks: LinearBlocks = "last"
 
     def __post_init__(self) -> None:
         check_choices(self)  # the Literal fields, also when built in Python
@@ -97,6 +137,18 @@ class Config:
             raise ValueError("slide_crop and slide_stride must be at least 1")
         if self.test_images < 0:
             raise ValueError(f"test_images must be 0 (the whole split) or more, got {self.test_images}")
+        if self.warmup_iters < 0 or not 0 < self.warmup_ratio <= 1:
+            raise ValueError("need warmup_iters >= 0 and 0 < warmup_ratio <= 1")
+        if not (0 < self.layer_decay <= 1 and 0 < self.stage_decay <= 1):
+            raise ValueError("layer_decay and stage_decay must be in (0, 1]")
+        drop_paths = [self.drop_path] + (
+            [self.convnext_drop_path] if self.convnext_drop_path is not None else []
+        )
+        if not all(0 <= rate < 1 for rate in drop_paths):
+            raise ValueError("drop_path and convnext_drop_path must be in [0, 1)")
+        sizes = [self.aux_channels] + [v for v in (self.channels, self.stage_decay_layers) if v is not None]
+        if min(sizes) < 1:
+            raise ValueError("channels, aux_channels and stage_decay_layers must be at least 1")
 
     @property
     def scaled_lr(self) -> float:
@@ -108,6 +160,15 @@ class Config:
         min_lr = min(self.min_lr, lr)
         return ((lr - min_lr) * (1 - iteration / self.iterations) ** self.power + min_lr) / lr
 
+    def lr_factor(self, iteration: int) -> float:
+        """``poly`` under mmcv's linear warm-up: times 1 - (1 - i / W)(1 - warmup_ratio) for the
+        first W = ``warmup_iters`` iterations (mmcv LrUpdaterHook get_warmup_lr); poly alone
+        without a warm-up (fcn)."""
+        factor = self.poly(iteration)
+        if iteration < self.warmup_iters:
+            factor *= 1 - (1 - iteration / self.warmup_iters) * (1 - self.warmup_ratio)
+        return factor
+
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
     train, test = _splits(ctx, config)
@@ -117,16 +178,18 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         ctx, config, world, fingerprint, lambda t: _train_and_test(t, config, train, test)
     )
     metrics = dense.metrics_over_trials(trials, [t.metrics["mIoU"] for t in trials])
+    protocol = PROTOCOL if config.head == "fcn" else PROTOCOLS[(config.head, ctx.model.backbone.family)]
     return dense.task_output(
         ctx,
         config,
         trials,
         metrics={**metrics, "per_class_iou": trials[-1].extra["per_class"]},
         dataset=dense.dataset_record(ctx.preset.dataset, train, test, fingerprint),
-        protocol=PROTOCOL,
+        protocol=protocol,
         details={
             "align_corners": config.align_corners,
             "precision": precision_name(ctx.extract.device, config.amp),
+            **(trials[-1].extra["model"] if config.head != "fcn" else {}),
         },
     )
 
@@ -154,7 +217,7 @@ def _train_and_test(
     from the split) kept besides the mIoU."""
     model, wrapped, optimizer = build_model(trial, config, len(train.classes))
     plan = dense.TrainingPlan(
-        config.iterations, config.window, config.batch_size, config.scaled_lr, config.poly
+        config.iterations, config.window, config.batch_size, config.scaled_lr, config.lr_factor
     )
     augment = SegAugment(config.scale, config.ratio, config.crop, config.cat_max_ratio)
     batches = trial.batches(SegTrainImages(train, augment, trial.seed), len(train), plan, collate_seg)
@@ -166,14 +229,20 @@ def _train_and_test(
         model, test, config, trial.world, trial.device, len(train.classes), imagenet_norm=imagenet_norm
     )
     kept = [None if np.isnan(v) else round(float(v) * 100, 3) for v in per_class]
-    return dense.TrialResult({"mIoU": miou}, history, {"per_class": kept})
+    extra: dict[str, Any] = {"per_class": kept}
+    if config.head != "fcn":
+        extra["model"] = segmentation_vit.model_details(model, config, trial.ctx.model.backbone)
+    return dense.TrialResult({"mIoU": miou}, history, extra)
 
 
 def build_model(
     trial: dense.Trial, config: Config, classes: int
-) -> tuple[nn.Module, nn.Module, torch.optim.SGD]:
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
     """(model, what trains it, its optimizer): FCN heads, drawn from the trial's seed, on a
-    dilated copy of the checkpoint's backbone, prepared for its world (SyncBN, DDP)."""
+    dilated copy of the checkpoint's backbone, prepared for its world (SyncBN, DDP); the
+    ``upernet`` / ``linear`` heads: ``segmentation_vit.build_model``."""
+    if config.head != "fcn":
+        return segmentation_vit.build_model(trial, config, classes)
     torch.manual_seed(trial.seed)  # the heads' initial weights
     model: nn.Module = FCNSegmenter(copy.deepcopy(trial.ctx.model.model), classes, config.align_corners)
     model, wrapped = prepare_for_training(model, trial.world, config.sync_bn)
@@ -213,7 +282,7 @@ def _training_step(
 
 @torch.no_grad()
 def evaluate(
-    model: FCNSegmenter,
+    model: nn.Module,
     split: SegmentationSplit,
     config: Config,
     world: DistInfo,
@@ -222,8 +291,9 @@ def evaluate(
     *,
     imagenet_norm: bool = True,
 ) -> tuple[float, np.ndarray]:
-    """mIoU over ``split`` (this rank's share; confusion matrices summed over ranks);
-    ``imagenet_norm=False``: the images in [0, 1] without mean/std."""
+    """mIoU over ``split`` (this rank's share; confusion matrices summed over ranks) of a
+    segmenter returning (logits, aux) with its ``align_corners``; ``imagenet_norm=False``: the
+    images in [0, 1] without mean/std."""
     model.eval()
     matrix = torch.zeros(classes, classes, dtype=torch.float64, device=device)
     for index in range(world.rank, len(split), world.world_size):
@@ -256,19 +326,71 @@ def _table_values(record: dict[str, Any]) -> dict[str, Any]:
     return {"mIOU": metrics.get("trials") or metrics.get("mIoU")}
 
 
+def _presets_with(head: str) -> str:
+    """The segmentation presets of ``head`` (" / "-joined), for a refusal to name."""
+    from npidbench.tasks import presets
+
+    return " / ".join(
+        sorted(
+            p.name
+            for p in presets().values()
+            if p.family == "segmentation" and p.config.get("head", "fcn") == head
+        )
+    )
+
+
+def _backbone_check(config: Config, backbone: Backbone) -> str | None:
+    """FCN-D8 is the ResNet protocol, UperNet the ViT / ConvNeXt one, the linear head the ViT one
+    (each refusal names the presets to run instead); a ViT's UperNet tests by sliding windows no
+    larger than the crop (its relative position bias covers the crop's grid)."""
+    family = backbone.family
+    instead = {
+        "resnet": f"a resnet runs {_presets_with('fcn')} (FCN-D8)",
+        "vit": f"a vit runs {_presets_with('upernet')} or {_presets_with('linear')}",
+        "convnext": f"a convnext runs {_presets_with('upernet')}",
+    }.get(family, f"a {family} backbone has no segmentation protocol here")
+    if config.head == "fcn" and family != "resnet":
+        return f"head=fcn is FCN-D8, the ResNet protocol (dilated res4 / res5); {instead}"
+    if config.head == "upernet" and family not in ("vit", "convnext"):
+        return f"head=upernet is the ViT / ConvNeXt protocol (mmseg's MAE UperNet, the ConvNeXt repo's); {instead}"
+    if config.head == "linear" and family != "vit":
+        return f"head=linear is DINOv2's linear head on a frozen ViT's patch tokens; {instead}"
+    if (
+        config.head == "upernet"
+        and family == "vit"
+        and (config.test_mode != "slide" or config.slide_crop > config.crop)
+    ):
+        return (
+            "head=upernet on a ViT tests by sliding windows no larger than the crop (its relative "
+            f"position bias covers the crop's grid, as mmseg's MAE): --set test_mode=slide slide_crop={config.crop}"
+        )
+    return None
+
+
 TABLE = TableSpec(
     key="segmentation",
     title="Segmentation",
     columns=("mIOU",),
     values=_table_values,
     default_protocol=PROTOCOL,
-    references={"voc12aug": [npid_reference(("mIOU",), (65.45,))]},
+    references={
+        "voc12aug": [npid_reference(("mIOU",), (65.45,))],
+        # PROTOCOLS-ARCH.md section 3: mmseg configs/mae README, single scale
+        "ade20k": [
+            {
+                "Model": f"MAE ViT-B/16 [{PROTOCOLS[('upernet', 'vit')]}]",
+                "Config": "mmseg upernet_mae-base_fp16_8x2_512x512_160k_ade20k",
+                "mIOU": 48.13,
+            }
+        ],
+    },
 )
 FAMILY = TaskFamily(
     name="segmentation",
-    description="FCN-D8 semantic segmentation fine-tuning (VOC12+aug, Cityscapes); mIoU",
+    description="Segmentation fine-tuning: FCN-D8 (ResNets), UperNet (ViT, ConvNeXt), linear head (frozen ViT); mIoU",
     config=Config,
     run=run,
     tables=(TABLE,),
-    datasets=("voc12aug", "cityscapes"),
+    datasets=("voc12aug", "cityscapes", "ade20k"),
+    backbone_check=_backbone_check,
 )

@@ -72,3 +72,24 @@ def layer_decay_groups(
 
 
 _CONVNEXT_STAGE = re.compile(r"stages\.(\d+)\.(downsample|blocks)\.")
+
+
+def convnext_stage(name: str, num_layers: int, prefix: str = "") -> int:
+    """The layer of parameter ``name`` (timm names, the ConvNeXt at ``prefix``) in the ConvNeXt
+    repo's ``stage_wise`` lr decay (semantic_segmentation/mmcv_custom/
+    layer_decay_optimizer_constructor.py, get_num_layer_stage_wise and add_params, at 048efce):
+    the stem and every downsampling layer (FB ``downsample_layers.i``: timm's ``stem`` and
+    ``stages.i.downsample``) 0, the blocks of stage i (FB ``stages.i``) i + 1, everything else
+    (the stage-output norms, the heads) ``num_layers + 1``. ``num_layers`` is the config's
+    (6 for ConvNeXt-T, 12 for S / B / L / XL): with ``layer_decay_groups(..., depth=num_layers)``
+    the scales are the repo's rate^(num_layers + 1 - layer): stem and downsampling layers
+    rate^(num_layers + 1), stage i rate^(num_layers - i), heads 1."""
+    if not name.startswith(prefix):
+        return num_layers + 1
+    local = name[len(prefix) :]
+    if local.startswith("stem."):
+        return 0
+    found = _CONVNEXT_STAGE.match(local)
+    if found is None:
+        return num_layers + 1
+    return 0 if found[2] == "downsample" else int(found[1]) + 1

@@ -1,10 +1,12 @@
-"""ViT and ConvNeXt checkpoints on the frozen-feature benchmarks, end to end on the embedded
-data: kNN on the backbone's global feature, the VOC07 SVM on its multi-layer features (named in
-the record as no published protocol), the other families refused in one line, `run all`
-skipping them with the reason, and their rows in the report."""
+"""ViT and ConvNeXt checkpoints end to end on the embedded data: kNN on the backbone's global
+feature, the VOC07 SVM on its multi-layer features (named in the record as no published
+protocol), the ResNet protocols refused in one line naming what to run instead, `run all`
+running each family's own protocols (the dense ones included) and skipping the rest with the
+reason, and their rows in the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import replace
@@ -14,7 +16,7 @@ import torch
 
 from npidbench.backbones.convnext import ConvNeXtSpec, build_convnext
 from npidbench.backbones.vit import ViTSpec, build_vit
-from npidbench.tasks import presets
+from npidbench.tasks import family_of, presets
 
 from helpers import cli, one_error_line
 
@@ -59,11 +61,11 @@ def _record(results, task: str) -> dict:
         ),
         (
             "det-voc0712",
-            r"detection does not run on vit backbones \(vit_tiny_patch8_56_depth4\); it runs on: resnet",
+            r"faster-rcnn-c4 detector reads a multi-stage network's maps; a plain ViT runs det-coco-vitdet",
         ),
         (
             "seg-voc12aug",
-            r"segmentation does not run on vit backbones \(vit_tiny_patch8_56_depth4\); it runs on: resnet",
+            r"head=fcn is FCN-D8, the ResNet protocol .*a vit runs seg-ade20k-upernet .*seg-voc12aug-linear",
         ),
     ],
 )
@@ -86,14 +88,33 @@ FROZEN_SUITE = {
 }
 
 
+# ... and the dense protocols written for them
+VIT_DENSE = {
+    "det-coco-vitdet",
+    *(f"seg-{data}-{head}" for data in ("voc12aug", "cityscapes", "ade20k") for head in ("upernet", "linear")),
+}
+CONVNEXT_DENSE = {"det-coco", *(f"seg-{data}-upernet" for data in ("voc12aug", "cityscapes", "ade20k"))}
+# two iterations and two test images: what runs is tested here, the models in test_vitdet.py and
+# test_vit_segmentation.py
+_TWO_STEPS = {"iterations": 2, "window": 1, "warmup": 1, "milestones": [], "epochs": 0, "test_images": 2}
+
+
 @pytest.fixture
 def one_epoch_linear(monkeypatch):
-    """The DINO-protocol probe for one epoch, the low-shot SVM on one sample: these tests check what
-    runs and what the records say; the protocols are tested in test_frozen_linear.py, test_voc_svm.py."""
+    """The DINO-protocol probe for one epoch, the low-shot SVM on one sample, the dense presets for
+    two iterations: these tests check what runs and what the records say; the protocols are tested
+    in test_frozen_linear.py, test_voc_svm.py, test_vitdet.py, test_vit_segmentation.py."""
     preset = presets()["linear-imagenet-dino"]
     monkeypatch.setitem(presets(), preset.name, replace(preset, synthetic={**preset.synthetic, "epochs": 1}))
     svm = presets()["voc-svm"]  # and one low-shot sample per k
     monkeypatch.setitem(presets(), svm.name, replace(svm, synthetic={**svm.synthetic, "lowshot_samples": 1}))
+    for name in VIT_DENSE | CONVNEXT_DENSE:
+        dense = presets()[name]
+        fields = {f.name for f in dataclasses.fields(family_of(dense).config)}
+        short = {k: v for k, v in _TWO_STEPS.items() if k in fields}
+        if "warmup_iters" in fields:
+            short["warmup_iters"] = 0
+        monkeypatch.setitem(presets(), name, replace(dense, synthetic={**dense.synthetic, **short}))
 
 
 def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(
@@ -101,7 +122,7 @@ def test_run_all_on_a_vit_runs_what_it_supports_and_skips_the_rest(
 ):
     assert cli("run", "all", str(vit_file)) == 0
     ran = {json.loads(p.read_text())["task"] for p in results_dir.glob("*.json")}
-    assert ran == FROZEN_SUITE
+    assert ran == FROZEN_SUITE | VIT_DENSE
     knn = _record(results_dir, "knn")  # kNN on the CLS token
     assert knn["details"]["layer"] == "CLS" and knn["details"]["interpolation"] == "bicubic"
     assert knn["model"]["checkpoint"]["arch"] == TINY_VIT.name
@@ -139,7 +160,9 @@ def test_run_all_on_a_convnext_runs_the_frozen_feature_suite(
     records = {
         json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in results_dir.glob("*.json")
     }
-    assert set(records) == FROZEN_SUITE - {"voc-svm"}
+    assert set(records) == (FROZEN_SUITE - {"voc-svm"}) | CONVNEXT_DENSE
+    assert records["det-coco"]["protocol"] == "mask-rcnn-fpn"
+    assert records["seg-voc12aug-upernet"]["protocol"] == "upernet-convnext"
     # a ConvNeXt has one linear input, its pooled last stage through the head norm
     assert records["linear-imagenet-dino"]["metrics"]["head"] == "AvgPool"
     assert records["semisup-imagenet-10pct-logreg"]["details"]["layers"] == ["AvgPool"]
