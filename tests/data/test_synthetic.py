@@ -159,6 +159,21 @@ def test_coco_has_polygons_crowd_rle_and_noncontiguous_ids(suite):
     assert mask.sum() > 0 and split.category_ids == ids
 
 
+def test_dense_scenes_hold_few_large_objects_and_coco_draws_the_pretraining_categories(suite):
+    """The scene mix that makes the dense profiles learn (dense issue): VOC images with one or two
+    objects, COCO objects of the synthetic ImageNet's ten class styles only (the first ten of its
+    20 categories, VOC's under their COCO ids), all 20 listed."""
+    voc = load_detection_split("voc07", "trainval", None)
+    counts = np.bincount([len(image.labels) for image in voc.images])
+    assert counts[1] > counts[2] > 0 and len(counts) <= 3
+    coco = json.loads((dataset_root("coco", None)[0] / "annotations" / "instances_train2017.json").read_text())
+    used = {a["category_id"] for a in coco["annotations"]}
+    listed = [c["id"] for c in coco["categories"]]
+    assert len(listed) == 20 and used == set(listed[:10])
+    areas = [a["area"] / (112 * 84) for a in coco["annotations"] if not a["iscrowd"]]
+    assert np.median(areas) > 0.075  # 0.064 of the image with the former mix of up to 4 objects
+
+
 def test_every_record_of_synthetic_data_says_so():
     split = load_split("imagenet", "val", None)
     assert split.synthetic and split.display_name == "imagenet (synthetic)"

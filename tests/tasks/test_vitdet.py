@@ -177,10 +177,10 @@ def test_det_coco_runs_a_convnext_in_the_fpn_mask_rcnn(tmp_path):
 
 
 def test_width_multiplied_resnets_feed_the_c4_fpn_and_fcn_models_with_their_widths():
-    from checkpoint_zoo import wide_resnet50
-
     from npidbench.transfer.detection import build_detector
     from npidbench.transfer.segmentation import FCNSegmenter
+
+    from checkpoint_zoo import wide_resnet50
 
     wide = wide_resnet50(2, randomise=False)  # SimCLR x2 / SwAV w2: res4 2048, res5 4096 wide
     c4 = build_detector(wide, "c4", 3, (64,), 96, 64)
@@ -193,3 +193,12 @@ def test_width_multiplied_resnets_feed_the_c4_fpn_and_fcn_models_with_their_widt
     assert fcn.head.convs[0][0].in_channels == 4096 and fcn.aux_head.convs[0][0].in_channels == 2048
     with torch.no_grad():
         assert fcn(torch.randn(1, 3, 64, 64))[0].shape == (1, 5, 64, 64)
+
+
+def test_the_coco_table_names_vitdet_rows_by_protocol_with_the_published_references():
+    from npidbench.tasks.detection import COCO_TABLE
+
+    rows = {row["Model"]: row for row in COCO_TABLE.references["coco"]}
+    assert rows["MAE ViT-B [vitdet]"]["mAP(Box)"] == 51.6 and rows["MAE ViT-B [vitdet]"]["mAP(Mask)"] == 45.9
+    assert rows["MAE ViT-L [vitdet]"]["mAP(Box)"] == 55.5 and rows["MAE ViT-L [vitdet]"]["mAP(Mask)"] == 49.2
+    assert COCO_TABLE.default_protocol == "mask-rcnn-fpn"  # a ViTDet record's row is named [vitdet]

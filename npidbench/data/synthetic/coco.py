@@ -13,7 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from npidbench.data.synthetic.render import class_styles, encode_jpeg, random_instance, render, seeded
-from npidbench.data.synthetic.scenes import multi_object_scene
+from npidbench.data.synthetic.scenes import SceneMix, multi_object_scene
 from npidbench.data.voc import VOC_CLASSES
 
 COCO = 6  # dataset number in the image seeds
@@ -49,6 +49,13 @@ class CocoSpec:
     width: int = 112
     height: int = 84
     crowd_probability: float = 0.15
+    # Objects of the first ``categories`` class styles only (the synthetic ImageNet's ten, so that
+    # pretraining on it transfers as ImageNet pretraining does to COCO, and 600 images cover each
+    # often), one to three large ones, so that the detection profile learns within a few hundred
+    # iterations and ranks checkpoints (dense issue; benchmarks/dense_learnability.py). The
+    # annotation files list all 20 categories.
+    categories: int = 10
+    scenes: SceneMix = SceneMix(counts=(1, 2, 3), weights=(0.5, 0.35, 0.15), size=(0.35, 0.65), small_probability=0.05)
 
 
 def mask_polygons(mask: np.ndarray, min_area: float = 2.0) -> list[list[float]]:
@@ -101,7 +108,7 @@ def _crowd(styles, rng: np.random.Generator, height: int, width: int, ids: np.nd
 
 def write_coco(root: Path, spec: CocoSpec, seed: int) -> dict[str, int]:
     """``root/{train,val}2017/<12-digit id>.jpg`` and ``root/annotations/instances_{split}2017.json``."""
-    styles = class_styles(len(VOC_CLASSES))
+    styles = class_styles(len(VOC_CLASSES))[: spec.categories]
     categories = [{"id": cid, "name": name, "supercategory": sup} for cid, name, sup in COCO_CATEGORIES]
     counts = {}
     annotation_id = 0
@@ -112,14 +119,7 @@ def write_coco(root: Path, spec: CocoSpec, seed: int) -> dict[str, int]:
         for n in range(count):
             image_id = 1_000_000 * (split_index + 1) + n + 1
             rng = seeded(seed, COCO, split_index, n)
-            scene = multi_object_scene(
-                styles,
-                rng,
-                spec.height,
-                spec.width,
-                counts=(1, 2, 3, 4),
-                count_weights=(0.35, 0.3, 0.2, 0.15),
-            )
+            scene = multi_object_scene(styles, rng, spec.height, spec.width, spec.scenes)
             pixels = scene.pixels.copy()
             crowd = None
             if rng.random() < spec.crowd_probability:

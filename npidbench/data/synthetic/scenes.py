@@ -33,26 +33,35 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
+@dataclass(frozen=True)
+class SceneMix:
+    """How many objects a multi-object scene holds and how large: ``counts`` drawn with
+    ``weights``, each ``size`` of the short side, or with ``small_probability`` a small one."""
+
+    counts: tuple[int, ...] = (1, 2, 3)
+    weights: tuple[float, ...] = (0.5, 0.32, 0.18)
+    size: tuple[float, float] = (0.3, 0.6)
+    small_probability: float = 0.12
+
+
 def multi_object_scene(
     styles: list[ClassStyle],
     rng: np.random.Generator,
     height: int,
     width: int,
-    counts: tuple[int, ...] = (1, 2, 3),
-    count_weights: tuple[float, ...] = (0.5, 0.32, 0.18),
-    small_probability: float = 0.12,
+    mix: SceneMix = SceneMix(),
     min_visible: int = 6,
 ) -> AnnotatedScene:
-    """1-3 objects of random classes (multi-label images), some small or heavily occluded
-    (difficult, as VOC marks objects that are hard to recognise), some cut by the border
-    (truncated). Objects left with fewer than ``min_visible`` pixels are not annotated."""
-    count = int(rng.choice(counts, p=np.array(count_weights) / sum(count_weights)))
+    """``mix.counts`` objects of random classes (multi-label images), some small (``mix``) or
+    heavily occluded (difficult, as VOC marks objects that are hard to recognise), some cut by
+    the border (truncated). Objects left with fewer than ``min_visible`` pixels are not annotated."""
+    count = int(rng.choice(mix.counts, p=np.array(mix.weights) / sum(mix.weights)))
     instances = []
     for _ in range(count):
         style = styles[int(rng.integers(len(styles)))]
-        small = rng.random() < small_probability
-        size_range = (0.14, 0.22) if small else (0.3, 0.6)
-        instances.append(random_instance(style, rng, height, width, size_range, margin=0.3))
+        small = rng.random() < mix.small_probability
+        sizes = (0.14, 0.22) if small else mix.size
+        instances.append(random_instance(style, rng, height, width, sizes, margin=0.3))
     scene = render(instances, height, width, rng, occlusion=0.3)
     objects = []
     for i, inst in enumerate(instances):

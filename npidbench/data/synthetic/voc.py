@@ -11,7 +11,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from npidbench.data.synthetic.render import class_styles, encode_jpeg, encode_png, seeded
-from npidbench.data.synthetic.scenes import AnnotatedScene, class_mask, multi_object_scene
+from npidbench.data.synthetic.scenes import AnnotatedScene, SceneMix, class_mask, multi_object_scene
 from npidbench.data.voc import VOC_CLASSES, voc_palette
 
 VOC07, VOC12 = 4, 5  # dataset numbers in the image seeds
@@ -27,6 +27,10 @@ class VocSpec:
     aug_extra: int = 400  # SBD images added to the segmentation train list (train_aug)
     width: int = 96
     height: int = 72
+    # One or two large objects (a small one now and then), so that the detection and segmentation
+    # profiles learn within a few hundred iterations at this scale and rank checkpoints (dense
+    # issue; benchmarks/dense_learnability.py), the classification lists still multi-label.
+    scenes: SceneMix = SceneMix(counts=(1, 2), weights=(0.7, 0.3), size=(0.4, 0.7), small_probability=0.05)
 
 
 def _xml(folder: str, image_id: str, scene: AnnotatedScene, width: int, height: int, segmented: bool) -> str:
@@ -110,7 +114,7 @@ def _write_year(
     scenes = {}
     for n, image_id in enumerate(ids):
         rng = seeded(seed, dataset, n)
-        scene = multi_object_scene(styles, rng, spec.height, spec.width)
+        scene = multi_object_scene(styles, rng, spec.height, spec.width, spec.scenes)
         scenes[image_id] = scene
         (year_dir / "JPEGImages" / f"{image_id}.jpg").write_bytes(encode_jpeg(scene.pixels))
         segmented = segmentation is not None and image_id in segmentation
