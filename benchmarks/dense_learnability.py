@@ -42,7 +42,9 @@ def run(task: str, checkpoint: str, trials: int, results: Path) -> tuple[dict, f
 
 
 def trial_values(record: dict, metric: str) -> list[float]:
-    return [t[metric] for t in record["metrics"].get("trials") or [record["metrics"]]]
+    """Every trial's ``metric``: detection lists each trial's metrics, segmentation its mIoU."""
+    trials = record["metrics"].get("trials") or [record["metrics"]]
+    return [t if isinstance(t, float | int) else t[metric] for t in trials]
 
 
 def main() -> None:

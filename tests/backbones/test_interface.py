@@ -65,7 +65,7 @@ def test_a_family_a_backbone_does_not_support_is_refused_naming_who_runs_it(monk
     backbone = backbone_for(torch.nn.Identity(), "toy", "vector-only")
     backbone.check_supports("knn")
     with pytest.raises(
-        BadInput, match=r"detection does not run on vector-only backbones \(toy\); it runs on: resnet"
+        BadInput, match=r"detection does not run on vector-only backbones \(toy\); it runs on: convnext, resnet, vit"
     ):
         backbone.check_supports("detection")
     assert ResNetBackbone.supports is None  # the reference backbone runs every family

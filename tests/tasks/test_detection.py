@@ -433,7 +433,7 @@ def test_det_coco_is_mmdetections_mask_rcnn_1x_as_mmselfsup_ran_it():
     assert config.min_sizes == (640, 672, 704, 736, 768, 800) and config.test_size == 800
     assert config.train_filter == "mmdet"
     synthetic = resolve_config(get_preset("det-coco"), True, [])
-    assert (synthetic.epochs, synthetic.iterations) == (0, 20)  # the embedded data: iterations
+    assert (synthetic.epochs, synthetic.iterations) == (0, 200)  # the embedded data: iterations
 
 
 def test_epoch_schedule_iterations_milestones_and_windows():

@@ -118,7 +118,7 @@ def test_segmentation_runs_resumes_and_reports_trials(random_checkpoint, tmp_pat
     straight = run_preset("seg-voc12aug", random_checkpoint, tmp_path / "a", options)
     assert straight["dataset"]["test"]["images"] == 8
     assert 0 <= straight["metrics"]["mIoU"] <= 100 and len(straight["metrics"]["per_class_iou"]) == 21
-    assert straight["details"]["lr_scaled"] == pytest.approx(0.01 * 2 / 16)
+    assert straight["details"]["lr_scaled"] == pytest.approx(0.02 * 2 / 8)  # the profile's lr at its batch 8
     assert "std" not in straight["metrics"] and "mIoU_std" not in straight["metrics"]  # one trial
 
     saves = interrupt_after_first_window(monkeypatch)
