@@ -74,6 +74,16 @@ def linear_lr(lr: float, batch_size: int, reference_batch: int) -> float:
     return lr * batch_size / reference_batch
 
 
+def linear_warmup(iteration: int, warmup: int, start: float) -> float:
+    """The lr factor of a linear warm-up from ``start`` to 1 over ``warmup`` iterations (1 after):
+    detectron2's WarmupMultiStepLR "linear" and mmcv's LrUpdaterHook 'linear', 1 - (1 - i / n)(1 -
+    ratio), are the same line."""
+    if iteration >= warmup:
+        return 1.0
+    alpha = iteration / warmup
+    return start * (1 - alpha) + alpha
+
+
 def check_at_least_one(config: Any, *names: str) -> None:
     """ValueError naming every one of the settings ``names`` of ``config`` when one is below 1."""
     if min(getattr(config, name) for name in names) < 1:

@@ -165,11 +165,8 @@ class Schedule:
         """Steps x gamma at the milestones times the linear warm-up from ``warmup_factor``
         (detectron2's WarmupMultiStepLR; mmcv's 'linear' warm-up, 1 - (1 - i / n)(1 - ratio), is
         the same line)."""
-        factor = self.gamma ** sum(iteration >= m for m in self.milestones)
-        if iteration < self.warmup:
-            alpha = iteration / self.warmup
-            factor *= self.warmup_factor * (1 - alpha) + alpha
-        return factor
+        steps = self.gamma ** sum(iteration >= m for m in self.milestones)
+        return steps * dense.linear_warmup(iteration, self.warmup, self.warmup_factor)
 
     def record(self) -> dict[str, Any]:
         return {

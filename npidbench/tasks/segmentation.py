@@ -164,10 +164,7 @@ class Config:
         """``poly`` under mmcv's linear warm-up: times 1 - (1 - i / W)(1 - warmup_ratio) for the
         first W = ``warmup_iters`` iterations (mmcv LrUpdaterHook get_warmup_lr); poly alone
         without a warm-up (fcn)."""
-        factor = self.poly(iteration)
-        if iteration < self.warmup_iters:
-            factor *= 1 - (1 - iteration / self.warmup_iters) * (1 - self.warmup_ratio)
-        return factor
+        return self.poly(iteration) * dense.linear_warmup(iteration, self.warmup_iters, self.warmup_ratio)
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:
