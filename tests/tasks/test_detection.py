@@ -434,6 +434,7 @@ def test_det_coco_is_mmdetections_mask_rcnn_1x_as_mmselfsup_ran_it():
     assert config.train_filter == "mmdet"
     synthetic = resolve_config(get_preset("det-coco"), True, [])
     assert (synthetic.epochs, synthetic.iterations) == (0, 200)  # the embedded data: iterations
+    assert synthetic.scaled_lr == pytest.approx(0.02 * 4 / 16)  # the protocol's lr at batch 4
 
 
 def test_epoch_schedule_iterations_milestones_and_windows():
