@@ -199,16 +199,19 @@ def coco_metrics(split: DetectionSplit, outputs: list[tuple[int, dict]], masks: 
     boxes, segms = [], []
     for index, result in outputs:
         image_id = split.images[index].image_id
+        # x, y, width, height in the boxes' float32, as detectron2's COCOEvaluator converts them
+        # (BoxMode.convert, instances_to_coco_json): the same detections score the same AP
+        xywh = result["boxes"].to(torch.float32).clone()
+        xywh[:, 2:] -= xywh[:, :2]
         for k in range(len(result["scores"])):
-            x1, y1, x2, y2 = result["boxes"][k].tolist()
             entry = {
                 "image_id": image_id,
                 "category_id": split.category_ids[int(result["labels"][k]) - 1],
                 "score": float(result["scores"][k]),
             }
-            boxes.append({**entry, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+            boxes.append({**entry, "bbox": xywh[k].tolist()})
             if masks:
-                binary = (result["masks"][k, 0] > 0.5).numpy().astype(np.uint8)
+                binary = (result["masks"][k, 0] >= 0.5).numpy().astype(np.uint8)  # mmdet / detectron2: >=
                 rle = mask_utils.encode(np.asfortranarray(binary))
                 rle["counts"] = rle["counts"].decode("ascii")
                 segms.append({**entry, "segmentation": rle})
