@@ -46,10 +46,10 @@ from npidbench.tables import TableSpec, npid_reference, trial_values
 from npidbench.tasks import dense
 from npidbench.tasks.base import RunContext, TaskFamily, TaskOutput
 from npidbench.training.layer_decay import layer_decay_groups, vit_layer
-from npidbench.training.loop import ResumeState, StepResult
+from npidbench.training.loop import StepResult
 from npidbench.transfer.det_data import DetectionImages, collate_detection
 from npidbench.transfer.detection import NORM_LAYERS, Head, build_detector, parameter_groups, precise_bn
-from npidbench.transfer.detectron2_backend import require_detectron2, run_detectron2
+from npidbench.transfer.detectron2_backend import coco_entry, require_detectron2, run_detectron2, voc_entry
 from npidbench.transfer.vitdet import build_vitdet
 
 PROTOCOLS = {"c4": "faster-rcnn-c4", "fpn": "mask-rcnn-fpn", "vitdet": "vitdet"}
@@ -254,7 +254,7 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     def run_one(trial: dense.Trial) -> dense.TrialResult:
         if config.backend == "detectron2":
             as_iterations = _as_iterations(config, schedule, trial.seed)
-            return dense.TrialResult(_with_detectron2(ctx, as_iterations, train, test, trial.state), [])
+            return dense.TrialResult(*_with_detectron2(ctx, as_iterations, train, test, trial))
         return _train_and_test(trial, config, schedule, kept, test)
 
     fingerprint = _fingerprint(train)
@@ -324,48 +324,46 @@ def refuse_for_detectron2(model: LoadedBackbone) -> None:
 
 
 def _with_detectron2(
-    ctx: RunContext, config: Config, train: DetectionSplit, test: DetectionSplit, state: ResumeState
-) -> dict[str, float]:
+    ctx: RunContext, config: Config, train: DetectionSplit, test: DetectionSplit, trial: dense.Trial
+) -> tuple[dict[str, float], list[dict[str, float]]]:
     """One trial with detectron2 (``config``: ``_as_iterations``): the backbone converted to its
-    names (MoCo's convention), the splits registered under npidbench names, detectron2's trainer
-    (resumable from its own checkpoints in the run's folder). detectron2 applies its own
+    names (MoCo's convention), the splits registered under npidbench names (the test split cut to
+    its ``test_images``, as the built-in backend evaluates it), detectron2's trainer (resumable
+    from its own checkpoints in the run's folder). detectron2 applies its own
     SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
-    output = state.folder / "detectron2"
+    output = trial.state.folder / "detectron2"
     output.mkdir(parents=True, exist_ok=True)
     weights = export_backbone(ctx.model.model, "detectron2", output / "backbone.pkl")
     depth = int(ctx.model.arch.removeprefix("resnet"))
     if train.dataset == "coco":
-        data = {"train": [_coco_entry(train)], "test": [_coco_entry(test)]}
+        data = {"train": [coco_entry(train)], "test": [coco_entry(test, output)]}
     else:
-        data = _voc_entries(ctx, config)
+        data = _voc_entries(ctx, config, test, output)
     return run_detectron2(
-        config, config.head, depth, weights, train.dataset, data, output, list(train.classes)
+        config,
+        config.head,
+        depth,
+        weights,
+        train.dataset,
+        data,
+        output,
+        list(train.classes),
+        trial.device.type,
+        ctx.extract.workers,
     )
 
 
-def _coco_entry(split: DetectionSplit) -> tuple[str, Path, Path]:
-    """register_coco_instances' arguments for ``split``: its name, instances json, image folder."""
-    return (
-        f"npidbench_coco_{split.split}",
-        split.root / "annotations" / f"instances_{split.split}.json",
-        split.root / split.split,
-    )
-
-
-def _voc_entries(ctx: RunContext, config: Config) -> dict[str, list[Any]]:
+def _voc_entries(ctx: RunContext, config: Config, test: DetectionSplit, output: Path) -> dict[str, list[Any]]:
     """register_pascal_voc's arguments (name, VOC year folder, split, year): VOC2007 (+ VOC2012
-    for voc0712) train_split to train, VOC2007 test_split to test."""
+    for voc0712) train_split to train, VOC2007 test_split (its evaluated images) to test."""
     root07, _ = dataset_root("voc07", ctx.data_root)
     train_parts = [("2007", find_year_dir(root07, "2007"))]
     if ctx.preset.dataset == "voc0712":
         root12, _ = dataset_root("voc12", ctx.data_root)
         train_parts.append(("2012", find_year_dir(root12, "2012")))
-    test_name = f"npidbench_voc2007_{config.test_split}"
     return {
-        "train": [
-            (f"npidbench_voc{y}_{config.train_split}", d, config.train_split, y) for y, d in train_parts
-        ],
-        "test": [(test_name, find_year_dir(root07, "2007"), config.test_split, "2007")],
+        "train": [voc_entry(d, config.train_split, y) for y, d in train_parts],
+        "test": [voc_entry(find_year_dir(root07, "2007"), config.test_split, "2007", test, output)],
     }
 
 
