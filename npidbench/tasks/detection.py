@@ -329,8 +329,9 @@ def _with_detectron2(
     """One trial with detectron2 (``config``: ``_as_iterations``): the backbone converted to its
     names (MoCo's convention), the splits registered under npidbench names (the test split cut to
     its ``test_images``, as the built-in backend evaluates it), detectron2's trainer (resumable
-    from its own checkpoints in the run's folder). detectron2 applies its own
-    SOLVER.WEIGHT_DECAY_NORM (0.0) and filter of empty images."""
+    from its own checkpoints in the run's folder). The preset's norm weight decay goes in as
+    SOLVER.WEIGHT_DECAY_NORM; the training images are detectron2's own choice (at least one
+    non-crowd object), whatever ``train_filter`` says."""
     output = trial.state.folder / "detectron2"
     output.mkdir(parents=True, exist_ok=True)
     weights = export_backbone(ctx.model.model, "detectron2", output / "backbone.pkl")
