@@ -207,3 +207,32 @@ def test_detectron2_backend_resumes_a_killed_run_to_the_same_metrics(
     assert saved == [0, 1, 2, 3]  # the resumed run started at iteration 2
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["details"]["history"][0][0]["iterations"] == 2
+
+
+def test_a_backbone_detectron2_did_not_load_as_converted_is_refused(tmp_path):
+    """check_backbone_loaded: equal tensors pass; a tensor left at its initial value, one the
+    built model lacks, or one the checkpoint lacks is one line (a silent random layer otherwise)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from npidbench.transfer.detectron2_backend import check_backbone_loaded
+
+    bottom_up = nn.Module()
+    bottom_up.stem = nn.Conv2d(3, 4, 3)
+    model = SimpleNamespace(backbone=SimpleNamespace(bottom_up=bottom_up), roi_heads=nn.Module())
+    converted = {k: v.numpy().copy() for k, v in bottom_up.state_dict().items()}
+
+    def check(state: dict) -> None:
+        path = tmp_path / "w.pkl"
+        path.write_bytes(pickle.dumps({"model": state}))
+        check_backbone_loaded(model, path)
+
+    check(converted)
+    with pytest.raises(BadInput, match=r"loaded differently: \['stem.weight'\]"):
+        check({**converted, "stem.weight": converted["stem.weight"] + 1})
+    with pytest.raises(BadInput, match=r"not in detectron2's model: \['res5.0.conv1.weight'\]"):
+        check({**converted, "res5.0.conv1.weight": np.zeros(1)})
+    with pytest.raises(BadInput, match=r"not in the checkpoint: \['stem.bias'\]"):
+        check({"stem.weight": converted["stem.weight"]})
