@@ -5,6 +5,7 @@ evaluation against detectron2's COCOEvaluator on the same detections."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from npidbench.checkpoint.own import npidbench_checkpoint, save_npidbench_checkpoint
 from npidbench.data import load_detection_split
+from npidbench.data.voc import find_year_dir
 from npidbench.errors import BadInput, RunFailed
 from npidbench.metrics_dense import coco_metrics
 from npidbench.runner import resolve_config
@@ -53,12 +55,12 @@ def test_a_cut_test_split_is_registered_as_its_own_files(tmp_path):
     assert cut_name != name
 
     voc = load_detection_split("voc07", "test", None)
-    year_dir = voc.root if (voc.root / "ImageSets").is_dir() else voc.root / "VOC2007"
+    year_dir = find_year_dir(voc.root, "2007")
     voc.images = voc.images[:5]
     _, shadow, split, year = voc_entry(year_dir, "test", "2007", voc, tmp_path)
     assert (split, year) == ("test", "2007")
     listed = (shadow / "ImageSets" / "Main" / "test.txt").read_text().split()
-    assert listed == [image.path.rsplit("/", 1)[-1].rsplit(".", 1)[0] for image in voc.images]
+    assert listed == [Path(image.path).stem for image in voc.images]
     assert (shadow / "Annotations").resolve() == (year_dir / "Annotations").resolve()
 
 
