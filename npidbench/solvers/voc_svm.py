@@ -21,9 +21,17 @@ import numpy as np
 import torch
 
 from npidbench.metrics import average_precision_columns, voc_ap_columns
-from npidbench.solvers.svm import CostSolution, eigen_embedding, gram_matrix, solve_cost_path
+from npidbench.solvers.svm import (
+    CostSolution,
+    FeatureBasis,
+    eigen_embedding,
+    gram_matrix,
+    iter_cost_path,
+    solve_cost_path,
+)
 
 SolverName = Literal["batched", "sklearn"]
+Method = Literal["auto", "gram", "primal"]  # the batched solver's basis: svm.py, pick_method
 Selection = Literal["test", "heldout"]  # what a cost is chosen on: test (published) or held-out trainval
 CostListName = Literal["mms", "fair", "vissl"]
 # User cost lists (PROTOCOLS.md), one per CostListName in its order (zip fails on a missing one):
@@ -43,6 +51,7 @@ LOWSHOT_KS = (1, 2, 4, 8, 16, 32, 64, 96)
 POSITIVE_WEIGHT = 2.0  # class_weight {1: 2, -1: 1} of the anchors
 NEGATIVES_PER_POSITIVE = 19  # low-shot: k positives, 19k negatives per class
 CHUNK_BYTES = 256e6  # low-shot: Gram blocks of one batch of equal-size problems
+COLUMN_BLOCK_ELEMENTS = 8e6  # full SVM: N x columns of one group of classes (class_groups)
 
 
 def cost_list(name: str) -> list[float]:
@@ -128,6 +137,7 @@ class FullProblem:
     train_x: np.ndarray
     train_labels: np.ndarray
     test_x: np.ndarray
+    test_labels: np.ndarray
     costs: Sequence[float]
     folds: int
     classes: list[int]
@@ -150,25 +160,33 @@ def full_svm(
     classes: Sequence[int] | None = None,
     device: str = "cpu",
     jobs: int = 1,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     keep_kernel: bool = False,
+    method: Method = "auto",
 ) -> LayerResult:
-    """VOC07 SVM of one layer: per class, the cost of best mean CV AP; test AP of its refit."""
+    """VOC07 SVM of one layer: per class, the cost of best mean CV AP; test AP of its refit.
+
+    ``method`` (batched solver): gram, primal, or auto (by size, :func:`pick_method`); the two
+    solve the same problems to the same tolerance. ``progress(done, total)`` follows the solves.
+    """
     _check_solver(solver)
+    if method not in get_args(Method):
+        raise ValueError(f"unknown method {method!r}; choose {', '.join(get_args(Method))}")
     classes = list(range(train_labels.shape[1])) if classes is None else list(classes)
     started = time.perf_counter()
-    problem = FullProblem(train_x, train_labels, test_x, costs, folds, classes)
+    problem = FullProblem(train_x, train_labels, test_x, test_labels, costs, folds, classes)
     kernel = None
     if solver == "batched":
-        cv_ap, test_scores, stats, kernel = _full_batched(problem, device, progress)
+        cv_ap, test_ap, stats, kernel = _full_batched(problem, device, progress, method)
     else:
         from npidbench.solvers.voc_svm_sklearn import full_sklearn  # it imports this module
 
-        cv_ap, test_scores, stats = full_sklearn(problem, jobs)
-    # test_scores: (N_test, classes, costs)
-    n_test = test_scores.shape[0]
-    labels = np.repeat(test_labels[:, classes], len(costs), axis=1)
-    test_ap = 100 * voc_ap_columns(test_scores.reshape(n_test, -1), labels).reshape(len(classes), len(costs))
+        cv_ap, test_scores, stats = full_sklearn(problem, jobs)  # (N_test, classes, costs)
+        n_test = test_scores.shape[0]
+        labels = np.repeat(test_labels[:, classes], len(costs), axis=1)
+        test_ap = 100 * voc_ap_columns(test_scores.reshape(n_test, -1), labels).reshape(len(classes), len(costs))
+        if progress is not None:
+            progress(len(costs), len(costs))
     best = choose(cv_ap)
     ap = [float(test_ap[i, j]) for i, j in enumerate(best)]
     return LayerResult(
@@ -218,74 +236,147 @@ def _fold_columns(train_labels: np.ndarray, classes: list[int], folds: int) -> _
     return _FoldColumns(np.stack(ys, 1), np.stack(weights, 1), held_out_labels, fold_cols, refit_cols)
 
 
+def pick_method(n: int, dims: int) -> Literal["gram", "primal"]:
+    """The smaller of the two eigenproblems (svm.py): the N x N Gram matrix while N <= D + 1, the
+    (D + 1) x (D + 1) feature covariance beyond. Each Newton-CG product then also costs
+    O(N min(N, D + 1)) per column. benchmarks/scaling.py measures the crossover."""
+    return "gram" if n <= dims + 1 else "primal"
+
+
+def class_groups(classes: list[int], n: int, folds: int) -> list[list[int]]:
+    """Classes solved together: all of them while N x columns stays under COLUMN_BLOCK_ELEMENTS
+    (VOC07: 5,011 x 80 columns, one group), else groups that keep the solver's (N, columns)
+    working arrays bounded as N grows (COCO's 118k trainval x 80 classes would need ~12 GB)."""
+    per_group = max(1, int(COLUMN_BLOCK_ELEMENTS // (n * (folds + 1))))
+    return [classes[i : i + per_group] for i in range(0, len(classes), per_group)]
+
+
+class _GramSpace:
+    """The dual side: normalised trainval and test features, K = X̃ X̃ᵀ, its eigen-embedding;
+    scores from the dual coefficients β (K β on trainval, T̃ X̃ᵀ β on test)."""
+
+    method = "gram"
+
+    def __init__(self, train_x: np.ndarray, test_x: np.ndarray, device: str) -> None:
+        self.x = normalise(train_x, device)
+        self.gram = gram_matrix(self.x)
+        self.z = eigen_embedding(self.gram.unsqueeze(0), _solver_dtype(device))
+        self.test = normalise(test_x, device)
+
+    def trainval_scores(self, solution: CostSolution) -> np.ndarray:
+        return (self.gram @ solution.beta[0]).cpu().numpy()
+
+    def test_scores(self, solution: CostSolution, columns: list[int]) -> np.ndarray:
+        refit = solution.beta[0][:, columns]  # w = X̃ᵀ β: weights Xᵀ β and bias Σ β
+        return (self.test @ (self.x.T @ refit) + refit.sum(0)).cpu().numpy()
+
+    def kernel(self) -> TrainKernel:
+        return TrainKernel(self.x, self.gram, self.z[0])
+
+
+class _PrimalSpace:
+    """The primal side (svm.FeatureBasis): Z = X̃ V in float32, scores X̃ w with w = V v, every
+    product over row blocks normalised on the fly, so memory stays O(N D) in float32."""
+
+    method = "primal"
+
+    def __init__(self, train_x: np.ndarray, test_x: np.ndarray, device: str) -> None:
+        self.test_x, self.device = test_x, device
+        self.basis = FeatureBasis(
+            lambda a, b: normalise(train_x[a:b], device),
+            train_x.shape[0],
+            train_x.shape[1],
+            device,
+            _solver_dtype(device),
+        )
+        self.z = self.basis.z
+
+    def trainval_scores(self, solution: CostSolution) -> np.ndarray:
+        w = self.basis.weights(solution.v)
+        return np.concatenate([(x @ w).cpu().numpy() for _, x in self.basis.blocks()])
+
+    def test_scores(self, solution: CostSolution, columns: list[int]) -> np.ndarray:
+        w = self.basis.weights(solution.v)[:, columns]
+        out = []
+        for start in range(0, self.test_x.shape[0], self.basis.block):
+            t = normalise(self.test_x[start : start + self.basis.block], self.device)
+            out.append((t @ w[:-1] + w[-1]).cpu().numpy())
+        return np.concatenate(out)
+
+    def kernel(self) -> None:
+        return None  # low-shot builds its own Gram matrix: there is none here to hand over
+
+
 def _full_batched(
-    problem: FullProblem, device: str, progress: Callable[[str], None] | None
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], TrainKernel]:
-    """CV AP (classes, costs), test scores (N_test, classes, costs), the solver's counts and
-    timings, and the trainval kernel."""
-    x = normalise(problem.train_x, device)
-    timings: dict[str, float] = {}
+    problem: FullProblem,
+    device: str,
+    progress: Callable[[int, int], None] | None,
+    method: Method = "auto",
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], TrainKernel | None]:
+    """CV AP (classes, costs), test AP x100 (classes, costs), the solver's counts and timings, and
+    the trainval kernel (the Gram path's only). Each cost is scored as soon as it is solved, group
+    of classes by group, so neither the β of every cost nor every test score is ever held."""
+    n, dims = problem.train_x.shape
+    chosen = pick_method(n, dims) if method == "auto" else method
     t = time.perf_counter()
-    gram = gram_matrix(x)
-    z = eigen_embedding(gram.unsqueeze(0), _solver_dtype(device))
-    timings["gram_eigh_s"] = time.perf_counter() - t
-    columns = _fold_columns(problem.train_labels, problem.classes, problem.folds)
-    labels_t = torch.tensor(columns.labels, device=device).unsqueeze(0)
-    weights_t = torch.tensor(columns.weights, device=device).unsqueeze(0)
-    on_cost = _cost_counter(progress, len(problem.costs))
-    t = time.perf_counter()
-    solutions = solve_cost_path(z, labels_t, weights_t, problem.costs, on_cost=on_cost)
-    timings["solve_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    test = normalise(problem.test_x, device)
-    cv_ap, test_scores = _score_full(solutions, x, gram, test, columns, problem.folds)
-    timings["score_s"] = time.perf_counter() - t
+    space: _GramSpace | _PrimalSpace = (_GramSpace if chosen == "gram" else _PrimalSpace)(
+        problem.train_x, problem.test_x, device
+    )
+    timings = {"basis_s": time.perf_counter() - t, "solve_s": 0.0, "score_s": 0.0}
+    shape = (len(problem.classes), len(problem.costs))
+    cv_ap, test_ap = np.zeros(shape), np.zeros(shape)
+    newton, cg = [0] * len(problem.costs), [0] * len(problem.costs)
+    unconverged = 0
+    groups = class_groups(problem.classes, n, problem.folds)
+    total, done = len(groups) * len(problem.costs), 0
+    row = 0
+    for group in groups:
+        rows = slice(row, row + len(group))
+        row += len(group)
+        columns = _fold_columns(problem.train_labels, group, problem.folds)
+        labels_t = torch.tensor(columns.labels, device=device).unsqueeze(0)
+        weights_t = torch.tensor(columns.weights, device=device).unsqueeze(0)
+        t = time.perf_counter()
+        for j, solution in iter_cost_path(space.z, labels_t, weights_t, problem.costs):
+            timings["solve_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            cv_ap[rows, j], test_ap[rows, j] = _score_cost(space, solution, columns, group, problem)
+            newton[j] += solution.newton_steps
+            cg[j] += solution.cg_iterations
+            unconverged += solution.unconverged
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            timings["score_s"] += time.perf_counter() - t
+            t = time.perf_counter()
     stats = {
-        "newton_steps": [s.newton_steps for s in solutions],
-        "cg_iterations": [s.cg_iterations for s in solutions],
-        "unconverged": sum(s.unconverged for s in solutions),
+        "method": chosen,
+        "class_groups": len(groups),
+        "newton_steps": newton,
+        "cg_iterations": cg,
+        "unconverged": unconverged,
         **{k: round(v, 2) for k, v in timings.items()},
     }
-    return cv_ap, test_scores, stats, TrainKernel(x, gram, z[0])
+    return cv_ap, test_ap, stats, space.kernel()
 
 
-def _cost_counter(progress: Callable[[str], None] | None, total: int) -> Callable[[CostSolution], None]:
-    """solve_cost_path's on_cost: "cost i/total (C=...)" to ``progress``."""
-    done = 0
-
-    def report(solution: CostSolution) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(f"cost {done}/{total} (C={solution.cost:g})")
-
-    return report
-
-
-def _score_full(
-    solutions: list[CostSolution],
-    x: torch.Tensor,
-    gram: torch.Tensor,
-    test: torch.Tensor,
+def _score_cost(
+    space: _GramSpace | _PrimalSpace,
+    solution: CostSolution,
     columns: _FoldColumns,
-    folds: int,
+    group: list[int],
+    problem: FullProblem,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean CV AP (classes, costs) on the fold columns' held-out rows; test scores
-    (N_test, classes, costs) of the refits."""
-    shape = (len(columns.refit_cols), len(solutions))
-    cv_ap = np.zeros(shape)
-    test_scores = np.zeros((test.shape[0], *shape))
-    for j, solution in enumerate(solutions):
-        beta = solution.beta[0]  # (N, columns)
-        trainval_scores = (gram @ beta).cpu().numpy()  # held-out rows give the CV scores
-        cv_ap[:, j] = (
-            average_precision_columns(trainval_scores, columns.held_out)[columns.fold_cols]
-            .reshape(-1, folds)
-            .mean(1)
-        )
-        refit = beta[:, columns.refit_cols]  # w = X̃ᵀ β: weights Xᵀ β and bias Σ β
-        test_scores[:, :, j] = (test @ (x.T @ refit) + refit.sum(0)).cpu().numpy()
-    return cv_ap, test_scores
+    """One cost of one group of classes: mean CV AP on the fold columns' held-out rows, and the
+    refits' test AP x100."""
+    trainval_scores = space.trainval_scores(solution)  # held-out rows give the CV scores
+    cv = (
+        average_precision_columns(trainval_scores, columns.held_out)[columns.fold_cols]
+        .reshape(-1, problem.folds)
+        .mean(1)
+    )
+    test_scores = space.test_scores(solution, columns.refit_cols)
+    return cv, 100 * voc_ap_columns(test_scores, problem.test_labels[:, group])
 
 
 def _solver_dtype(device: str | torch.device) -> torch.dtype:

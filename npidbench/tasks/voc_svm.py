@@ -28,6 +28,7 @@ from npidbench.solvers.voc_svm import (
     LOWSHOT_KS,
     CostListName,
     LayerResult,
+    Method,
     Selection,
     SolverName,
     TrainKernel,
@@ -45,7 +46,8 @@ PROTOCOL = "voc07-svm"
 
 # The solver is part of how a number was made (both reach liblinear's objective; benchmarks/).
 SOLVERS: dict[SolverName, str] = {
-    "batched": "npidbench batched truncated-Newton on the trainval Gram matrix (float64), "
+    "batched": "npidbench batched truncated-Newton in the eigenbasis of the trainval Gram matrix "
+    "(N <= D + 1) or of the feature covariance (N > D + 1; each layer's record names its method), "
     "every class x cost x fold at once",
     "sklearn": "sklearn LinearSVC (liblinear, dual), one fit per class x cost x fold",
 }
@@ -57,6 +59,7 @@ class Config:
     layers: tuple[str, ...] = FEATURE_LAYERS
     costs: CostListName = "mms"  # cost list: mms (default), fair or vissl
     solver: SolverName = "batched"  # batched, or sklearn: the anchors' LinearSVC one fit at a time
+    method: Method = "auto"  # batched solver's basis: gram (N x N), primal (D x D), auto by size
     jobs: int = 1  # sklearn solver: parallel processes (1 = the anchors' way)
     folds: int = 3
     lowshot_ks: tuple[int, ...] = LOWSHOT_KS
@@ -314,9 +317,9 @@ def _full_layer(
             device=ctx.extract.device,
             jobs=config.jobs,
             keep_kernel="lowshot" in config.parts,
-            progress=lambda _message: bar.advance(task),
+            method=config.method,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
-        bar.update(task, completed=len(costs))
     return result
 
 

@@ -10,7 +10,13 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from npidbench.solvers.svm import eigen_embedding, gram_matrix, primal_objective, solve_cost_path
+from npidbench.solvers.svm import (
+    FeatureBasis,
+    eigen_embedding,
+    gram_matrix,
+    primal_objective,
+    solve_cost_path,
+)
 
 COSTS = [100.0, 1.0, 0.5**6, 0.5**19, 10.0]  # deliberately unsorted: results keep this order
 
@@ -38,17 +44,24 @@ def _liblinear(
     return model.coef_.ravel(), float(model.intercept_[0])
 
 
-def _solve(x: torch.Tensor, y: np.ndarray, weights: np.ndarray, costs, **kwargs):
-    z = eigen_embedding(gram_matrix(x)[None], torch.float64)
+def _basis(x: torch.Tensor, method: str) -> torch.Tensor:
+    if method == "gram":
+        return eigen_embedding(gram_matrix(x)[None], torch.float64)
+    return FeatureBasis(lambda a, b: x[a:b], x.shape[0], x.shape[1], dtype=torch.float64).z
+
+
+def _solve(x: torch.Tensor, y: np.ndarray, weights: np.ndarray, costs, method: str = "gram", **kwargs):
+    z = _basis(x, method)
     labels = torch.tensor(y)[None, :, None]
     return solve_cost_path(z, labels, torch.tensor(weights)[None, :, None], costs, **kwargs)
 
 
+@pytest.mark.parametrize("method", ["gram", "primal"])
 @pytest.mark.parametrize(("n", "d"), [(120, 40), (60, 150)], ids=["n>d", "n<d"])
-def test_objective_and_scores_match_a_tightly_converged_liblinear(n, d):
+def test_objective_and_scores_match_a_tightly_converged_liblinear(n, d, method):
     x, y = _problem(n, d, seed=n + d)
     weights = np.where(y > 0, 2.0, 1.0)
-    solutions = _solve(x, y, weights, COSTS, tol=1e-12)
+    solutions = _solve(x, y, weights, COSTS, method, tol=1e-12)
     assert [s.cost for s in solutions] == COSTS
     for solution in solutions:
         w_ref, b_ref = _liblinear(x.numpy(), y, solution.cost)
@@ -100,3 +113,34 @@ def test_bad_shapes_and_costs_are_refused():
         solve_cost_path(z, labels[:, :10], labels[:, :10], [1.0])
     with pytest.raises(ValueError, match="positive"):
         solve_cost_path(z, labels, torch.ones_like(labels), [0.0])
+
+
+def test_the_primal_basis_has_the_gram_bases_kernel_and_diagonal_and_maps_back_to_w():
+    """Z = X̃ V: Z Zᵀ = K = X Xᵀ + 1 and Zᵀ Z diagonal, as the Gram eigen-embedding; the solution's
+    w = V v scores every sample as the dual coefficients do (K β), in any block size."""
+    x, y = _problem(150, 20, seed=11)
+    basis = FeatureBasis(lambda a, b: x[a:b], 150, 20, dtype=torch.float64)
+    basis.block = 7  # many blocks: the sums over them must not depend on where they are cut
+    again = FeatureBasis(lambda a, b: x[a:b], 150, 20, dtype=torch.float64)
+    z = basis.z[0]
+    torch.testing.assert_close(z @ z.T, gram_matrix(x), rtol=0, atol=1e-12)
+    zz = z.T @ z
+    torch.testing.assert_close(zz, torch.diag(torch.diagonal(zz)), rtol=0, atol=1e-10)
+    weights = torch.tensor(np.where(y > 0, 2.0, 1.0))[None, :, None]
+    labels = torch.tensor(y)[None, :, None]
+    (solution,) = solve_cost_path(basis.z, labels, weights, [3.0], tol=1e-12)
+    w = basis.weights(solution.v)
+    torch.testing.assert_close(x @ w[:-1] + w[-1], gram_matrix(x) @ solution.beta[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(again.z, basis.z, rtol=0, atol=1e-12)
+
+
+def test_primal_and_gram_reach_the_same_objective_at_every_cost_in_float32():
+    x, y = _problem(400, 60, seed=12)
+    weights = np.where(y > 0, 2.0, 1.0)
+    labels = torch.tensor(y)[None, :, None]
+    w_t = torch.tensor(weights)[None, :, None]
+    gram = solve_cost_path(eigen_embedding(gram_matrix(x)[None]), labels, w_t, COSTS)
+    primal = solve_cost_path(FeatureBasis(lambda a, b: x[a:b], 400, 60).z, labels, w_t, COSTS)
+    for a, b in zip(gram, primal, strict=True):
+        assert float(b.objective[0, 0]) == pytest.approx(float(a.objective[0, 0]), rel=1e-6)
+        assert a.unconverged == b.unconverged == 0

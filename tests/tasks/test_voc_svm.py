@@ -61,6 +61,35 @@ def test_batched_matches_the_sklearn_path():
     assert 20 < ours.map < 100
 
 
+def test_the_primal_and_gram_methods_give_the_same_protocol_numbers(monkeypatch):
+    """Same problems, two bases: the CV APs, test APs and chosen costs agree; the primal method
+    never forms an N x N matrix, and classes solved in groups equal classes solved together."""
+    import npidbench.solvers.voc_svm as voc
+
+    train_x, train_y = voc_like(300, 5, 24, seed=8)
+    test_x, test_y = voc_like(120, 5, 24, seed=9)
+    costs = cost_list("mms")
+    gram = full_svm(train_x, train_y, test_x, test_y, costs, method="gram")
+    assert voc.pick_method(300, 24) == "primal" and voc.pick_method(300, 299) == "gram"
+
+    def no_gram(*args, **kwargs):
+        raise AssertionError("the primal method formed a Gram matrix")
+
+    monkeypatch.setattr(voc, "gram_matrix", no_gram)
+    primal = full_svm(train_x, train_y, test_x, test_y, costs)  # auto: N > D + 1
+    assert gram.stats["method"] == "gram" and primal.stats["method"] == "primal"
+    np.testing.assert_allclose(primal.cv_ap, gram.cv_ap, atol=1e-6)
+    np.testing.assert_allclose(primal.test_ap, gram.test_ap, atol=1e-4)
+    assert primal.chosen_costs == gram.chosen_costs and primal.map == pytest.approx(gram.map, abs=1e-4)
+    monkeypatch.setattr(voc, "COLUMN_BLOCK_ELEMENTS", 300 * 4 * 2)  # two classes per group
+    grouped = full_svm(train_x, train_y, test_x, test_y, costs)
+    assert grouped.stats["class_groups"] == 3
+    np.testing.assert_allclose(grouped.cv_ap, primal.cv_ap, atol=1e-9)
+    np.testing.assert_allclose(grouped.test_ap, primal.test_ap, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown method"):
+        full_svm(train_x, train_y, test_x, test_y, costs, method="dual")  # type: ignore[arg-type]
+
+
 def test_lowshot_draws_are_seeded_and_never_difficult():
     _, labels = voc_like(400, 3, 4, seed=4)
     a = draw_lowshot(labels, 2, 0, 7, [0, 1, 2])
