@@ -88,8 +88,16 @@ def _kill(processes: list[subprocess.Popen]) -> None:
                 pass
 
 
-def run_two_nodes(args: list[str], env: dict[str, str], logs: Path, timeout: float = 300) -> list[NodeResult]:
-    """Start both nodes' torchrun on ``args`` and wait for both, within ``timeout`` seconds."""
+def run_two_nodes(
+    args: list[str],
+    env: dict[str, str],
+    logs: Path,
+    timeout: float = 300,
+    node_env: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+) -> list[NodeResult]:
+    """Start both nodes' torchrun on ``args`` (``node_env``: what differs between the two hosts'
+    environments) and wait for both, within ``timeout`` seconds. The workers import this
+    checkout's npidbench whatever is installed."""
     env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}
     for attempt in range(2):
         port, run_id = free_port(), f"npidbench-{uuid.uuid4().hex[:12]}"
@@ -104,7 +112,7 @@ def run_two_nodes(args: list[str], env: dict[str, str], logs: Path, timeout: flo
                     [*two_node_command(node, port, run_id, join_timeout=int(timeout)), *args],
                     stdout=out,
                     stderr=err,
-                    env=env,
+                    env={**env, **node_env[node]},
                     cwd=REPO,
                     start_new_session=True,
                 )
@@ -242,3 +250,39 @@ def test_two_nodes_extract_probe_and_pretrain_as_one_process(random_checkpoint, 
         assert distributed_line["loss"] == pytest.approx(single_line["loss"], rel=1e-9)  # all ranks'
     last = torch.load(tmp_path / "pretrain-2nodes" / "last.pth", weights_only=True)
     assert last["meta"]["world_size"] == 2 and last["meta"]["global_batch"] == 8
+
+
+@pytest.mark.slow
+def test_a_feature_cache_local_to_each_node_is_refused_on_every_node(random_checkpoint, tmp_path):
+    """Ranks write their shards into the cache files rank 0 creates: a cache each node keeps
+    for itself fails on both nodes with one line naming the folder, not with a FileNotFoundError
+    on one rank and a peer error (or, with NCCL, a hang) on the other."""
+    from helpers import tiny_imagefolder
+
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=4, split="train", seed=0)
+    tiny_imagefolder(tmp_path / "data" / "imagenet", classes=3, per_class=2, split="val", seed=1)
+    env = {**os.environ, "NPIDBENCH_CACHE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    node_env = (
+        {"NPIDBENCH_CACHE": str(tmp_path / "node0-disk")},
+        {"NPIDBENCH_CACHE": str(tmp_path / "node1-disk")},
+    )
+    command = [
+        "-m",
+        "npidbench.cli",
+        "run",
+        "knn",
+        str(random_checkpoint),
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
+    command += ["--results", str(tmp_path / "results"), "--set", "resize=40", "--set", "crop=32"]
+    nodes = run_two_nodes(command, env, tmp_path / "logs", node_env=node_env)
+    for result in nodes:
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "not one folder shared by every process: rank(s) 1 on" in errors[0], (
+            errors
+        )
+        assert "FileNotFoundError" not in result.stderr and "closed by peer" not in result.stderr
+    assert not list((tmp_path / "results").glob("*.json"))
+    assert not list(tmp_path.glob("node*-disk/**/.shared-check-*"))
