@@ -117,14 +117,13 @@ def run_two_nodes(
                     start_new_session=True,
                 )
             )
-        deadline = time.monotonic() + timeout
+        deadline, hung = time.monotonic() + timeout, False
         try:
             for process in processes:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _kill(processes)
-            tails = "\n".join(err.seek(0) or err.read()[-2000:] for _, err in files)
-            pytest.fail(f"the two-node launch did not finish in {timeout:.0f} s:\n{tails}")
+            hung = True
         results = []
         for process, (out, err) in zip(processes, files, strict=True):
             out.seek(0)
@@ -132,6 +131,9 @@ def run_two_nodes(
             results.append(NodeResult(process.returncode, out.read(), err.read()))
             out.close()
             err.close()
+        if hung:
+            tails = "\n".join(f"node {n}: {r.stderr[-2000:]}" for n, r in enumerate(results))
+            pytest.fail(f"the two-node launch did not finish in {timeout:.0f} s:\n{tails}")
         if attempt == 0 and any("address already in use" in r.stderr.lower() for r in results):
             continue  # someone took the free port before the rendezvous bound it
         return results
