@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,6 +52,51 @@ def current_world(device: str) -> DistInfo:
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), device)
     return DistInfo(0, 1, device)
+
+
+def check_shared_folder(folder: Path, world: DistInfo, what: str, wait_s: float = 2.0) -> None:
+    """Under several processes, ``folder`` must be one folder that all of them see (with several
+    nodes: on a filesystem every node mounts at the same path): rank 0 writes a file there that
+    every rank must read back. Raises BadInput on every rank together otherwise, naming the ranks
+    and hosts that do not see it, before any rank relies on another's files there (without the
+    check a node-local folder fails later with a FileNotFoundError on one rank while the others
+    wait in a collective). ``wait_s``: how long a rank retries before it concludes it cannot see
+    the file (a network filesystem may show a new file a moment late)."""
+    if world.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    from npidbench.errors import BadInput
+
+    folder = Path(folder)
+    shared = [secrets.token_hex(8) if world.is_main else None]
+    dist.broadcast_object_list(shared, src=0)
+    token = shared[0]
+    probe = folder / f".shared-check-{token}"
+    if world.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    answers: list = [None] * world.world_size
+    dist.all_gather_object(answers, (seen, socket.gethostname()))
+    if world.is_main:
+        probe.unlink(missing_ok=True)
+    blind = [f"{rank} on {host}" for rank, (ok, host) in enumerate(answers) if not ok]
+    if blind:
+        raise BadInput(
+            f"the {what} {folder} is not one folder shared by every process: rank(s) {', '.join(blind)} "
+            f"do not see the file rank 0 ({answers[0][1]}) wrote there; on several nodes put it on a "
+            "filesystem every node mounts at the same path (README: Multi-node and SLURM)"
+        )
 
 
 def check_global_batch(batch_size: int, world: DistInfo) -> None:

@@ -21,7 +21,7 @@ from npidbench.cache import FeatureCache
 from npidbench.checkpoint import LoadedBackbone, load_backbone
 from npidbench.config import build_config, config_to_dict, parse_set_options
 from npidbench.data import reads_synthetic_data
-from npidbench.distributed import distributed
+from npidbench.distributed import check_shared_folder, distributed
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions, ExtractStats
 from npidbench.paths import feature_cache_dir, results_dir
@@ -181,6 +181,9 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         patch = backbone.backbone.patch_size
         config = fit_config_to_patches(config, patch, synthetic)
     with distributed(options.device) as world:
+        # Ranks write their shards into the cache files rank 0 creates, and read the resume states
+        # it saves there: with several nodes the cache must be on a shared filesystem.
+        check_shared_folder(cache.root, world, "feature cache (--cache, NPIDBENCH_CACHE)")
         options = replace(options, device=world.device)
         ctx = RunContext(
             preset=preset,

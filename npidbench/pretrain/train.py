@@ -452,8 +452,8 @@ class _Trainer:
             loss = nce_loss(scores, self.z, recipe.temperature, len(self.bank.bank))
         else:
             loss = softmax_loss(scores, recipe.temperature)
-        value = float(loss.detach())
-        if not self._finite_everywhere(value):
+        value = self._global_loss(float(loss.detach()), indices.shape[0])
+        if not math.isfinite(value):
             raise RunFailed(
                 f"the loss became {value} at epoch {self.state.epoch + 1} step {self.state.step + 1}; the last good "
                 f"checkpoints in {self.out_dir} are kept: lower the learning rate (--set lr=...) and continue with "
@@ -479,13 +479,17 @@ class _Trainer:
         dist.all_reduce(total)
         return total[0] / total[1]
 
-    def _finite_everywhere(self, value: float) -> bool:
-        ok = math.isfinite(value)
+    def _global_loss(self, value: float, images: int) -> float:
+        """The step's loss over the global batch (each rank's weighted by its images), so that
+        monitor.jsonl is one process's rather than rank 0's shard; a loss that is not finite on
+        any rank is not finite here on every rank, which all stop at the same step."""
         if self.world.world_size == 1:
-            return ok
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() == 0
+            return value
+        total = torch.tensor(
+            [value * images if images else 0.0, float(images)], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] else float(total[0])
 
     def _gather(self, indices: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's (indices, features), so that every rank's bank gets the same update."""

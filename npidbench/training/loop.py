@@ -244,27 +244,39 @@ class _Training:
             if self.step_seed is not None:
                 torch.manual_seed(mix_seed(self.step_seed, iteration, 5))
             result = self.step(batch)
-            value = self._finite_loss(result, epoch)
+            value, images, correct = self._global_step(result, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             self.optimizer.step()
-            tally.add(result, value)
-            shown = f" acc {tally.top1():.1f}%" if result.correct is not None else ""
-            advance(
-                result.images * self.world.world_size,
-                f"{self.label} ep {epoch + 1}/{self.schedule.epochs} loss {value:.3f}{shown}",
-            )
+            tally.add(images, correct, value)
+            shown = f" acc {tally.top1():.1f}%" if correct is not None else ""
+            advance(images, f"{self.label} ep {epoch + 1}/{self.schedule.epochs} loss {value:.3f}{shown}")
         seconds = time.perf_counter() - started
-        return tally.line(epoch, factor, self.world.world_size, seconds)
+        return tally.line(epoch, factor, seconds)
 
-    def _finite_loss(self, result: StepResult, epoch: int) -> float:
-        value = float(result.loss.detach())
+    def _global_step(self, result: StepResult, epoch: int) -> tuple[float, int, int | None]:
+        """(the step's loss, images and top-1 hits over the whole global batch): under torchrun
+        the ranks' shards are summed (the loss weighted by each shard's images), so the history
+        is one process's rather than rank 0's shard, and a loss that is not finite on any rank
+        stops every rank at the same step instead of leaving the others waiting in DDP's
+        all-reduce."""
+        value, images, correct = float(result.loss.detach()), result.images, result.correct
+        if self.world.world_size > 1:
+            totals = torch.tensor(
+                [value * images if images else 0.0, float(images), float(correct or 0)],
+                dtype=torch.float64,
+                device=self.world.device,
+            )
+            totals = all_reduce_sum(totals, self.world).tolist()
+            value = totals[0] / totals[1] if totals[1] else totals[0]
+            images = int(totals[1])
+            correct = int(totals[2]) if correct is not None else None
         if not math.isfinite(value):
             raise RunFailed(
                 f"{self.label}: the loss became {value} in epoch {epoch + 1}; lower the learning rate "
                 "with --set and run again (finished epochs are kept and resumed)"
             )
-        return value
+        return value, images, correct
 
     def save(self, state: ResumeState, epoch: int, history: list[dict[str, Any]]) -> None:
         """The state after ``epoch``: a rerun continues with the next one."""
@@ -287,23 +299,24 @@ class _Tally:
     loss_sum: float = 0.0
     steps: int = 0
 
-    def add(self, result: StepResult, loss: float) -> None:
-        self.seen += result.images
-        self.correct += result.correct or 0
+    def add(self, images: int, correct: int | None, loss: float) -> None:
+        self.seen += images
+        self.correct += correct or 0
         self.loss_sum += loss
         self.steps += 1
 
     def top1(self) -> float:
         return 100 * self.correct / max(self.seen, 1)
 
-    def line(self, epoch: int, factor: float, world_size: int, seconds: float) -> dict[str, Any]:
-        """The epoch's history line (``factor``: the lr factor of its last step)."""
+    def line(self, epoch: int, factor: float, seconds: float) -> dict[str, Any]:
+        """The epoch's history line (``factor``: the lr factor of its last step; every count is
+        over all ranks)."""
         return {
             "epoch": epoch + 1,
             "lr_factor": round(factor, 10),
             "loss": round(self.loss_sum / max(self.steps, 1), 5),
             "train_top1": round(self.top1(), 3),
-            "images_per_s": round(self.seen * world_size / seconds, 1) if seconds > 0 else 0.0,
+            "images_per_s": round(self.seen / seconds, 1) if seconds > 0 else 0.0,
         }
 
 
