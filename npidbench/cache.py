@@ -43,6 +43,10 @@ DEFAULT_DTYPE = "float32"
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values would be stored as inf
 
 
+class OutOfFloat16Range(BadInput):
+    """A feature too large for float16 storage: the job is discarded (it could never finish)."""
+
+
 def check_storage_dtype(dtype: str) -> str:
     """``dtype`` if it is a storage dtype; else BadInput naming the choices."""
     if dtype not in STORAGE_DTYPES:
@@ -237,7 +241,7 @@ def _check_float16_range(features: dict[str, np.ndarray], layers: list[str]) -> 
     for layer in layers:
         values = features[layer]
         if values.size and (peak := float(np.nanmax(np.abs(values)))) > FLOAT16_MAX:
-            raise BadInput(
+            raise OutOfFloat16Range(
                 f"{layer} features reach {peak:.4g}, beyond float16's range (65504): "
                 "extract them with --cache-dtype float32"
             )
@@ -350,6 +354,11 @@ class ExtractionJob:
         state = {"done": done, "skipped": self.skipped}
         atomic_write_text(self.path / f"progress-rank{self.rank}.json", json.dumps(state))
         self._last_commit = now
+
+    def discard(self) -> None:
+        """Rank 0: remove a job that cannot complete (nothing of it is worth resuming)."""
+        self._arrays.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def finalize(self, extra_meta: dict[str, Any]) -> None:
         """Rank 0, after every rank committed: move each layer into its own complete entry."""

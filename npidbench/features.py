@@ -22,6 +22,7 @@ from npidbench.cache import (
     CachedFeatures,
     FeatureCache,
     FeatureKey,
+    OutOfFloat16Range,
     check_storage_dtype,
     entry_bytes,
 )
@@ -147,7 +148,12 @@ def extract(
         resume = job.resume_row()
         if resume > begin:
             log(f"resuming extraction at image {resume:,} of {end:,}")
-        _run_forward(backbone, split, transform, job, resume, end, options, stats)
+        try:
+            _run_forward(backbone, split, transform, job, resume, end, options, stats)
+        except OutOfFloat16Range:
+            if rank == 0:
+                job.discard()  # it would refuse again on every resume: `cache ls` must not offer it
+            raise
         job.commit(end, force=True)
         if world > 1:
             dist.barrier()
