@@ -35,6 +35,29 @@ from npidbench.errors import BadInput
 EXTRACTOR_VERSION = 1  # bump when pooling, layers or preprocessing change
 COMMIT_EVERY_S = 2.0  # how often progress is flushed: at most this much work is redone on resume
 
+# How features are stored (``npidbench run --cache-dtype``): float32 as computed, or float16 at
+# half the bytes (ResNet-50 Feature1..5 + AvgPool of ImageNet train: 236 GB -> 118 GB). Readers
+# upcast float16 rows where they compute (the solvers work in float32 / float64).
+STORAGE_DTYPES = ("float32", "float16")
+DEFAULT_DTYPE = "float32"
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values would be stored as inf
+
+
+class OutOfFloat16Range(BadInput):
+    """A feature too large for float16 storage: the job is discarded (it could never finish)."""
+
+
+def check_storage_dtype(dtype: str) -> str:
+    """``dtype`` if it is a storage dtype; else BadInput naming the choices."""
+    if dtype not in STORAGE_DTYPES:
+        raise BadInput(f"--cache-dtype {dtype} is not supported; choose {' or '.join(STORAGE_DTYPES)}")
+    return dtype
+
+
+def entry_bytes(rows: int, dims: dict[str, int], dtype: str = DEFAULT_DTYPE) -> int:
+    """Bytes of the entries of ``dims`` for ``rows`` images: features plus int64 labels."""
+    return rows * (sum(dims.values()) * np.dtype(dtype).itemsize + 8 * len(dims))
+
 
 @dataclass(frozen=True)
 class FeatureKey:
@@ -49,14 +72,23 @@ class FeatureKey:
     transform: str
     layer: str
     extractor_version: int = EXTRACTOR_VERSION
+    dtype: str = DEFAULT_DTYPE  # storage dtype: a float16 entry never serves a float32 request
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that name the entry. ``dtype`` only when it is not float32, so the entries
+        and interrupted jobs written before storage dtypes existed keep their digests."""
+        fields = asdict(self)
+        if fields["dtype"] == DEFAULT_DTYPE:
+            del fields["dtype"]
+        return fields
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:32]
 
     def group(self) -> str:
-        """Every layer of one (checkpoint, data, split, transform): one forward pass makes them all,
-        so they share one lock and one job folder."""
-        fields = {k: v for k, v in asdict(self).items() if k != "layer"}
+        """Every layer of one (checkpoint, data, split, transform, dtype): one forward pass makes
+        them all, so they share one lock and one job folder."""
+        fields = {k: v for k, v in self.identity().items() if k != "layer"}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -65,7 +97,7 @@ class CachedFeatures:
     """A complete cache entry, memory-mapped read-only."""
 
     key: FeatureKey
-    features: np.ndarray  # (N, D) float32
+    features: np.ndarray  # (N, D) in the key's storage dtype (float32 or float16), memory-mapped
     labels: np.ndarray  # (N,) int64
     path: Path
     skipped: list[dict[str, Any]] = field(default_factory=list)  # unreadable images (--skip-corrupt)
@@ -77,6 +109,10 @@ class CachedFeatures:
         mask[[s["index"] for s in self.skipped]] = False
         return mask
 
+    def rows(self, index: Any = slice(None)) -> np.ndarray:
+        """Rows ``index`` of the features as float32 (a float16 entry upcast; always a copy)."""
+        return np.array(self.features[index], dtype=np.float32)
+
 
 @dataclass
 class EntryInfo:
@@ -86,6 +122,11 @@ class EntryInfo:
     path: Path
     meta: dict[str, Any]
     bytes: int
+
+    @property
+    def dtype(self) -> str:
+        """The storage dtype (entries written before dtypes were recorded are float32)."""
+        return self.meta.get("key", {}).get("dtype", DEFAULT_DTYPE)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -148,16 +189,22 @@ class FeatureCache:
                     fcntl.flock(lock, fcntl.LOCK_UN)
         return removed, freed
 
-    def check_space(self, needed: int, what: str) -> None:
-        """Refuse before extracting when the cache's disk cannot hold the result."""
+    def check_space(self, needed: int, what: str, dtype: str = DEFAULT_DTYPE, layers: int = 1) -> None:
+        """Refuse before extracting when the cache's disk cannot hold the result: the refusal
+        names the size and what shrinks it (float16 storage, fewer of the ``layers`` asked)."""
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         margin = 256 * 1024**2
         if needed + margin > free:
+            fixes = []
+            if dtype != "float16":
+                fixes.append(f"--cache-dtype float16 halves it (to about {_human(needed / 2)})")
+            if layers > 1:
+                fixes.append("asking for fewer layers shrinks it (e.g. --set layers=AvgPool,Feature5)")
+            fixes.append("or point NPIDBENCH_CACHE / --cache at a larger disk")
             raise BadInput(
-                f"extracting {what} needs {_human(needed)} in the feature cache but {self.root} "
-                f"has {_human(free)} free; extract fewer layers (e.g. --set layers=AvgPool,Feature5) "
-                "or point NPIDBENCH_CACHE / --cache at a larger disk"
+                f"extracting {what} needs {_human(needed)} ({dtype}) in the feature cache but "
+                f"{self.root} has {_human(free)} free; {', '.join(fixes)}"
             )
 
     @contextlib.contextmanager
@@ -189,6 +236,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _check_float16_range(features: dict[str, np.ndarray], layers: list[str]) -> None:
+    """float16 holds |x| <= 65504; a larger feature would be stored as inf: refuse instead."""
+    for layer in layers:
+        values = features[layer]
+        if values.size and (peak := float(np.nanmax(np.abs(values)))) > FLOAT16_MAX:
+            raise OutOfFloat16Range(
+                f"{layer} features reach {peak:.4g}, beyond float16's range (65504): "
+                "extract them with --cache-dtype float32"
+            )
+
+
 def _human(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if nbytes < 1024 or unit == "TB":
@@ -213,6 +271,7 @@ class ExtractionJob:
         self.cache, self.path, self.keys = cache, path, keys
         self.rows, self.dims, self.world_size, self.rank = rows, dims, world_size, rank
         self.layers = [k.layer for k in keys]
+        self.dtype = np.dtype(keys[0].dtype)  # one forward pass, one group: one storage dtype
         self.skipped: list[dict[str, Any]] = []  # this rank's unreadable images (when skipping)
         self._arrays: dict[str, np.memmap] = {}
         self._last_commit = time.monotonic()
@@ -220,7 +279,7 @@ class ExtractionJob:
     # -- set-up -----------------------------------------------------------------------------
     def description(self) -> dict[str, Any]:
         return {
-            "keys": [asdict(k) for k in self.keys],
+            "keys": [k.identity() for k in self.keys],  # as before dtypes: old jobs still resume
             "rows": self.rows,
             "dims": self.dims,
             "world_size": self.world_size,
@@ -241,7 +300,7 @@ class ExtractionJob:
         self.path.mkdir(parents=True)
         for layer in self.layers:
             np.lib.format.open_memmap(
-                self.path / f"{layer}.npy", mode="w+", dtype=np.float32, shape=(self.rows, self.dims[layer])
+                self.path / f"{layer}.npy", mode="w+", dtype=self.dtype, shape=(self.rows, self.dims[layer])
             )
         np.lib.format.open_memmap(self.path / "labels.npy", mode="w+", dtype=np.int64, shape=(self.rows,))
         atomic_write_text(job_file, json.dumps(self.description()))
@@ -275,8 +334,10 @@ class ExtractionJob:
             return
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         where = slice(lo, hi) if hi - lo == len(rows) else rows
+        if self.dtype == np.float16:
+            _check_float16_range(features, self.layers)
         for layer in self.layers:
-            self._arrays[layer][where] = features[layer]
+            self._arrays[layer][where] = features[layer]  # float16: rounded to nearest
         self._arrays["labels"][where] = labels
 
     def skip(self, index: int, path: str, reason: str) -> None:
@@ -293,6 +354,11 @@ class ExtractionJob:
         state = {"done": done, "skipped": self.skipped}
         atomic_write_text(self.path / f"progress-rank{self.rank}.json", json.dumps(state))
         self._last_commit = now
+
+    def discard(self) -> None:
+        """Rank 0: remove a job that cannot complete (nothing of it is worth resuming)."""
+        self._arrays.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def finalize(self, extra_meta: dict[str, Any]) -> None:
         """Rank 0, after every rank committed: move each layer into its own complete entry."""

@@ -292,6 +292,13 @@ def run_command(
             "--skip-corrupt", help="Leave out unreadable images (listed in the record) instead of stopping."
         ),
     ] = False,
+    cache_dtype: Annotated[
+        str,
+        typer.Option(
+            "--cache-dtype",
+            help="Store cached features as float32 or float16 (half the disk; a separate cache entry).",
+        ),
+    ] = "float32",
 ) -> None:
     """Run one benchmark and print the path of the record it wrote (`run all CKPT`: every
     benchmark whose data is present, one record path per line, a summary on stderr)."""
@@ -313,6 +320,7 @@ def run_command(
         branch=branch,
         trust_pickle=trust_pickle,
         skip_corrupt=skip_corrupt,
+        cache_dtype=cache_dtype,
     )
     if task == "all":
         _run_all(request)
@@ -467,10 +475,12 @@ def cache_ls(cache: CacheOpt = None, as_json: Annotated[bool, typer.Option("--js
     store = FeatureCache(feature_cache_dir(cache))
     entries = store.entries()
     if as_json:
-        stdout.print_json(json.dumps([{"digest": e.digest, "bytes": e.bytes, **e.meta} for e in entries]))
+        stdout.print_json(
+            json.dumps([{"digest": e.digest, "bytes": e.bytes, "dtype": e.dtype, **e.meta} for e in entries])
+        )
         return
     table = Table(title=f"Feature cache: {store.root}")
-    for column in ("checkpoint", "arch", "dataset", "split", "layer", "rows x dim", "size"):
+    for column in ("checkpoint", "arch", "dataset", "split", "layer", "rows x dim", "dtype", "size"):
         table.add_column(column)
     for entry in entries:
         key = entry.meta["key"]
@@ -482,6 +492,7 @@ def cache_ls(cache: CacheOpt = None, as_json: Annotated[bool, typer.Option("--js
             key["split"],
             key["layer"],
             f"{entry.meta['rows']:,} x {entry.meta['dim']:,}",
+            entry.dtype,
             _human(entry.bytes),
         )
     stdout.print(table)

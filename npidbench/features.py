@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from npidbench.cache import CachedFeatures, FeatureCache, FeatureKey
+from npidbench.cache import (
+    DEFAULT_DTYPE,
+    CachedFeatures,
+    FeatureCache,
+    FeatureKey,
+    OutOfFloat16Range,
+    check_storage_dtype,
+    entry_bytes,
+)
 from npidbench.checkpoint import LoadedBackbone
 from npidbench.data.images import EvalTransform, ImageList, collate, normalize_batch
 from npidbench.data.splits import DatasetSplit
@@ -27,12 +35,17 @@ from npidbench.progress import log, make_progress
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How to run the forward pass (the CLI's --device, --workers, --batch-size)."""
+    """How to run the forward pass and store its output (the CLI's --device, --workers,
+    --eval-batch-size, --skip-corrupt, --cache-dtype)."""
 
     device: str = "cpu"
     workers: int = 0  # decoding worker processes (the runner picks a default per machine)
     batch_size: int = 64
     skip_corrupt: bool = False  # the user's explicit opt-in: unreadable images are skipped, listed
+    cache_dtype: str = DEFAULT_DTYPE  # float16: half the cache's bytes (part of the cache key)
+
+    def __post_init__(self) -> None:
+        check_storage_dtype(self.cache_dtype)
 
 
 @dataclass
@@ -43,6 +56,7 @@ class ExtractStats:
     images: int = 0
     seconds: float = 0.0
     layers: list[str] = field(default_factory=list)
+    cache_dtype: str | None = None  # the storage dtype of the features read (None: none read)
 
     @property
     def images_per_second(self) -> float:
@@ -58,7 +72,11 @@ def _stem_suffix(cifar_stem: bool, padding: int | None) -> str:
 
 
 def feature_keys(
-    backbone: LoadedBackbone, split: DatasetSplit, transform: EvalTransform, layers: Sequence[str]
+    backbone: LoadedBackbone,
+    split: DatasetSplit,
+    transform: EvalTransform,
+    layers: Sequence[str],
+    dtype: str = DEFAULT_DTYPE,
 ) -> list[FeatureKey]:
     info = backbone.inspection
     return [
@@ -73,6 +91,7 @@ def feature_keys(
             # every other key is the transform's fingerprint as before.
             transform=transform.fingerprint_for(imagenet_norm=backbone.input_normalised),
             layer=layer,
+            dtype=dtype,
         )
         for layer in layers
     ]
@@ -94,7 +113,8 @@ def extract(
     """
     stats = stats if stats is not None else ExtractStats()
     backbone.backbone.check_layers(layers)
-    keys = feature_keys(backbone, split, transform, layers)
+    keys = feature_keys(backbone, split, transform, layers, options.cache_dtype)
+    stats.cache_dtype = options.cache_dtype
     if not _missing(cache, keys):
         return _cache_hit(cache, keys, split, options)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -110,8 +130,12 @@ def extract(
         stats.cache_hit = False
         exposed = backbone.backbone.layers()
         dims = {k.layer: exposed[k.layer].dim for k in missing}
-        needed = len(split) * (sum(dims.values()) * 4 + 8)
-        cache.check_space(needed, f"{'+'.join(dims)} for {len(split):,} {split.display_name} images")
+        cache.check_space(
+            entry_bytes(len(split), dims, options.cache_dtype),
+            f"{'+'.join(dims)} for {len(split):,} {split.display_name} images",
+            options.cache_dtype,
+            layers=len(dims),
+        )
         started = time.perf_counter()
         job = cache.job(missing, len(split), dims, world, rank)
         if rank == 0:
@@ -124,7 +148,12 @@ def extract(
         resume = job.resume_row()
         if resume > begin:
             log(f"resuming extraction at image {resume:,} of {end:,}")
-        _run_forward(backbone, split, transform, job, resume, end, options, stats)
+        try:
+            _run_forward(backbone, split, transform, job, resume, end, options, stats)
+        except OutOfFloat16Range:
+            if rank == 0:
+                job.discard()  # it would refuse again on every resume: `cache ls` must not offer it
+            raise
         job.commit(end, force=True)
         if world > 1:
             dist.barrier()

@@ -50,6 +50,7 @@ class RunRequest:
     branch: str | None = None
     trust_pickle: bool = False
     skip_corrupt: bool = False  # explicit opt-in: unreadable images are left out and listed
+    cache_dtype: str = "float32"  # feature-cache storage: float16 halves its bytes
     batch_size: int | None = None  # the old name of eval_batch_size (deprecated)
 
     def __post_init__(self) -> None:
@@ -207,13 +208,21 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         model=model_entry(request, backbone, output),
         metrics=output.metrics,
         protocol=output.protocol,
-        variant=protocol_variant(preset, synthetic, config, patch),
+        variant=_with_cache_dtype(protocol_variant(preset, synthetic, config, patch), ctx.extract_stats),
         config=config_to_dict(config),
         seeds=output.seeds,
         timings=timings(total, ctx.extract_stats),
-        details=record_details(output, preset, synthetic, options, world.world_size),
+        details=record_details(output, preset, synthetic, options, world.world_size, ctx.extract_stats),
     )
     return store.write(record)
+
+
+def _with_cache_dtype(variant: str, stats: ExtractStats) -> str:
+    """A run on float16-stored features is named so (``cache_dtype=float16``): its numbers may
+    differ a little from float32 ones, so the report keeps its rows apart, as it does bf16's."""
+    if stats.cache_dtype in (None, "float32"):
+        return variant
+    return ",".join(part for part in (variant, f"cache_dtype={stats.cache_dtype}") if part)
 
 
 def check_inputs(request: RunRequest, preset: Preset) -> None:
@@ -236,6 +245,7 @@ def extract_options(request: RunRequest) -> ExtractOptions:
         workers=default_workers(device) if request.workers is None else request.workers,
         batch_size=request.eval_batch_size or (256 if device.startswith("cuda") else 64),
         skip_corrupt=request.skip_corrupt,
+        cache_dtype=request.cache_dtype,
     )
 
 
@@ -277,8 +287,14 @@ def timings(total: float, stats: ExtractStats) -> dict[str, Any]:
 
 
 def record_details(
-    output: TaskOutput, preset: Preset, synthetic: bool, options: ExtractOptions, world_size: int
+    output: TaskOutput,
+    preset: Preset,
+    synthetic: bool,
+    options: ExtractOptions,
+    world_size: int,
+    stats: ExtractStats | None = None,
 ) -> dict[str, Any]:
+    cached = {"cache_dtype": stats.cache_dtype} if stats is not None and stats.cache_dtype else {}
     return {
         # Forward passes in fp32 unless the family says otherwise (bf16 autocast on CUDA).
         "precision": FP32,
@@ -291,4 +307,5 @@ def record_details(
         "world_size": world_size,
         "workers": options.workers,
         "batch_size": options.batch_size,
+        **cached,  # the storage dtype of the cached features the task read
     }

@@ -184,7 +184,10 @@ def test_not_enough_disk_space_is_refused_before_extracting(backbone, split, tmp
 
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: Usage)
     cache = FeatureCache(tmp_path / "cache")
-    with pytest.raises(BadInput, match=r"needs .* free; extract fewer layers"):
+    with pytest.raises(
+        BadInput,
+        match=r"needs .* \(float32\) .* free; --cache-dtype float16 halves it .*, asking for fewer layers",
+    ):
         extract(backbone, split, TRANSFORM, LAYERS, cache, OPTIONS)
     assert not cache.partial_jobs() and not cache.entries()
 

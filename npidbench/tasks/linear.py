@@ -44,6 +44,9 @@ PROTOCOLS = {"augmented": "linear-mhead", "cached": "linear-cached"}
 class Config:
     parts: tuple[str, ...] = PARTS
     mode: Mode = "augmented"  # cached: heads on features extracted once, no augmentation
+    # Which layers to probe (and, cached, to extract and store), e.g. [Feature5, AvgPool]; names
+    # match case-insensitively. Empty: every layer of the parts (Feature1..5 and AvgPool).
+    layers: tuple[str, ...] = ()
     batch_size: int = 256  # global batch; lrs below are for 256 and scaled linearly
     seed: int = 0
     resize: int = 256  # test transform: short side 256, center crop 224
@@ -89,17 +92,43 @@ class Config:
             raise ValueError(f"need 1 <= crop <= resize and train_resize >= crop, got crop {self.crop}")
         if self.avgpool_eval_every < 1:
             raise ValueError("avgpool_eval_every must be at least 1")
+        if len({name.lower() for name in self.layers}) != len(self.layers):
+            raise ValueError(f"layers must be distinct layer names, got {list(self.layers)}")
 
-    def part(self, name: str, backbone: Backbone) -> _Part:
+    def probed(self, backbone: Backbone) -> dict[str, tuple[str, ...]]:
+        """{part: the layers its heads probe}: every layer of each part, or those of ``layers``;
+        a part left with none is not run. Raises BadInput for a name no part has."""
+        offered = {name: self._part_layers(name, backbone) for name in self.parts}
+        if not self.layers:
+            return offered
+        known = {layer.lower(): layer for layers in offered.values() for layer in layers}
+        unknown = [name for name in self.layers if name.lower() not in known]
+        if unknown:
+            raise BadInput(
+                f"--set layers: {', '.join(unknown)} is not a layer of parts={','.join(self.parts)} "
+                f"on {backbone.arch}; choose from {', '.join(known.values())}"
+            )
+        wanted = {known[name.lower()] for name in self.layers}
+        chosen = {
+            name: tuple(layer for layer in layers if layer in wanted) for name, layers in offered.items()
+        }
+        return {name: layers for name, layers in chosen.items() if layers}
+
+    def _part_layers(self, name: str, backbone: Backbone) -> tuple[str, ...]:
+        return backbone.feature_layers if name == "features" else (backbone.default_layer,)
+
+    def part(self, name: str, backbone: Backbone, layers: tuple[str, ...] | None = None) -> _Part:
         """The ``features`` part trains a head per multi-layer feature of ``backbone``
-        (Feature1..5 of a ResNet), the ``avgpool`` part one on its global feature."""
+        (Feature1..5 of a ResNet), the ``avgpool`` part one on its global feature; ``layers``:
+        only those of them (``probed``)."""
+        layers = layers or self._part_layers(name, backbone)
         if name == "features":
             augment = TrainAugment(
                 self.features_augment, self.crop, self.train_resize, self.color_jitter, self.lighting
             )
             return _Part(
                 name,
-                backbone.feature_layers,
+                layers,
                 StepSchedule(self.features_epochs, self.features_milestones, self.gamma),
                 self.features_lr,
                 self.features_weight_decay,
@@ -110,7 +139,7 @@ class Config:
         augment = TrainAugment(self.avgpool_augment, self.crop, self.train_resize, 0.0, 0.0)
         return _Part(
             name,
-            (backbone.default_layer,),
+            layers,
             StepSchedule(self.avgpool_epochs, self.avgpool_milestones, self.gamma),
             self.avgpool_lr,
             self.avgpool_weight_decay,
@@ -151,13 +180,14 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
     world = current_world(ctx.extract.device)
     check_global_batch(config.batch_size, world)
     probe = Probe(ctx, config, train, test, world)
+    probed = config.probed(probe.backbone)  # --set layers=...: only those are extracted and probed
     if config.mode == "cached":  # one forward pass for every part's layers; the parts then hit the cache
-        layers = tuple(layer for name in config.parts for layer in config.part(name, probe.backbone).layers)
+        layers = tuple(layer for name in probed for layer in probed[name])
         for split in (train, test):
             ctx.features(split, probe.test_transform, layers)
     states, histories, metrics = [], {}, {"top1": {}, "top5": {}}
-    for name in config.parts:
-        part = config.part(name, probe.backbone)
+    for name in probed:
+        part = config.part(name, probe.backbone, probed[name])
         identity = run_identity(ctx, config, world.world_size, part=part.name, data=train.fingerprint)
         state = ResumeState(ctx.cache.root, identity, world)
         history = _train_part(probe, part, state)
@@ -177,14 +207,15 @@ def run(ctx: RunContext, config: Config) -> TaskOutput:
         protocol=PROTOCOLS[config.mode],
         seeds=[config.seed],
         details={
-            # cached features come from the fp32 extractor (npidbench.features)
+            # cached features come from the fp32 extractor (npidbench.features); their storage
+            # dtype (--cache-dtype) is the record's details.cache_dtype
             "precision": precision_name(ctx.extract.device, config.amp and config.mode == "augmented"),
             "history": histories,
             "global_batch": config.batch_size,
             "lr_scaled": {
-                name: scaled_lr(config.part(name, probe.backbone).lr, config.batch_size)
-                for name in config.parts
+                name: scaled_lr(config.part(name, probe.backbone).lr, config.batch_size) for name in probed
             },
+            "layers": [layer for name in probed for layer in probed[name]],
         },
     )
 
@@ -372,8 +403,12 @@ def _cached(
 
 
 def _rows(arrays: dict[str, np.ndarray], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's rows as float32 on ``device`` (rows of a float16 cache upcast here, per batch)."""
     index = rows.numpy()
-    return {name: torch.from_numpy(np.ascontiguousarray(a[index])).to(device) for name, a in arrays.items()}
+    return {
+        name: torch.from_numpy(np.ascontiguousarray(a[index])).to(device=device, dtype=torch.float32)
+        for name, a in arrays.items()
+    }
 
 
 def frozen_heads_for(backbone: Backbone, classes: int, layers: tuple[str, ...] | None = None) -> HeadSet:
@@ -403,6 +438,17 @@ TABLE = TableSpec(
         "places205": [npid_reference(LINEAR_COLUMNS[:5], (19.98, 34.86, 41.59, 48.43, 48.71))],
     },
 )
+
+
+def _check_layers(config: Config, backbone: Backbone) -> str | None:
+    """--set layers names a layer no part has: refused before any work (one line, exit 2)."""
+    try:
+        config.probed(backbone)
+    except BadInput as exc:
+        return str(exc)
+    return None
+
+
 FAMILY = TaskFamily(
     name="linear",
     description="Linear probes: Feature1..5 heads in one pass + the AvgPool head; top-1/top-5",
@@ -411,4 +457,5 @@ FAMILY = TaskFamily(
     tables=(TABLE,),
     datasets=("imagenet", "places205", "inat18"),
     protocol_keys=("mode",),  # named by the protocol ("linear-cached"), not repeated as a variant
+    backbone_check=_check_layers,
 )

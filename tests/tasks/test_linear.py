@@ -272,3 +272,66 @@ def test_every_preset_runs_on_the_embedded_data(random_checkpoint, tmp_path, tas
         "iNaturalist2018 Linear Evaluation",
         "ImageNet Semi-Supervised Classification",
     }
+
+
+def test_cached_layers_setting_extracts_stores_and_probes_only_those(random_checkpoint, tiny_root, tmp_path):
+    """--set layers=feature5,avgpool (names in any case): only those two go to disk, per split."""
+    cache = tmp_path / "cache"
+    path = run_task(
+        RunRequest(
+            task="linear-imagenet",
+            checkpoint=random_checkpoint,
+            data_root=tiny_root,
+            set_options=[
+                *SMALL,
+                "mode=cached",
+                "features_epochs=1",
+                "avgpool_epochs=1",
+                "layers=feature5,avgpool",
+            ],
+            results=tmp_path / "results",
+            cache=cache,
+        )
+    )
+    record = json.loads(Path(path).read_text())
+    entries = FeatureCache(cache).entries()
+    assert sorted((e.meta["key"]["layer"], e.meta["key"]["split"]) for e in entries) == [
+        ("AvgPool", "train"),
+        ("AvgPool", "val"),
+        ("Feature5", "train"),
+        ("Feature5", "val"),
+    ]
+    assert set(record["metrics"]["top1"]) == {"Feature5", "AvgPool"}
+    assert record["details"]["layers"] == ["Feature5", "AvgPool"]
+    assert "layers=" in record["variant"]  # a restricted probe is named in the report
+
+
+def test_layers_of_one_part_leave_the_other_part_out(random_checkpoint, tiny_root, tmp_path):
+    ctx = _context(random_checkpoint, tiny_root, tmp_path / "cache")
+    config = _config("linear-imagenet", [*SMALL, "mode=cached", "features_epochs=1", "layers=[Feature4]"])
+    assert config.probed(ctx.backbone.backbone) == {"features": ("Feature4",)}
+    output = linear_task.run(ctx, config)
+    assert set(output.metrics["top1"]) == {"Feature4"} and "avgpool_best_epoch" not in output.metrics
+    assert [e.meta["key"]["layer"] for e in ctx.cache.entries()] == ["Feature4", "Feature4"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["layers=feature6,avgpool"], "--set layers: feature6 is not a layer of parts=features,avgpool"),
+        (["layers=[AvgPool]", "parts=[features]"], "--set layers: AvgPool is not a layer of parts=features"),
+        (["layers=[AvgPool,avgpool]"], "layers must be distinct"),
+    ],
+)
+def test_bad_layer_names_are_refused_with_one_line_exit_2(
+    random_checkpoint, tiny_root, tmp_path, capsys, options, message
+):
+    from helpers import cli, one_error_line
+
+    args = ["run", "linear-imagenet", str(random_checkpoint), "--data-root", str(tiny_root)]
+    args += ["--cache", str(tmp_path / "cache"), "--results", str(tmp_path / "results")]
+    for option in [*options, "mode=cached"]:
+        args += ["--set", option]
+    assert cli(*args) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "cache" / "entries").exists()  # refused before any extraction
