@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
 START, END = "<!-- regenerate.py table: start -->", "<!-- regenerate.py table: end -->"
+SCALING_START, SCALING_END = "<!-- regenerate.py scaling: start -->", "<!-- regenerate.py scaling: end -->"
 VOC_DIR = Path(os.environ.get("NPIDBENCH_VOC_FEATURES", "/tmp/voc-features"))
 
 
@@ -108,6 +109,13 @@ def _voc_svm(out: list[dict]) -> str:
     )
 
 
+def _scaling(out: list[dict]) -> str:
+    stages = out[0]["stages"]
+    worst = max((v["exponent"] for v in stages.values() if v["exponent"] is not None), default=None)
+    svm = stages.get("svm", {}).get("exponent")
+    return f"growth exponents up to {worst} (SVM {svm}); every stage in the scaling table below"
+
+
 PY = sys.executable
 BENCHMARKS = [
     Benchmark(
@@ -156,6 +164,13 @@ BENCHMARKS = [
         ],
         _voc_svm,
     ),
+    Benchmark(
+        "scaling",
+        "every stage at real dataset sizes with generated stand-ins: index, feature cache, kNN, SVM, report",
+        "its own growth: seconds and peak memory against N, fitted exponent",
+        [[PY, str(HERE / "scaling.py"), "--plot", str(RESULTS / "scaling.png")]],
+        _scaling,
+    ),
 ]
 
 
@@ -167,9 +182,10 @@ def run(bench: Benchmark) -> dict:
     outputs = []
     for command in bench.commands:
         print(f"[{bench.name}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        # stderr passes through: the long benchmarks print their progress there
+        proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
-            raise SystemExit(f"{bench.name} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"{bench.name} failed (exit {proc.returncode}; its messages are above)")
         outputs.append(_last_json(proc.stdout))
     kept = {
         "name": bench.name,
@@ -217,13 +233,43 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def scaling_table() -> str:
+    """One row per stage of benchmarks/scaling.py: each size's seconds and peak memory, the
+    exponent and the size it is fitted from."""
+    path = RESULTS / "scaling.json"
+    if not path.exists():
+        return "not measured yet: `python benchmarks/regenerate.py --only scaling`"
+    kept = json.loads(path.read_text())
+    rows = [
+        f"Measured {kept['measured_at'][:10]} on {kept['machine']}, {kept['outputs'][0].get('threads', 1)} torch "
+        "thread(s) per point (`python benchmarks/regenerate.py --only scaling`).",
+        "",
+        "| stage | what | N: seconds, peak memory | exponent (fitted from N) |",
+        "|---|---|---|---|",
+    ]
+    for name, stage in kept["outputs"][0]["stages"].items():
+        points = "; ".join(
+            f"{p['size']:,}: {p['seconds']:.2f} s, {p['peak_anon_mb']:,.0f} MB" for p in stage["points"]
+        )
+        fit = "-" if stage["exponent"] is None else f"{stage['exponent']} (from {stage['fit_from']:,})"
+        rows.append(f"| {name} | {stage['what']} | {points} | {fit} |")
+    rows += ["", "![cost curves](results/scaling.png)"]
+    return "\n".join(rows)
+
+
+def _replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{README} lacks the markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def rewrite_readme() -> None:
-    text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{README} lacks the markers {START} ... {END}")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table()}\n{END}{tail}")
+    text = _replace_between(README.read_text(), START, END, table())
+    if SCALING_START in text:  # benchmarks/README.md has it (a test checks); a trimmed copy may not
+        text = _replace_between(text, SCALING_START, SCALING_END, scaling_table())
+    README.write_text(text)
 
 
 def main() -> None:

@@ -49,6 +49,57 @@ def test_table_from_kept_outputs_and_marked_hand_measured_rows(tmp_path, monkeyp
     assert sum("not measured yet" in r for r in rows) == len(regenerate.BENCHMARKS) - 2
 
 
+def _scaling():
+    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_points_exponents_and_their_table(tmp_path, monkeypatch):
+    """Two real points of two stages (tiny sizes), the fitted exponent, and the README table."""
+    scaling = _scaling()
+    points = []
+    for size in (2_000, 8_000):
+        work = tmp_path / f"places-{size}"
+        work.mkdir()
+        points.append({"size": size, **scaling.POINTS["index-places"](size, work)})
+    assert [p["entries"] for p in points] == [2_000, 8_000] and all(p["seconds"] > 0 for p in points)
+    report = scaling.POINTS["report"](3, tmp_path / "report")
+    assert report["rows"] == 3
+    # the exponent: slope of log seconds on log N, over the sizes from fit_from up
+    made_up = [{"size": n, "seconds": 2e-3 * n**1.5} for n in (10, 100, 1000)]
+    assert scaling.exponent(made_up, 0) == 1.5
+    assert scaling.exponent(made_up[:1] + [{"size": 100, "seconds": 0.2}, {"size": 1000, "seconds": 2.0}], 100) == 1.0
+    assert scaling.exponent(made_up, 1000) is None  # one point is no slope
+    regenerate = _module()
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"{regenerate.START}\n{regenerate.END}\n{regenerate.SCALING_START}\nstale rows\n{regenerate.SCALING_END}\nend\n"
+    )
+    results = tmp_path / "results"
+    results.mkdir()
+    stages = {"index-places": {"what": "list", "points": points, "exponent": 1.01, "fit_from": 0}}
+    kept = {
+        "measured_at": "2026-12-01T00:00:00",
+        "machine": "2 cores",
+        "commands": ["scaling.py --plot results/scaling.png"],
+        "outputs": [{"stages": stages}],
+    }
+    (results / "scaling.json").write_text(json.dumps(kept))
+    monkeypatch.setattr(regenerate, "README", readme)
+    monkeypatch.setattr(regenerate, "RESULTS", results)
+    regenerate.rewrite_readme()
+    text = readme.read_text()
+    assert "stale rows" not in text and text.endswith("end\n")
+    row = next(line for line in text.splitlines() if line.startswith("| index-places"))
+    assert "2,000: " in row and "8,000: " in row and "1.01 (from 0)" in row
+    assert "![cost curves](results/scaling.png)" in text
+    real = (REPO / "benchmarks" / "README.md").read_text()
+    assert regenerate.SCALING_START in real and regenerate.SCALING_END in real
+
+
 def test_compare_records_ignores_timings_and_names_every_changed_number(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
         "compare_records", REPO / "benchmarks" / "compare_records.py"
