@@ -84,3 +84,22 @@ def interrupt_after_first_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(loop.ResumeState, "save", killed_after_first_window)
     return saves
+
+
+def interrupt_extraction_at_third_write(monkeypatch):
+    """Make the feature cache commit after every batch and the third batch's write raise
+    KeyboardInterrupt, as a user's Ctrl-C mid-extraction would. Returns the undo."""
+    from npidbench import cache as cache_module
+    from npidbench.cache import ExtractionJob
+
+    monkeypatch.setattr(cache_module, "COMMIT_EVERY_S", 0.0)
+    original, calls = ExtractionJob.write, {"n": 0}
+
+    def crash_on_third_batch(self, rows, features, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self, rows, features, labels)
+
+    monkeypatch.setattr(ExtractionJob, "write", crash_on_third_batch)
+    return lambda: monkeypatch.setattr(ExtractionJob, "write", original)

@@ -21,7 +21,7 @@ from npidbench.solvers.voc_svm import normalise
 from npidbench.tasks import linear as linear_task
 from npidbench.tasks import semisup_logreg
 
-from helpers import cli, one_error_line, tiny_imagefolder
+from helpers import cli, interrupt_extraction_at_third_write, one_error_line, tiny_imagefolder
 
 TRANSFORM = EvalTransform(36, 32, "center-crop")
 LAYERS = ("Feature2", "AvgPool")
@@ -210,19 +210,10 @@ def test_disk_check_counts_the_dtype_and_names_what_shrinks_it(backbone, split, 
 def test_float16_extraction_resumes_after_an_interruption(backbone, split, tmp_path, monkeypatch):
     reference = extract(backbone, split, TRANSFORM, LAYERS, FeatureCache(tmp_path / "ref"), FP16)
     cache = FeatureCache(tmp_path / "cache")
-    monkeypatch.setattr(cache_module, "COMMIT_EVERY_S", 0.0)
-    original, calls = ExtractionJob.write, {"n": 0}
-
-    def crash_on_third_batch(self, rows, features, labels):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self, rows, features, labels)
-
-    monkeypatch.setattr(ExtractionJob, "write", crash_on_third_batch)
+    undo = interrupt_extraction_at_third_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         extract(backbone, split, TRANSFORM, LAYERS, cache, FP16)
-    monkeypatch.setattr(ExtractionJob, "write", original)
+    undo()
     # A float32 request neither resumes nor disturbs the float16 job: its own group.
     extract(backbone, split, TRANSFORM, ("AvgPool",), cache, FP32)
     assert len(cache.partial_jobs()) == 1

@@ -18,13 +18,13 @@ import torch.multiprocessing as mp
 
 from npidbench import cache as cache_module
 from npidbench.backbones.resnet import MultiLayerFeatures
-from npidbench.cache import ExtractionJob, FeatureCache
+from npidbench.cache import FeatureCache
 from npidbench.checkpoint import load_backbone
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions, ExtractStats, extract
 
-from helpers import tiny_imagefolder
+from helpers import interrupt_extraction_at_third_write, tiny_imagefolder
 
 TRANSFORM = EvalTransform(36, 32, "center-crop")
 LAYERS = ("Feature2", "AvgPool")
@@ -94,24 +94,14 @@ def test_interrupted_extraction_is_never_complete_and_resumes_identically(
 ):
     reference = arrays(extract(backbone, split, TRANSFORM, LAYERS, FeatureCache(tmp_path / "ref"), OPTIONS))
     cache = FeatureCache(tmp_path / "cache")
-    monkeypatch.setattr(cache_module, "COMMIT_EVERY_S", 0.0)
-    original = ExtractionJob.write
-    calls = {"n": 0}
-
-    def crash_on_third_batch(self, rows, features, labels):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        original(self, rows, features, labels)
-
-    monkeypatch.setattr(ExtractionJob, "write", crash_on_third_batch)
+    undo = interrupt_extraction_at_third_write(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         extract(backbone, split, TRANSFORM, LAYERS, cache, OPTIONS)
     assert all(cache.lookup(k) is None for k in _keys(backbone, split))
     (job,) = cache.partial_jobs()
     assert json.loads((job / "progress-rank0.json").read_text())["done"] == 8
 
-    monkeypatch.setattr(ExtractionJob, "write", original)
+    undo()
     stats = ExtractStats()
     resumed = arrays(extract(backbone, split, TRANSFORM, LAYERS, cache, OPTIONS, stats))
     assert stats.images == len(split) - 8  # only the rest was computed

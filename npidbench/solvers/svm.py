@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -339,30 +340,10 @@ def _newton(
 
 
 def solve_cost_path(
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    weights: torch.Tensor,
-    costs: Sequence[float],
-    *,
-    tol: float = 1e-8,
-    head: int = 128,
-    max_newton: int = 60,
-    max_cg: int = 300,
-    on_cost: Callable[[CostSolution], None] | None = None,
+    z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, costs: Sequence[float], **options: Any
 ) -> list[CostSolution]:
-    """Solve every column at every cost; results in the order of ``costs``.
-
-    ``z``: (G, N, r) from :func:`eigen_embedding` or :class:`FeatureBasis`; ``labels``: (G, N, m)
-    in {-1, +1}; ``weights``: (G, N, m) >= 0 (class weight x membership). Columns of group g share
-    z[g].
-    """
-    solutions: dict[int, CostSolution] = {}
-    for index, solution in iter_cost_path(
-        z, labels, weights, costs, tol=tol, head=head, max_newton=max_newton, max_cg=max_cg
-    ):
-        solutions[index] = solution
-        if on_cost is not None:
-            on_cost(solution)
+    """Every column at every cost, in the order of ``costs`` (``options``: iter_cost_path's)."""
+    solutions = dict(iter_cost_path(z, labels, weights, costs, **options))
     return [solutions[i] for i in range(len(costs))]
 
 
@@ -377,8 +358,13 @@ def iter_cost_path(
     max_newton: int = 60,
     max_cg: int = 300,
 ) -> Iterator[tuple[int, CostSolution]]:
-    """:func:`solve_cost_path` one cost at a time, in increasing cost order, as (index in
-    ``costs``, solution): a caller that scores each cost at once holds one (N, m) β, not all."""
+    """Solve every column at every cost, one cost at a time in increasing order, yielding (index
+    in ``costs``, solution): a caller that scores each cost at once holds one (N, m) β, not all.
+
+    ``z``: (G, N, r) from :func:`eigen_embedding` or :class:`FeatureBasis`; ``labels``: (G, N, m)
+    in {-1, +1}; ``weights``: (G, N, m) >= 0 (class weight x membership). Columns of group g share
+    z[g].
+    """
     if labels.shape != weights.shape or labels.shape[:2] != z.shape[:2]:
         raise ValueError(
             f"labels {tuple(labels.shape)} / weights {tuple(weights.shape)} do not fit z {tuple(z.shape)}"
