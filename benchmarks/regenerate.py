@@ -248,8 +248,11 @@ def scaling_table() -> str:
         "|---|---|---|---|",
     ]
     for name, stage in kept["outputs"][0]["stages"].items():
+        added = set(stage.get("added", []))  # scaling.py --add-to: measured after the sweep
         points = "; ".join(
-            f"{p['size']:,}: {p['seconds']:.2f} s, {p['peak_anon_mb']:,.0f} MB" for p in stage["points"]
+            f"{p['size']:,}{' (added)' if p['size'] in added else ''}: {p['seconds']:.2f} s, "
+            f"{p['peak_anon_mb']:,.0f} MB"
+            for p in stage["points"]
         )
         fit = "-" if stage["exponent"] is None else f"{stage['exponent']} (from {stage['fit_from']:,})"
         rows.append(f"| {name} | {stage['what']} | {points} | {fit} |")

@@ -25,6 +25,8 @@ not depend on it). The exponent is the slope of
 log seconds on log N over the points from ``fit_from`` up.
 
     python benchmarks/scaling.py [--only svm knn-128] [--quick] [--plot benchmarks/results/scaling.png]
+    python benchmarks/scaling.py --only svm --sizes 118287 --add-to benchmarks/results/scaling.json \
+        --plot benchmarks/results/scaling.png     # one more point into the kept sweep
 
 ``benchmarks/regenerate.py --only scaling`` runs it, keeps its JSON in benchmarks/results/ and
 rewrites the scaling table of benchmarks/README.md.
@@ -470,13 +472,44 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def add_points(kept_path: Path, stage_name: str, sizes: list[int], threads: int, plot_path: Path | None) -> None:
+    """Measure more sizes of one stage into a kept sweep (benchmarks/results/scaling.json, as
+    regenerate.py keeps it) and refit its exponent: a long point (the SVM at COCO size) need not
+    rerun everything. The thread count must be the sweep's, or the points would not compare."""
+    kept = json.loads(kept_path.read_text())
+    output = kept["outputs"][0]
+    if output.get("threads", 1) != threads:
+        raise SystemExit(f"{kept_path} was measured with {output.get('threads', 1)} threads, not {threads}")
+    stage = next(s for s in STAGES if s.name == stage_name)
+    fresh = sweep([Stage(stage.name, tuple(sizes), stage.what, stage.fit_from)], False, threads)[stage.name]
+    entry = output["stages"][stage.name]
+    points = {p["size"]: p for p in entry["points"]}
+    points.update({p["size"]: p for p in fresh["points"]})
+    entry["points"] = [points[size] for size in sorted(points)]
+    entry["exponent"] = exponent(entry["points"], entry["fit_from"])
+    entry["added"] = sorted({*entry.get("added", []), *sizes})  # measured after the sweep, same set-up
+    kept_path.write_text(json.dumps(kept, indent=1) + "\n")
+    if plot_path is not None:
+        plot(output["stages"], plot_path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[s.name for s in STAGES])
     parser.add_argument("--quick", action="store_true", help="the two smallest sizes of each stage")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each point")
     parser.add_argument("--plot", type=Path, default=None, help="draw the curves into this PNG")
+    parser.add_argument(
+        "--add-to", type=Path, default=None, metavar="KEPT_JSON",
+        help="with --only STAGE --sizes N...: measure those sizes into a kept sweep and refit",
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
     args = parser.parse_args()
+    if args.add_to is not None:
+        if not args.only or len(args.only) != 1 or not args.sizes:
+            raise SystemExit("--add-to needs --only with one stage and --sizes")
+        add_points(args.add_to, args.only[0], args.sizes, args.threads, args.plot)
+        return
     stages = [s for s in STAGES if args.only is None or s.name in args.only]
     results = sweep(stages, args.quick, args.threads)
     if args.plot is not None:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -98,6 +100,17 @@ def test_scaling_points_exponents_and_their_table(tmp_path, monkeypatch):
     assert "![cost curves](results/scaling.png)" in text
     real = (REPO / "benchmarks" / "README.md").read_text()
     assert regenerate.SCALING_START in real and regenerate.SCALING_END in real
+    # one more size measured into the kept sweep (its own process), refitted and marked
+    kept["outputs"][0]["threads"] = 1
+    (results / "scaling.json").write_text(json.dumps(kept))
+    scaling.add_points(results / "scaling.json", "index-places", [4_000], 1, None)
+    entry = json.loads((results / "scaling.json").read_text())["outputs"][0]["stages"]["index-places"]
+    assert [p["size"] for p in entry["points"]] == [2_000, 4_000, 8_000] and entry["added"] == [4_000]
+    assert entry["exponent"] == scaling.exponent(entry["points"], 0) != 1.01
+    regenerate.rewrite_readme()
+    assert "4,000 (added): " in readme.read_text()
+    with pytest.raises(SystemExit, match="1 threads, not 2"):
+        scaling.add_points(results / "scaling.json", "index-places", [4_000], 2, None)
 
 
 def test_compare_records_ignores_timings_and_names_every_changed_number(tmp_path, capsys):
