@@ -255,8 +255,6 @@ class _GramSpace:
     """The dual side: normalised trainval and test features, K = X̃ X̃ᵀ, its eigen-embedding;
     scores from the dual coefficients β (K β on trainval, T̃ X̃ᵀ β on test)."""
 
-    method = "gram"
-
     def __init__(self, train_x: np.ndarray, test_x: np.ndarray, device: str) -> None:
         self.x = normalise(train_x, device)
         self.gram = gram_matrix(self.x)
@@ -277,8 +275,6 @@ class _GramSpace:
 class _PrimalSpace:
     """The primal side (svm.FeatureBasis): Z = X̃ V in float32, scores X̃ w with w = V v, every
     product over row blocks normalised on the fly, so memory stays O(N D) in float32."""
-
-    method = "primal"
 
     def __init__(self, train_x: np.ndarray, test_x: np.ndarray, device: str) -> None:
         self.test_x, self.device = test_x, device
