@@ -250,7 +250,7 @@ def scaling_table() -> str:
     for name, stage in kept["outputs"][0]["stages"].items():
         added = set(stage.get("added", []))  # scaling.py --add-to: measured after the sweep
         points = "; ".join(
-            f"{p['size']:,}{' (added)' if p['size'] in added else ''}: {p['seconds']:.2f} s, "
+            f"{p['size']:,}{_added(p) if p['size'] in added else ''}: {p['seconds']:.2f} s, "
             f"{p['peak_anon_mb']:,.0f} MB"
             for p in stage["points"]
         )
@@ -258,6 +258,12 @@ def scaling_table() -> str:
         rows.append(f"| {name} | {stage['what']} | {points} | {fit} |")
     rows += ["", "![cost curves](results/scaling.png)"]
     return "\n".join(rows)
+
+
+def _added(point: dict) -> str:
+    """How the table marks a point measured after the sweep (scaling.py --add-to), with its CPU
+    when it says which."""
+    return f" (added, {point['cpu']})" if point.get("cpu") else " (added)"
 
 
 def _replace_between(text: str, start: str, end: str, body: str) -> str:

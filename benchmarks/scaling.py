@@ -38,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -315,7 +316,17 @@ def _svm(method: str) -> Callable[[int, Path], Timed]:
         test_x, test_y = _svm_data(SVM_TEST, DIM, 1)
 
         def timed() -> dict:
-            result = full_svm(train_x, train_y, test_x, test_y, cost_list("mms"), method=method)  # type: ignore[arg-type]
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                # a COCO-size point runs for most of an hour: say how far it is (stderr passes
+                # through regenerate.py)
+                print(f"  svm {n:,}: {done}/{total} cost solves, {time.perf_counter() - started:.0f} s",
+                      file=sys.stderr, flush=True)
+
+            result = full_svm(
+                train_x, train_y, test_x, test_y, cost_list("mms"), method=method, progress=progress  # type: ignore[arg-type]
+            )
             stats = result.stats
             return {
                 "method": stats["method"],
@@ -422,15 +433,16 @@ def sweep(stages: list[Stage], quick: bool, threads: int) -> dict:
                     "print(json.dumps(scaling.POINTS[sys.argv[2]](int(sys.argv[3]), Path(sys.argv[4]))))"
                 )
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                # stderr passes through: a long point's progress lines (and any error) show
                 proc = subprocess.run(
                     [sys.executable, "-c", code, str(HERE), stage.name, str(size), work, str(threads)],
-                    capture_output=True,
+                    stdout=subprocess.PIPE,
                     text=True,
                     check=False,
                     env=env,
                 )
                 if proc.returncode != 0:
-                    raise SystemExit(f"{stage.name} at {size}: {proc.stderr[-2000:]}")
+                    raise SystemExit(f"{stage.name} at {size} failed (exit {proc.returncode}); its messages are above")
                 point = {"size": size, **json.loads(proc.stdout.strip().splitlines()[-1])}
                 shutil.rmtree(work, ignore_errors=True)
             print(f"[{stage.name}] N={size:,}: {point}", file=sys.stderr, flush=True)
@@ -472,6 +484,17 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the machine type where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def add_points(kept_path: Path, stage_name: str, sizes: list[int], threads: int, plot_path: Path | None) -> None:
     """Measure more sizes of one stage into a kept sweep (benchmarks/results/scaling.json, as
     regenerate.py keeps it) and refit its exponent: a long point (the SVM at COCO size) need not
@@ -482,6 +505,8 @@ def add_points(kept_path: Path, stage_name: str, sizes: list[int], threads: int,
         raise SystemExit(f"{kept_path} was measured with {output.get('threads', 1)} threads, not {threads}")
     stage = next(s for s in STAGES if s.name == stage_name)
     fresh = sweep([Stage(stage.name, tuple(sizes), stage.what, stage.fit_from)], False, threads)[stage.name]
+    for point in fresh["points"]:
+        point["cpu"] = cpu_model()  # a sweep's points compare only on one CPU: say which
     entry = output["stages"][stage.name]
     points = {p["size"]: p for p in entry["points"]}
     points.update({p["size"]: p for p in fresh["points"]})

@@ -107,8 +107,10 @@ def test_scaling_points_exponents_and_their_table(tmp_path, monkeypatch):
     entry = json.loads((results / "scaling.json").read_text())["outputs"][0]["stages"]["index-places"]
     assert [p["size"] for p in entry["points"]] == [2_000, 4_000, 8_000] and entry["added"] == [4_000]
     assert entry["exponent"] == scaling.exponent(entry["points"], 0) != 1.01
+    cpu = entry["points"][1]["cpu"]  # an added point names its CPU: points compare only on one
+    assert cpu == scaling.cpu_model() and cpu and "cpu" not in entry["points"][0]
     regenerate.rewrite_readme()
-    assert "4,000 (added): " in readme.read_text()
+    assert f"4,000 (added, {cpu}): " in readme.read_text()
     with pytest.raises(SystemExit, match="1 threads, not 2"):
         scaling.add_points(results / "scaling.json", "index-places", [4_000], 2, None)
 
