@@ -316,13 +316,16 @@ def _svm(method: str) -> Callable[[int, Path], Timed]:
         test_x, test_y = _svm_data(SVM_TEST, DIM, 1)
 
         def timed() -> dict:
-            started = time.perf_counter()
+            started = last = time.perf_counter()
 
             def progress(done: int, total: int) -> None:
-                # a COCO-size point runs for most of an hour: say how far it is (stderr passes
-                # through regenerate.py)
-                print(f"  svm {n:,}: {done}/{total} cost solves, {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
+                # a COCO-size point runs for half an hour: say how far it is, every 30 s (stderr
+                # passes through scaling.py and regenerate.py)
+                nonlocal last
+                now = time.perf_counter()
+                if now - last >= 30 or done == total:
+                    print(f"  svm {n:,}: {done}/{total} cost solves, {now - started:.0f} s", file=sys.stderr, flush=True)
+                    last = now
 
             result = full_svm(
                 train_x, train_y, test_x, test_y, cost_list("mms"), method=method, progress=progress  # type: ignore[arg-type]

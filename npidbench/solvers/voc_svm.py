@@ -51,7 +51,10 @@ LOWSHOT_KS = (1, 2, 4, 8, 16, 32, 64, 96)
 POSITIVE_WEIGHT = 2.0  # class_weight {1: 2, -1: 1} of the anchors
 NEGATIVES_PER_POSITIVE = 19  # low-shot: k positives, 19k negatives per class
 CHUNK_BYTES = 256e6  # low-shot: Gram blocks of one batch of equal-size problems
-COLUMN_BLOCK_ELEMENTS = 8e6  # full SVM: N x columns of one group of classes (class_groups)
+# Full SVM: N x columns of one group of classes (class_groups). The solver's (N, columns) working
+# arrays take about 72 bytes per element (benchmarks/scaling.py's peaks at 40,000 and 118,287
+# rows), so a group stays near 1.2 GB; COCO-size trainval with VOC's 20 classes is one group.
+COLUMN_BLOCK_ELEMENTS = 16e6
 
 
 def cost_list(name: str) -> list[float]:
@@ -246,7 +249,9 @@ def pick_method(n: int, dims: int) -> Literal["gram", "primal"]:
 def class_groups(classes: list[int], n: int, folds: int) -> list[list[int]]:
     """Classes solved together: all of them while N x columns stays under COLUMN_BLOCK_ELEMENTS
     (VOC07: 5,011 x 80 columns, one group), else groups that keep the solver's (N, columns)
-    working arrays bounded as N grows (COCO's 118k trainval x 80 classes would need ~12 GB)."""
+    working arrays bounded as N grows (COCO's 118k trainval x 80 classes x 4 columns would need
+    about 2.7 GB at once: three groups). Each group streams Z through every CG product again, so
+    groups are as large as the bound allows."""
     per_group = max(1, int(COLUMN_BLOCK_ELEMENTS // (n * (folds + 1))))
     return [classes[i : i + per_group] for i in range(0, len(classes), per_group)]
 
