@@ -24,10 +24,21 @@ from pathlib import Path
 from typing import Any
 
 # The tasks as a user runs them: name, --set options (the embedded [synthetic] profile otherwise).
+# The cached linear probe twice: with the embedded profile's 4 epochs (whose heads move by points
+# for a 2-ulp nudge or another seed: linear_sensitivity, linear_probe_stability.py) and with the
+# protocol's own schedule (PROTOCOLS.md: 90 epochs, x0.1 at 30/60; AvgPool 100, at 60/80), cheap on
+# cached rows, whose heads have settled by the end.
+PROTOCOL_EPOCHS = [
+    "features_epochs=90",
+    "features_milestones=[30,60]",
+    "avgpool_epochs=100",
+    "avgpool_milestones=[60,80]",
+]
 TASKS = {
-    "voc-svm": [],  # Feature1..5 full SVM, best layer, low-shot k = 1..96 on it
-    "knn": [],  # AvgPool, k = 10/20/100/200
-    "linear-imagenet": ["mode=cached"],  # Feature1..5 + AvgPool heads on cached features
+    "voc-svm": ("voc-svm", []),  # Feature1..5 full SVM, best layer, low-shot k = 1..96 on it
+    "knn": ("knn", []),  # AvgPool, k = 10/20/100/200
+    "linear-imagenet": ("linear-imagenet", ["mode=cached"]),  # Feature1..5 + AvgPool heads, cached
+    "linear-imagenet-protocol-epochs": ("linear-imagenet", ["mode=cached", *PROTOCOL_EPOCHS]),
 }
 DTYPES = ("float32", "float16")
 
@@ -72,7 +83,7 @@ def run_pass(checkpoint: Path, folder: Path, dtype: str) -> dict[str, Any]:
 
     cache = folder / f"cache-{dtype}"
     out: dict[str, Any] = {"tasks": {}}
-    for task, options in TASKS.items():
+    for label, (task, options) in TASKS.items():
         started = time.perf_counter()
         path = run_task(
             RunRequest(
@@ -85,7 +96,7 @@ def run_pass(checkpoint: Path, folder: Path, dtype: str) -> dict[str, Any]:
             )
         )
         record = json.loads(Path(path).read_text())  # type: ignore[arg-type]
-        out["tasks"][task] = {
+        out["tasks"][label] = {
             "headline": headline(task, record["metrics"]),
             "all": flatten(record["metrics"]),
             "dataset": {s: record["dataset"].get(s, {}).get("images") for s in ("train", "test")},
