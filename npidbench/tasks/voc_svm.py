@@ -224,8 +224,12 @@ def _svm_layers(config: Config, backbone: Backbone) -> list[str]:
     backbone's own multi-layer features (a ViT's four evenly spaced blocks)."""
     if config.layers == FEATURE_LAYERS and backbone.family != "resnet":
         return list(backbone.feature_layers)
-    backbone.check_layers(config.layers)
-    return list(config.layers)
+    # names match case-insensitively, as the linear probes' layers= does; the record keeps the
+    # backbone's own spelling
+    spelled = {name.lower(): name for name in backbone.layers()}
+    layers = [spelled.get(name.lower(), name) for name in config.layers]
+    backbone.check_layers(layers)
+    return layers
 
 
 def run(ctx: RunContext, config: Config) -> TaskOutput:

@@ -175,12 +175,13 @@ def test_features_dir_end_to_end_with_report_and_plot(tmp_path, results_dir, cap
 
 
 def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, results_dir, capsys):
-    args = ["--set", "layers=[Feature5]", "--set", "lowshot_ks=[1]", "--set", "lowshot_samples=1"]
+    args = ["--set", "layers=[feature5]", "--set", "lowshot_ks=[1]", "--set", "lowshot_samples=1"]
     args += ["--set", "resize=64", "--set", "size=64"]  # below the profile's 96: the same grid, less work
     assert cli("run", "voc-svm", str(random_checkpoint), *args, "--set", "costs=vissl") == 0
     record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
     assert record["dataset"]["synthetic"] and record["dataset"]["train"]["images"] > 1000
-    assert record["metrics"]["best_layer"] == "Feature5"
+    # layers= matches case-insensitively (as the linear probes' does); the record spells it as the backbone
+    assert list(record["metrics"]["layers"]) == ["Feature5"] and record["metrics"]["best_layer"] == "Feature5"
     assert 5 < record["metrics"]["svm"] < 100
     assert record["metrics"]["lowshot"]["layer"] == "Feature5"
     # precision and solver are part of how the number was made: named in the record
