@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The tasks as a user runs them: name, --set options (the embedded [synthetic] profile otherwise).
+# The tasks as a user runs them: label -> (task, --set options; the embedded [synthetic] profile
+# otherwise).
 # The cached linear probe twice: with the embedded profile's 4 epochs (whose heads move by points
 # for a 2-ulp nudge or another seed: linear_sensitivity, linear_probe_stability.py) and with the
 # protocol's own schedule (PROTOCOLS.md: 90 epochs, x0.1 at 30/60; AvgPool 100, at 60/80), cheap on

@@ -223,11 +223,17 @@ def main() -> None:
         import torch
 
         threads = torch.get_num_threads()
-        floors = {"pretrain": pretrain_floor(work / "runs" / "npid", 64, 56, threads)}
+        from npidbench.pretrain.recipe import load_recipe
+
+        recipe = load_recipe(None, args.pretrain_set)  # the embedded default the stage trained
+        floors = {"pretrain": pretrain_floor(work / "runs" / "npid", recipe.batch_size, recipe.input_size, threads)}
         gflops = matmul_gflops(threads)
+        npid_checkpoint = (work / "runs" / "npid" / "last.pth").resolve()
         for record_path in sorted((work / "results").rglob("*.json")):
             record = json.loads(record_path.read_text())
-            if record.get("task") == "voc-svm" and "random" not in str(record.get("model", "")):
+            # the record keeps the checkpoint path as given (relative to the stage's folder)
+            given = work / record["model"]["checkpoint"]["path"]
+            if record.get("task") == "voc-svm" and given.resolve() == npid_checkpoint:
                 floors["voc-svm"] = svm_floor(record, work / "cache", gflops)
         report_md = (work / "report" / "report.md").read_text()
 
