@@ -55,6 +55,11 @@ from npidbench.solvers.knn import weighted_knn
 RESUME_FORMAT = "npidbench-resume"
 
 
+# Recipe settings that change how a run is watched and saved, not what it learns: a finished run
+# or a resume file made with other values is the same run.
+SAVING_SETTINGS = ("knn_every", "save_every_steps", "save_every_seconds", "workers")
+
+
 @dataclass
 class RunState:
     """Where a run stands; saved in resume.pth."""
@@ -125,7 +130,7 @@ def _already_complete(recipe: Recipe, out_dir: Path) -> bool:
         recorded = recipe_from_dict(meta["recipe_settings"])
     except Exception:  # an unreadable or foreign file: not ours to reuse
         return False
-    same = not recipe.differences(recorded, ignore=("knn_every", "save_every_steps", "workers"))
+    same = not recipe.differences(recorded, ignore=SAVING_SETTINGS)
     return same and meta.get("epochs") == recipe.epochs
 
 
@@ -208,6 +213,7 @@ class _Trainer:
             momentum=recipe.momentum,
         )
         self.state = RunState()
+        self.last_save = time.monotonic()  # of resume.pth (save_every_seconds)
         self.dataset = AugmentedImages(self.train_split, recipe)
         self.labels = torch.tensor([label for _, label in self.train_split.samples])
 
@@ -220,7 +226,7 @@ class _Trainer:
             raise BadInput(f"{path} is not an npidbench resume file")
         recorded = recipe_from_dict(saved["recipe"])
         changed = self.recipe.differences(
-            recorded, ignore=("epochs", "knn_every", "save_every_steps", "workers")
+            recorded, ignore=("epochs", *SAVING_SETTINGS)
         )
         if changed:
             raise BadInput(
@@ -272,6 +278,7 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
         }
         atomic_write(self.out_dir / "resume.pth", lambda handle: torch.save(state, handle))
+        self.last_save = time.monotonic()
 
     def save_checkpoint(self, epochs_done: int) -> Path:
         path = self.out_dir / "last.pth"
@@ -424,8 +431,10 @@ class _Trainer:
         state.epoch += 1
         state.step = 0
         state.loss_sum = 0.0
-        self.save_resume()
-        self.save_checkpoint(state.epoch)
+        since = time.monotonic() - self.last_save
+        if state.epoch == recipe.epochs or not recipe.save_every_seconds or since >= recipe.save_every_seconds:
+            self.save_resume()
+            self.save_checkpoint(state.epoch)
         if self.world.is_main:
             knn = f", kNN top-1 {line['knn_top1']:.2f}" if "knn_top1" in line else ""
             log(f"epoch {state.epoch}: loss {line['loss']:.4f}, {line['images_per_s']:.0f} img/s{knn}")

@@ -36,6 +36,7 @@ TINY = Recipe(
     eval_crop=32,
     knn_k=5,
     save_every_steps=0,
+    save_every_seconds=0,  # every epoch end saves: the resume tests crash between epochs
     workers=0,
 )
 
@@ -99,6 +100,24 @@ def test_interrupted_and_resumed_run_is_bit_identical(data_root, tmp_path, monke
         and a["z"] == b["z"]
         and a["history"][-1]["loss"] == b["history"][-1]["loss"]
     )
+
+
+@pytest.mark.parametrize(("every_seconds", "saves"), [(0, 3), (3600, 1)])
+def test_epoch_ends_save_at_most_every_save_every_seconds(data_root, tmp_path, monkeypatch, every_seconds, saves):
+    # 3 short epochs: with an hour between saves only the last epoch's end writes resume.pth and
+    # last.pth (the monitor lines of the others are kept in it); with 0 every epoch end does.
+    written = []
+    original = train_module._Trainer.save_checkpoint
+
+    def counting(self, epochs_done):
+        written.append(epochs_done)
+        return original(self, epochs_done)
+
+    monkeypatch.setattr(train_module._Trainer, "save_checkpoint", counting)
+    pretrain(replace(TINY, epochs=3, knn_every=0, save_every_seconds=every_seconds), tmp_path / "run", data_root)
+    assert written == [1, 2, 3][-saves:]
+    state = load_resume(tmp_path / "run")
+    assert state["epoch"] == 3 and [line["epoch"] for line in state["history"]] == [1, 2, 3]
 
 
 def test_resume_from_a_mid_epoch_save_after_a_crash(data_root, tmp_path, monkeypatch):
