@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import torch
-import torchvision
 
 from npidbench import __version__
+
+# torch and torchvision are imported where a record is made, not here: reading records
+# (`npidbench report`, ResultStore) needs neither, and importing them costs seconds per process.
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,6 +37,9 @@ def git_sha() -> str | None:
 
 def versions() -> dict[str, str | None]:
     """Versions of the code that produced a number."""
+    import torch
+    import torchvision
+
     return {
         "npidbench": __version__,
         "git_sha": git_sha(),
@@ -48,6 +52,8 @@ def versions() -> dict[str, str | None]:
 
 def host() -> dict[str, str | int | None]:
     """The machine a record was computed on."""
+    import torch
+
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

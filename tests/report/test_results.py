@@ -71,14 +71,16 @@ def test_records_are_never_overwritten(tmp_path):
     assert json.loads(first.read_text())["id"] == record["id"]
 
 
-def _write_many(folder: str, worker: int) -> list[str]:
+def _write_many(folder: str, records: list[dict]) -> list[str]:
     store = ResultStore(Path(folder))
-    return [str(store.write(make_record(name=f"w{worker}", top1=i))) for i in range(10)]
+    return [str(store.write(record)) for record in records]
 
 
 def test_concurrent_writers_all_land(tmp_path):
+    # The records are made here: a worker that stamps its own versions imports torch (seconds each)
+    batches = [[make_record(name=f"w{w}", top1=i) for i in range(10)] for w in range(4)]
     with mp.get_context("spawn").Pool(4) as pool:
-        paths = sum(pool.starmap(_write_many, [(str(tmp_path), w) for w in range(4)]), [])
+        paths = sum(pool.starmap(_write_many, [(str(tmp_path), batch) for batch in batches]), [])
     assert len(set(paths)) == 40
     records, problems = ResultStore(tmp_path).load()
     assert len(records) == 40 and not problems
