@@ -65,6 +65,45 @@ def unsupported(preset: Preset, loaded: LoadedBackbone | None, data_root: Path |
     return family_of(preset).refusal(config, loaded.backbone)
 
 
+@dataclass
+class SuiteClock:
+    """The remaining time of `run all` on the embedded data: each task's reference seconds (its
+    preset's ``synthetic_seconds``) scaled by this machine's pace so far, the ratio of the seconds
+    its finished tasks took to their reference seconds (1 before the first ends). Single-thread
+    speed differs up to 3x between 2-core machines (README), so a fixed table would be wrong by
+    as much; after one task the estimate is this machine's."""
+
+    reference: dict[str, float | None]  # the tasks to run, in order: their reference seconds
+    spent: float = 0.0  # seconds taken by the finished tasks that have a reference
+    referenced: float = 0.0  # their reference seconds
+
+    def finished(self, task: str, seconds: float) -> None:
+        if self.reference.get(task) is not None:
+            self.spent += seconds
+            self.referenced += self.reference[task]  # type: ignore[operator]
+
+    def remaining(self, tasks: list[str]) -> float | None:
+        """Seconds ``tasks`` will take (None when one has no reference)."""
+        seconds = [self.reference.get(t) for t in tasks]
+        if any(s is None for s in seconds):
+            return None
+        pace = self.spent / self.referenced if self.referenced else 1.0
+        return pace * sum(seconds)  # type: ignore[arg-type]
+
+
+def clock_text(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def progress_line(number: int, total: int, task: str, elapsed: float, remaining: float | None) -> str:
+    """``[3/15] knn (1:05 so far, about 4 min left)``: the line `run all` prints as a task starts."""
+    left = ""
+    if remaining is not None:
+        left = ", under a minute left" if remaining < 60 else f", about {round(remaining / 60)} min left"
+    return f"[{number}/{total}] {task} ({clock_text(elapsed)} so far{left})"
+
+
 def run_all(request: RunRequest) -> SuiteResult:
     """Run every suite preset with ``request``'s checkpoint and options (its ``task`` ignored)."""
     if request.checkpoint is None:
@@ -79,13 +118,29 @@ def run_all(request: RunRequest) -> SuiteResult:
     )
     result = SuiteResult()
     data_root = Path(request.data_root) if request.data_root is not None else None
-    chosen = suite_presets(loaded.backbone.family if loaded is not None else "resnet")
+    family = loaded.backbone.family if loaded is not None else "resnet"
+    chosen = suite_presets(family)
+    reasons = {p.name: missing_data(p, data_root) or unsupported(p, loaded, data_root) for p in chosen}
+    to_run = [p for p in chosen if reasons[p.name] is None]
+    # Reference seconds are the ResNet-18 main job's on the embedded data: other backbones or
+    # real data get the elapsed time alone.
+    clock = SuiteClock(
+        {
+            p.name: p.synthetic_seconds
+            if family == "resnet" and reads_synthetic_data(p.dataset, data_root)
+            else None
+            for p in to_run
+        }
+    )
+    suite_started = time.perf_counter()
     for number, preset in enumerate(chosen, start=1):
-        reason = missing_data(preset, data_root) or unsupported(preset, loaded, data_root)
+        reason = reasons[preset.name]
         if reason is not None:
             result.outcomes.append(TaskOutcome(preset.name, "skipped", reason=reason))
             continue
-        log(f"[{number}/{len(chosen)}] {preset.name}")
+        still = [p.name for p in to_run[to_run.index(preset) :]]
+        elapsed = time.perf_counter() - suite_started
+        log(progress_line(number, len(chosen), preset.name, elapsed, clock.remaining(still)))
         started = time.perf_counter()
         try:
             # Each task gets its own copy, as a fresh load would give it: a task may change the
@@ -100,6 +155,8 @@ def run_all(request: RunRequest) -> SuiteResult:
         else:
             outcome = TaskOutcome(preset.name, "ran", record=record)
         outcome.seconds = time.perf_counter() - started
+        if outcome.status == "ran":  # a task that failed early says nothing of the pace
+            clock.finished(preset.name, outcome.seconds)
         result.outcomes.append(outcome)
     return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from npidbench import suite
@@ -109,3 +111,46 @@ def test_run_all_loads_the_checkpoint_once_and_gives_each_task_a_fresh_copy(
     # each task starts from the checkpoint's weights, not from what the previous task left
     assert given == [float(real_load(random_checkpoint).model.conv1.weight.detach().abs().sum())] * len(given)
     assert given[0] > 0
+
+
+def test_the_clock_scales_the_reference_seconds_by_this_machines_pace():
+    clock = suite.SuiteClock({"a": 10.0, "b": 20.0, "c": 30.0})
+    assert clock.remaining(["a", "b", "c"]) == 60.0  # no task finished: the reference machine's
+    clock.finished("a", 25.0)  # this machine took 2.5x the reference
+    assert clock.remaining(["b", "c"]) == pytest.approx(125.0)
+    clock.finished("b", 30.0)  # 55 s for 30 reference seconds
+    assert clock.remaining(["c"]) == pytest.approx(55.0)
+    assert suite.SuiteClock({"a": 10.0, "d": None}).remaining(["a", "d"]) is None
+
+
+def test_the_progress_line_names_the_task_the_time_so_far_and_the_time_left():
+    assert suite.progress_line(3, 15, "knn", 65.4, 250.0) == "[3/15] knn (1:05 so far, about 4 min left)"
+    assert suite.progress_line(15, 15, "voc-svm", 600.0, 20.0) == "[15/15] voc-svm (10:00 so far, under a minute left)"
+    assert suite.progress_line(1, 2, "knn", 0.0, None) == "[1/2] knn (0:00 so far)"
+
+
+def test_run_all_on_the_embedded_data_prints_the_remaining_time_per_task(tmp_path, monkeypatch, capsys):
+    """Every preset of the ResNet suite has reference seconds; each task takes twice its reference
+    here (a fake clock), so from the second task on the estimate is twice the references left."""
+    chosen = suite.suite_presets()
+    assert all(p.synthetic_seconds for p in chosen), [p.name for p in chosen if not p.synthetic_seconds]
+    now = {"t": 0.0}
+    monkeypatch.setattr(suite, "time", SimpleNamespace(perf_counter=lambda: now["t"]))
+
+    def fake_run_task(request: RunRequest, backbone=None):
+        now["t"] += 2 * suite.presets()[request.task].synthetic_seconds
+        return tmp_path / f"{request.task}.json"
+
+    monkeypatch.setattr(suite, "run_task", fake_run_task)
+    monkeypatch.setattr(suite, "load_backbone", lambda *args, **kwargs: None)
+    monkeypatch.setenv("NPIDBENCH_QUIET", "0")
+    result = suite.run_all(RunRequest(task="all", checkpoint=tmp_path / "c.pth"))
+    assert [o.status for o in result.outcomes] == ["ran"] * len(chosen)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) == len(chosen)
+    reference = [p.synthetic_seconds for p in chosen]
+    first_left = sum(reference)  # the reference machine's pace before anything ran
+    assert lines[0] == suite.progress_line(1, len(chosen), chosen[0].name, 0.0, first_left)
+    for n in range(1, len(chosen)):
+        expected = suite.progress_line(n + 1, len(chosen), chosen[n].name, 2 * sum(reference[:n]), 2 * sum(reference[n:]))
+        assert lines[n] == expected

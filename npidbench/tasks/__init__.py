@@ -38,7 +38,7 @@ BUILTIN_FAMILIES: tuple[TaskFamily, ...] = (
     detection.FAMILY,
     segmentation.FAMILY,
 )
-_PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic", "in_all"}
+_PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic", "in_all", "synthetic_seconds"}
 
 
 def register(registry: dict[str, TaskFamily], family: TaskFamily, origin: str = "built in") -> None:
@@ -118,7 +118,16 @@ def load_preset(path: Path) -> Preset:
         synthetic=data.get("synthetic", {}),
         path=path,
         in_all=_in_all(path, data.get("in_all", True)),
+        synthetic_seconds=_synthetic_seconds(path, data.get("synthetic_seconds")),
     )
+
+
+def _synthetic_seconds(path: Path, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise BadInput(f"preset {path}: synthetic_seconds must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _in_all(path: Path, value: Any) -> bool | tuple[str, ...]:

@@ -99,6 +99,18 @@ def test_a_preset_naming_a_table_its_family_lacks_is_refused(tmp_path):
         load_preset(path)
 
 
+@pytest.mark.parametrize("value", ["-3", "0", '"fast"', "true"])
+def test_a_preset_with_a_bad_reference_time_is_refused(tmp_path, value):
+    path = tmp_path / "timed.toml"
+    path.write_text(
+        f'family = "knn"\ndescription = "d"\ntable = "knn"\ndataset = "imagenet"\nsynthetic_seconds = {value}\n'
+    )
+    with pytest.raises(BadInput, match="synthetic_seconds must be a positive number of seconds"):
+        load_preset(path)
+    path.write_text(path.read_text().replace(f"synthetic_seconds = {value}", "synthetic_seconds = 42"))
+    assert load_preset(path).synthetic_seconds == 42.0
+
+
 # A plugin family as a third-party package would ship it: a module exporting FAMILY, its preset
 # TOML beside it, and an entry point of the group npidbench.tasks in its dist-info.
 _TOY_MODULE = '''
