@@ -35,8 +35,8 @@ class Preset:
     # Run by `npidbench run all`: True, False (parts of another preset, alternative protocols),
     # or the backbone families it is run for (e.g. the ViT-era linear protocol: vit, convnext).
     in_all: bool | tuple[str, ...] = True
-    # Wall seconds of the [synthetic] profile for the main job's ResNet-18 on a 2-core machine
-    # (README): what `run all`'s progress line scales into its remaining time. None: not measured.
+    # Wall seconds of the [synthetic] profile for the main job's ResNet-18 on the project's slower
+    # 2-core AMD EPYC (README): what `run all`'s progress line scales into its remaining time. None: not measured.
     synthetic_seconds: float | None = None
 
     def runs_in_all(self, backbone_family: str) -> bool:
