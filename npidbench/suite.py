@@ -78,9 +78,10 @@ class SuiteClock:
     referenced: float = 0.0  # their reference seconds
 
     def finished(self, task: str, seconds: float) -> None:
-        if self.reference.get(task) is not None:
+        reference = self.reference.get(task)
+        if reference is not None:
             self.spent += seconds
-            self.referenced += self.reference[task]  # type: ignore[operator]
+            self.referenced += reference
 
     def remaining(self, tasks: list[str]) -> float | None:
         """Seconds ``tasks`` will take (None when one has no reference)."""
@@ -132,13 +133,14 @@ def run_all(request: RunRequest) -> SuiteResult:
             for p in to_run
         }
     )
-    suite_started = time.perf_counter()
+    suite_started, started_tasks = time.perf_counter(), 0
     for number, preset in enumerate(chosen, start=1):
         reason = reasons[preset.name]
         if reason is not None:
             result.outcomes.append(TaskOutcome(preset.name, "skipped", reason=reason))
             continue
-        still = [p.name for p in to_run[to_run.index(preset) :]]
+        still = [p.name for p in to_run[started_tasks:]]
+        started_tasks += 1
         elapsed = time.perf_counter() - suite_started
         log(progress_line(number, len(chosen), preset.name, elapsed, clock.remaining(still)))
         started = time.perf_counter()
