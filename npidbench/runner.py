@@ -10,6 +10,7 @@ import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,17 +79,40 @@ def default_workers(device: str = "cpu") -> int:
     return 0 if cores <= 4 else max(1, cores // 8)
 
 
-def resolve_config(preset: Preset, synthetic: bool, set_options: list[str]) -> Any:
-    """Dataclass defaults < preset TOML < synthetic profile < --set (typed; unknown keys refused)."""
+def resolve_config(
+    preset: Preset, synthetic: bool, set_options: list[str], protocol: Mapping[str, Any] | None = None
+) -> Any:
+    """Dataclass defaults < preset TOML < synthetic profile (+ its [synthetic_protocol.VALUE] for
+    the protocol chosen) < --set (typed; unknown keys refused). ``protocol``: protocol-key
+    values given as if by --set (the standard a run's variant is measured against)."""
     family = family_of(preset)
-    layers = [preset.config]
+    overrides = {**(protocol or {}), **parse_set_options(set_options)}
+    layers: list[Mapping[str, Any]] = [preset.config]
     names = [str(preset.path)]
     if synthetic:
         layers.append(preset.synthetic)
         names.append(f"{preset.path} [synthetic]")
-    layers.append(parse_set_options(set_options))
+        chosen = build_config(family.config, *layers, overrides, source_names=[*names, "--set"])
+        for value in _chosen_protocols(preset, chosen):
+            layers.append(preset.synthetic_protocol[value])
+            names.append(f"{preset.path} [synthetic_protocol.{value}]")
+    layers.append(overrides)
     names.append("--set")
     return build_config(family.config, *layers, source_names=names)
+
+
+def _chosen_protocols(preset: Preset, config: Any) -> list[str]:
+    """The [synthetic_protocol.VALUE] tables that ``config``'s protocol keys select."""
+    values = (str(getattr(config, key)) for key in family_of(preset).protocol_keys)
+    return [value for value in values if value in preset.synthetic_protocol]
+
+
+def synthetic_profile(preset: Preset, config: Any) -> dict[str, Any]:
+    """The synthetic settings a run of ``config`` applied (the record's "profile")."""
+    profile = dict(preset.synthetic)
+    for value in _chosen_protocols(preset, config):
+        profile.update(preset.synthetic_protocol[value])
+    return profile
 
 
 # The image-size settings of the families (center crop; the SVM's squashed size).
@@ -121,9 +145,13 @@ def fit_config_to_patches(config: Any, patch: int, synthetic: bool) -> Any:
 def protocol_variant(preset: Preset, synthetic: bool, config: Any, patch: int = 1) -> str:
     """The settings that differ from the preset's (e.g. "temperature=1.0"): "" for the protocol
     as published. The report names variants, so changed settings never pass as the standard."""
-    standard = config_to_dict(fit_config_to_patches(resolve_config(preset, synthetic, []), patch, synthetic))
     actual = config_to_dict(config)
     named = set(family_of(preset).protocol_keys)  # settings the protocol name says
+    # The standard of the protocol the run chose (its synthetic_protocol profile included).
+    chosen = {key: actual[key] for key in named}
+    standard = config_to_dict(
+        fit_config_to_patches(resolve_config(preset, synthetic, [], chosen), patch, synthetic)
+    )
     changed = [
         f"{k}={actual[k]}".replace(" ", "")
         for k in sorted(actual)
@@ -212,7 +240,9 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         config=config_to_dict(config),
         seeds=output.seeds,
         timings=timings(total, ctx.extract_stats),
-        details=record_details(output, preset, synthetic, options, world.world_size, ctx.extract_stats),
+        details=record_details(
+            output, preset, config if synthetic else None, options, world.world_size, ctx.extract_stats
+        ),
     )
     return store.write(record)
 
@@ -289,19 +319,20 @@ def timings(total: float, stats: ExtractStats) -> dict[str, Any]:
 def record_details(
     output: TaskOutput,
     preset: Preset,
-    synthetic: bool,
+    synthetic_config: Any | None,
     options: ExtractOptions,
     world_size: int,
     stats: ExtractStats | None = None,
 ) -> dict[str, Any]:
+    """The record's details; ``synthetic_config``: the run's config when it read the embedded data."""
     cached = {"cache_dtype": stats.cache_dtype} if stats is not None and stats.cache_dtype else {}
     return {
         # Forward passes in fp32 unless the family says otherwise (bf16 autocast on CUDA).
         "precision": FP32,
         **output.details,
         # The embedded data runs each preset's scaled-down [synthetic] settings: say which.
-        "profile": {"name": "synthetic", "settings": preset.synthetic}
-        if synthetic and preset.synthetic
+        "profile": {"name": "synthetic", "settings": synthetic_profile(preset, synthetic_config)}
+        if synthetic_config is not None and preset.synthetic
         else {"name": "protocol"},
         "device": options.device,
         "world_size": world_size,

@@ -14,7 +14,9 @@ it reads a new dataset).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
@@ -38,7 +40,17 @@ BUILTIN_FAMILIES: tuple[TaskFamily, ...] = (
     detection.FAMILY,
     segmentation.FAMILY,
 )
-_PRESET_KEYS = {"family", "description", "table", "dataset", "config", "synthetic", "in_all", "synthetic_seconds"}
+_PRESET_KEYS = {
+    "family",
+    "description",
+    "table",
+    "dataset",
+    "config",
+    "synthetic",
+    "synthetic_protocol",
+    "in_all",
+    "synthetic_seconds",
+}
 
 
 def register(registry: dict[str, TaskFamily], family: TaskFamily, origin: str = "built in") -> None:
@@ -119,7 +131,28 @@ def load_preset(path: Path) -> Preset:
         path=path,
         in_all=_in_all(path, data.get("in_all", True)),
         synthetic_seconds=_synthetic_seconds(path, data.get("synthetic_seconds")),
+        synthetic_protocol=_synthetic_protocol(path, family, data.get("synthetic_protocol", {})),
     )
+
+
+def _synthetic_protocol(path: Path, family: TaskFamily, tables: Any) -> dict[str, dict[str, Any]]:
+    """[synthetic_protocol.VALUE] tables: VALUE must be a choice of one of the family's
+    protocol_keys (a typo would otherwise never apply, silently)."""
+    choices = {
+        str(choice)
+        for f in dataclasses.fields(family.config)
+        if f.name in family.protocol_keys
+        for choice in typing.get_args(typing.get_type_hints(family.config)[f.name])
+    }
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise BadInput(f"preset {path}: synthetic_protocol must hold tables, [synthetic_protocol.VALUE]")
+    unknown = sorted(set(tables) - choices)
+    if unknown:
+        raise BadInput(
+            f"preset {path}: [synthetic_protocol.{unknown[0]}] names no protocol of family "
+            f"{family.name}; choose from {', '.join(sorted(choices)) or 'none (it has no protocol_keys)'}"
+        )
+    return tables
 
 
 def _synthetic_seconds(path: Path, value: Any) -> float | None:

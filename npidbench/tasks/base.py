@@ -38,6 +38,10 @@ class Preset:
     # Wall seconds of the [synthetic] profile for the main job's ResNet-18 on the project's slower
     # 2-core AMD EPYC (README): what `run all`'s progress line scales into its remaining time. None: not measured.
     synthetic_seconds: float | None = None
+    # [synthetic_protocol.VALUE]: overrides applied on top of [synthetic] when one of the family's
+    # protocol_keys takes VALUE (e.g. the linear probe's mode=cached, whose rows cost nothing to
+    # revisit, so it keeps the protocol's epochs that the augmented profile cuts).
+    synthetic_protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def runs_in_all(self, backbone_family: str) -> bool:
         return self.in_all if isinstance(self.in_all, bool) else backbone_family in self.in_all

@@ -17,7 +17,7 @@ from npidbench.errors import BadInput, RunFailed
 from npidbench.features import ExtractOptions
 from npidbench.report import build_tables, render
 from npidbench.results import ResultStore
-from npidbench.runner import RunRequest, resolve_config, run_task
+from npidbench.runner import RunRequest, protocol_variant, resolve_config, run_task, synthetic_profile
 from npidbench.solvers.linear import topk_correct
 from npidbench.tasks import get_preset
 from npidbench.tasks import linear as linear_task
@@ -222,6 +222,30 @@ def test_every_linear_preset_loads_with_its_synthetic_profile():
     )
     inat = resolve_config(get_preset("linear-inat18"), False, [])
     assert (inat.features_epochs, inat.features_milestones) == (84, (24, 48, 72))
+
+
+def test_the_cached_mode_keeps_the_protocol_epochs_on_the_embedded_data():
+    """mode=cached applies [synthetic_protocol.cached] over [synthetic] (its rows cost nothing to
+    revisit); it is the standard of the linear-cached protocol, so no variant is named."""
+    for name in ("linear-imagenet", "linear-places205", "linear-inat18"):
+        preset = get_preset(name)
+        protocol = resolve_config(preset, False, [])
+        augmented = resolve_config(preset, True, [])
+        cached = resolve_config(preset, True, ["mode=cached"])
+        assert (cached.features_epochs, cached.avgpool_epochs) == (protocol.features_epochs, 100)
+        assert augmented.features_epochs < cached.features_epochs and augmented.avgpool_lr == 30.0
+        assert (cached.avgpool_lr, cached.avgpool_weight_decay, cached.batch_size) == (0.3, 0.001, 64)
+        assert protocol_variant(preset, True, cached) == ""
+        # The record's profile lists what the run applied.
+        assert synthetic_profile(preset, cached)["avgpool_lr"] == 0.3
+        assert "avgpool_weight_decay" not in synthetic_profile(preset, augmented)
+        assert (
+            protocol_variant(preset, True, resolve_config(preset, True, ["mode=cached", "avgpool_lr=30"]))
+            == "avgpool_lr=30.0"
+        )
+        # --set still wins over the cached profile, and real data never sees it.
+        assert resolve_config(preset, True, ["mode=cached", "avgpool_epochs=2"]).avgpool_epochs == 2
+        assert resolve_config(preset, False, ["mode=cached"]).avgpool_lr == 30.0
 
 
 def test_record_says_lr_scaling_and_profile(random_checkpoint, tiny_root, tmp_path):

@@ -111,6 +111,25 @@ def test_a_preset_with_a_bad_reference_time_is_refused(tmp_path, value):
     assert load_preset(path).synthetic_seconds == 42.0
 
 
+def test_a_synthetic_protocol_table_must_name_a_protocol_of_its_family(tmp_path):
+    path = tmp_path / "probe.toml"
+    head = 'family = "linear"\ndescription = "d"\ntable = "linear"\ndataset = "imagenet"\n'
+    path.write_text(head + "[synthetic_protocol.cahced]\navgpool_lr = 0.3\n")  # a typo never applies
+    with pytest.raises(
+        BadInput,
+        match=r"\[synthetic_protocol.cahced\] names no protocol of family linear; choose from augmented, cached",
+    ):
+        load_preset(path)
+    path.write_text(head + "[synthetic_protocol.cached]\navgpool_lr = 0.3\n")
+    assert load_preset(path).synthetic_protocol == {"cached": {"avgpool_lr": 0.3}}
+    knn = tmp_path / "knn.toml"
+    knn.write_text(
+        'family = "knn"\ndescription = "d"\ntable = "knn"\ndataset = "imagenet"\n[synthetic_protocol.cached]\nk = 1\n'
+    )
+    with pytest.raises(BadInput, match="none .it has no protocol_keys."):
+        load_preset(knn)
+
+
 # A plugin family as a third-party package would ship it: a module exporting FAMILY, its preset
 # TOML beside it, and an entry point of the group npidbench.tasks in its dist-info.
 _TOY_MODULE = '''
