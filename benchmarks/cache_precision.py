@@ -24,22 +24,18 @@ from pathlib import Path
 from typing import Any
 
 # The tasks as a user runs them: label -> (task, --set options; the embedded [synthetic] profile
-# otherwise).
-# The cached linear probe twice: with the embedded profile's 4 epochs (whose heads move by points
-# for a 2-ulp nudge or another seed: linear_sensitivity, linear_probe_stability.py) and with the
-# protocol's own schedule (PROTOCOLS.md: 90 epochs, x0.1 at 30/60; AvgPool 100, at 60/80), cheap on
-# cached rows, whose heads have settled by the end.
-PROTOCOL_EPOCHS = [
-    "features_epochs=90",
-    "features_milestones=[30,60]",
-    "avgpool_epochs=100",
-    "avgpool_milestones=[60,80]",
-]
+# otherwise). The cached linear probes run their [synthetic_protocol.cached] profile (the
+# protocol's epochs at steps where the heads settle), each over four seeds: one test image is
+# 0.25 points of ImageNet's 400 (0.5 of Places205's 200, 0.625 of iNat's 160), so the criterion
+# (issue 18: within 0.1) is the mean effect over the seeds.
+SEEDS = (0, 1, 2, 3)
+LINEAR = ("linear-imagenet", "linear-places205", "linear-inat18")
 TASKS = {
     "voc-svm": ("voc-svm", []),  # Feature1..5 full SVM, best layer, low-shot k = 1..96 on it
     "knn": ("knn", []),  # AvgPool, k = 10/20/100/200
-    "linear-imagenet": ("linear-imagenet", ["mode=cached"]),  # Feature1..5 + AvgPool heads, cached
-    "linear-imagenet-protocol-epochs": ("linear-imagenet", ["mode=cached", *PROTOCOL_EPOCHS]),
+    **{
+        f"{task} seed={seed}": (task, ["mode=cached", f"seed={seed}"]) for task in LINEAR for seed in SEEDS
+    },  # Feature1..5 + AvgPool heads on cached rows
 }
 DTYPES = ("float32", "float16")
 
@@ -145,29 +141,47 @@ def compare(fp32: dict[str, Any], fp16: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def over_seeds(fp32: dict[str, Any], fp16: dict[str, Any], task: str) -> dict[str, Any]:
+    """A cached linear probe's float16 effect per head over SEEDS: the mean of the per-seed
+    differences (the criterion), the largest one, and how far the seeds alone spread float32."""
+    runs = [f"{task} seed={seed}" for seed in SEEDS]
+    out = {}
+    for head in fp32["tasks"][runs[0]]["headline"]:
+        a = [fp32["tasks"][run]["headline"][head] for run in runs]
+        b = [fp16["tasks"][run]["headline"][head] for run in runs]
+        diffs = [round(y - x, 4) for x, y in zip(a, b, strict=True)]
+        out[head] = {
+            "fp16_minus_fp32_per_seed": diffs,
+            "mean_fp16_minus_fp32": round(sum(diffs) / len(diffs), 4),
+            "max_abs_per_seed": max(abs(d) for d in diffs),
+            "float32_seed_spread": round(max(a) - min(a), 4),
+        }
+    return out
+
+
 def linear_sensitivity(checkpoint: Path, folder: Path) -> dict[str, Any]:
-    """How far the cached linear probe moves for reasons other than float16: on the float32
-    cache, (a) every feature scaled by 1 +- 2^-22 (two float32 ulps, about 1/100 of float16's
-    rounding) and (b) another seed. Top-1 per head, and the difference from the plain run."""
+    """How far the cached linear probe moves for a reason smaller than float16: on the float32
+    cache, every feature scaled by 1 +- 2^-22 (two float32 ulps, about 1/100 of float16's
+    rounding). Top-1 per head, and the difference from the plain run (seed 0)."""
     import numpy as np
     import torch
 
     from npidbench.runner import RunRequest, run_task
     from npidbench.tasks import linear as linear_task
 
-    def top1(options: list[str]) -> dict[str, float]:
+    def top1() -> dict[str, float]:
         path = run_task(
             RunRequest(
                 task="linear-imagenet",
                 checkpoint=checkpoint,
-                set_options=["mode=cached", *options],
+                set_options=["mode=cached"],
                 results=folder / "results-sensitivity",
                 cache=folder / "cache-float32",
             )
         )
         return json.loads(Path(path).read_text())["metrics"]["top1"]  # type: ignore[arg-type]
 
-    plain = top1([])
+    plain = top1()
     real_rows, signs = linear_task._rows, {}
 
     def nudged(arrays, rows, device):
@@ -181,16 +195,13 @@ def linear_sensitivity(checkpoint: Path, folder: Path) -> dict[str, Any]:
 
     linear_task._rows = nudged
     try:
-        perturbed = top1([])
+        perturbed = top1()
     finally:
         linear_task._rows = real_rows
-    seed1 = top1(["seed=1"])
     return {
         "float32": plain,
         "float32_times_1_plus_2^-22": perturbed,
-        "float32_seed_1": seed1,
         "difference_points_perturbed_minus_plain": {k: round(perturbed[k] - plain[k], 4) for k in plain},
-        "difference_points_seed1_minus_seed0": {k: round(seed1[k] - plain[k], 4) for k in plain},
     }
 
 
@@ -214,8 +225,9 @@ def main() -> None:
         sha256 = load_backbone(checkpoint).sha256
     fp32, fp16 = passes["float32"], passes["float16"]
     result = {
-        "what": "the same checkpoint's voc-svm, knn and linear-imagenet (mode=cached) on the embedded "
-        "synthetic suite, with float32 and with float16 feature caches (--cache-dtype)",
+        "what": "the same checkpoint's voc-svm, knn and linear probes (mode=cached, "
+        f"seeds {list(SEEDS)}) on the embedded synthetic suite, with float32 and with float16 feature "
+        "caches (--cache-dtype)",
         "checkpoint": str(args.checkpoint)
         if args.checkpoint
         else f"npidbench pretrain --set epochs={args.pretrain_epochs}",
@@ -226,6 +238,7 @@ def main() -> None:
         "cache_bytes": {"float32": fp32["cache_bytes"], "float16": fp16["cache_bytes"]},
         "feature_bytes": {"float32": fp32["feature_bytes"], "float16": fp16["feature_bytes"]},
         "size_ratio_fp16_over_fp32": round(fp16["cache_bytes"] / fp32["cache_bytes"], 4),
+        "linear_over_seeds": {task: over_seeds(fp32, fp16, task) for task in LINEAR},
         "linear_sensitivity": sensitivity,
         "entries": {"float32": fp32["entries"], "float16": fp16["entries"]},
         "all_metrics": {

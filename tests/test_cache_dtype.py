@@ -16,6 +16,7 @@ from npidbench.checkpoint import load_backbone
 from npidbench.data.images import EvalTransform
 from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions, ExtractStats, extract, feature_keys
+from npidbench.runner import RunRequest, run_task
 from npidbench.solvers.knn import weighted_knn
 from npidbench.solvers.voc_svm import normalise
 from npidbench.tasks import linear as linear_task
@@ -264,3 +265,31 @@ def test_old_entry_without_dtype_is_listed_as_float32(tmp_path):
     (entry,) = FeatureCache(tmp_path).entries()
     assert entry.dtype == "float32"
     assert FeatureCache(tmp_path).lookup(key) is not None
+
+
+@pytest.mark.slow
+def test_embedded_cached_avgpool_probe_hardly_moves_with_float16_caches(random_checkpoint, tmp_path):
+    """Issue 18: on the embedded data, `mode=cached` runs [synthetic_protocol.cached], whose
+    AvgPool head settles; float16 caches then move it by an image or so of 400 (the augmented
+    profile's 4 epochs at lr 30 had moved it by up to 7 points). Measured over seeds and heads by
+    benchmarks/cache_precision.py; here two seeds, with a two-image tolerance across CPUs."""
+    moved = {}
+    for seed in (0, 1):
+        top1 = {}
+        for dtype in ("float32", "float16"):
+            path = run_task(
+                RunRequest(
+                    task="linear-imagenet",
+                    checkpoint=random_checkpoint,
+                    set_options=["mode=cached", "parts=[avgpool]", f"seed={seed}"],
+                    results=tmp_path / "results",
+                    cache=tmp_path / "cache",
+                    cache_dtype=dtype,
+                )
+            )
+            record = json.loads(Path(path).read_text())
+            assert record["details"]["profile"]["settings"]["avgpool_epochs"] == 100
+            assert record["details"]["cache_dtype"] == dtype
+            top1[dtype] = record["metrics"]["top1"]["AvgPool"]
+        moved[seed] = top1["float16"] - top1["float32"]
+    assert all(abs(points) <= 0.5 for points in moved.values()), moved
