@@ -48,7 +48,11 @@ def timed(command: list[str], code: Path, env: dict[str, str]) -> dict[str, floa
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
-        command, check=True, cwd=tempfile.gettempdir(), env={**env, "PYTHONPATH": str(code)}, stdout=subprocess.DEVNULL
+        command,
+        check=True,
+        cwd=tempfile.gettempdir(),
+        env={**env, "PYTHONPATH": str(code)},
+        stdout=subprocess.DEVNULL,
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -74,7 +78,9 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="git revision of the 'before' code")
     parser.add_argument("--checkpoint", type=Path, required=True, help="evaluated by every task")
     parser.add_argument("--tasks", nargs="*", default=["linear-imagenet"])
-    parser.add_argument("--pretrain-epochs", type=int, default=0, help="also a pretraining of this many epochs")
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=0, help="also a pretraining of this many epochs"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
