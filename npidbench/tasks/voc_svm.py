@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +198,16 @@ def _model_sha(ctx: RunContext, inputs: _Inputs) -> str:
     return inputs.model["sha256"] if inputs.model else ctx.model.sha256
 
 
-def _explicit_layer(config: Config) -> str | None:
-    return None if config.lowshot_layer == "auto" else config.lowshot_layer
+def _explicit_layer(config: Config, known: Sequence[str]) -> str | None:
+    """lowshot_layer in the spelling of ``known`` (names match case-insensitively, as layers=
+    does); None for auto. A name ``known`` lacks is returned as given, for the caller to refuse."""
+    if config.lowshot_layer == "auto":
+        return None
+    return _spelled(known).get(config.lowshot_layer.lower(), config.lowshot_layer)
+
+
+def _spelled(known: Sequence[str]) -> dict[str, str]:
+    return {name.lower(): name for name in known}
 
 
 def _load_inputs(ctx: RunContext, config: Config) -> _Inputs:
@@ -207,7 +216,7 @@ def _load_inputs(ctx: RunContext, config: Config) -> _Inputs:
     # One forward pass yields every layer: a low-shot run whose layer is only known from a
     # previous record extracts them all (and a later full SVM finds them cached).
     backbone = ctx.model.backbone
-    explicit = _explicit_layer(config)
+    explicit = _explicit_layer(config, list(backbone.layers()))
     if explicit is not None and explicit not in backbone.layers():
         raise BadInput(
             f"lowshot_layer={explicit} is not a layer of {backbone.arch}; choose auto or one of "
@@ -226,7 +235,7 @@ def _svm_layers(config: Config, backbone: Backbone) -> list[str]:
         return list(backbone.feature_layers)
     # names match case-insensitively, as the linear probes' layers= does; the record keeps the
     # backbone's own spelling
-    spelled = {name.lower(): name for name in backbone.layers()}
+    spelled = _spelled(list(backbone.layers()))
     layers = [spelled.get(name.lower(), name) for name in config.layers]
     backbone.check_layers(layers)
     return layers
@@ -331,7 +340,8 @@ def _lowshot_layer(ctx: RunContext, config: Config, inputs: _Inputs, best: str |
     """The low-shot layer and where it came from: the explicit lowshot_layer, else this run's
     best layer, else the latest full-SVM record's, else a features directory's only layer, else
     Feature5."""
-    explicit = _explicit_layer(config)
+    known = inputs.layers if ctx.features_dir is not None else list(ctx.model.backbone.layers())
+    explicit = _explicit_layer(config, known)
     layer = (
         explicit or best or _previous_best_layer(ctx, _model_sha(ctx, inputs), inputs.dataset["fingerprint"])
     )

@@ -175,6 +175,17 @@ def test_features_dir_end_to_end_with_report_and_plot(tmp_path, results_dir, cap
     assert (tmp_path / "curve.svg").read_text().lstrip().startswith("<?xml")
 
 
+def test_lowshot_layer_names_match_in_any_case(tmp_path, results_dir, capsys):
+    """lowshot_layer=feature4 is Feature4, as layers= matches names (the record keeps the
+    directory's spelling); a name no layer has is still refused."""
+    fdir = write_features_dir(tmp_path / "feats", layers=["Feature4", "Feature5"])
+    assert cli("run", "voc-lowshot", "--features-dir", str(fdir), *SMALL, "--set", "lowshot_layer=feature4") == 0
+    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert record["metrics"]["lowshot"]["layer"] == "Feature4"
+    assert cli("run", "voc-lowshot", "--features-dir", str(fdir), *SMALL, "--set", "lowshot_layer=feature9") == 2
+    assert "has no layer feature9" in capsys.readouterr().err
+
+
 def test_voc_svm_from_a_checkpoint_on_the_synthetic_data(random_checkpoint, results_dir, capsys, monkeypatch):
     args = ["--set", "layers=[feature5]", "--set", "lowshot_ks=[1]", "--set", "lowshot_samples=1"]
     args += ["--set", "resize=64", "--set", "size=64"]  # below the profile's 96: the same grid, less work
