@@ -27,6 +27,7 @@ from npidbench.errors import BadInput
 from npidbench.features import ExtractOptions, ExtractStats
 from npidbench.paths import feature_cache_dir, results_dir
 from npidbench.precision import FP32
+from npidbench.progress import log
 from npidbench.results import ResultStore, check_results_folder, new_record
 from npidbench.tasks import family_of, get_preset
 from npidbench.tasks.base import Preset, RunContext, TaskOutput
@@ -228,6 +229,9 @@ def run_task(request: RunRequest, backbone: LoadedBackbone | None = None) -> Pat
         total = time.perf_counter() - started
     if not world.is_main:
         return None
+    if request.cache_dtype != "float32" and ctx.extract_stats.cache_dtype is None:
+        # `run all --cache-dtype float16` passes it to every task: said, not refused.
+        log(f"--cache-dtype {request.cache_dtype}: {preset.name} reads no cached features; it had no effect")
     record = new_record(
         task=preset.name,
         family=preset.family,

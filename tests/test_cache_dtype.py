@@ -293,3 +293,31 @@ def test_embedded_cached_avgpool_probe_hardly_moves_with_float16_caches(random_c
             top1[dtype] = record["metrics"]["top1"]["AvgPool"]
         moved[seed] = top1["float16"] - top1["float32"]
     assert all(abs(points) <= 0.5 for points in moved.values()), moved
+
+
+def test_a_task_reading_no_cache_says_the_dtype_had_no_effect(random_checkpoint, tmp_path, monkeypatch):
+    from npidbench import runner
+
+    said: list[str] = []
+    monkeypatch.setattr(runner, "log", said.append)
+    root = tmp_path / "data"
+    tiny_imagefolder(root / "imagenet", classes=3, per_class=4, split="train", seed=0)
+    tiny_imagefolder(root / "imagenet", classes=3, per_class=2, split="val", seed=1)
+    small = ["resize=36", "crop=32", "train_resize=36", "batch_size=4"]
+    runs = {
+        "linear-imagenet": [*small, "parts=[avgpool]", "avgpool_epochs=1"],  # augmented: live forward
+        "knn": ["ks=[3]", "resize=36", "crop=32"],  # reads the float16 cache
+    }
+    for task, options in runs.items():
+        run_task(
+            RunRequest(
+                task=task,
+                checkpoint=random_checkpoint,
+                data_root=root,
+                set_options=options,
+                results=tmp_path / "r",
+                cache=tmp_path / "c",
+                cache_dtype="float16",
+            )
+        )
+    assert said == ["--cache-dtype float16: linear-imagenet reads no cached features; it had no effect"]
