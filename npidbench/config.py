@@ -157,6 +157,12 @@ def check_choices(config: Any) -> None:
                 raise ValueError(f"{f.name}={item!r} is not one of {', '.join(map(str, choices))}")
 
 
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The choices of dataclass ``cls``'s ``Literal[...]`` field ``name`` (() for another type)."""
+    hint = _hints(cls)[name]
+    return typing.get_args(hint) if _is_literal(hint) else ()
+
+
 def _is_literal(hint: Any) -> bool:
     return typing.get_origin(hint) is typing.Literal
 

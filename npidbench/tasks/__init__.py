@@ -14,15 +14,13 @@ it reads a new dataset).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import typing
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from npidbench.config import read_toml
+from npidbench.config import field_choices, read_toml
 from npidbench.errors import BadInput
 from npidbench.paths import preset_dir
 from npidbench.tables import TableSpec
@@ -138,12 +136,7 @@ def load_preset(path: Path) -> Preset:
 def _synthetic_protocol(path: Path, family: TaskFamily, tables: Any) -> dict[str, dict[str, Any]]:
     """[synthetic_protocol.VALUE] tables: VALUE must be a choice of one of the family's
     protocol_keys (a typo would otherwise never apply, silently)."""
-    choices = {
-        str(choice)
-        for f in dataclasses.fields(family.config)
-        if f.name in family.protocol_keys
-        for choice in typing.get_args(typing.get_type_hints(family.config)[f.name])
-    }
+    choices = {str(c) for key in family.protocol_keys for c in field_choices(family.config, key)}
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise BadInput(f"preset {path}: synthetic_protocol must hold tables, [synthetic_protocol.VALUE]")
     unknown = sorted(set(tables) - choices)

@@ -16,7 +16,7 @@ import torchvision.transforms.v2 as T
 
 from npidbench.data.images import IMAGENET_STD, decode_error_reason, decode_rgb
 from npidbench.data.splits import DatasetSplit
-from npidbench.pretrain.data import SplitImages, mix_seed, seed_cpu_rng
+from npidbench.pretrain.data import SplitImages, mix_seed, seeded_cpu_rng
 
 Augmentation = Literal["rrc", "rrc-jitter-lighting", "places"]  # a config field's type
 AUGMENTATIONS: tuple[str, ...] = get_args(Augmentation)
@@ -102,8 +102,7 @@ class TrainImages(SplitImages):
                 image = decode_rgb(self.split.samples[index][0])
             except (RuntimeError, OSError, ValueError) as exc:
                 return None, label, torch.zeros(3), index, decode_error_reason(exc)
-        with torch.random.fork_rng(devices=[]):
-            seed_cpu_rng(mix_seed(self.seed, self.epoch, index))
+        with seeded_cpu_rng(mix_seed(self.seed, self.epoch, index)):
             out = self.transform(image)
             offset = torch.zeros(3)
             if self.augment.uses_lighting:

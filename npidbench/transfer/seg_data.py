@@ -27,7 +27,7 @@ from npidbench.data.images import decode_error_reason, decode_rgb, normalize_bat
 from npidbench.data.splits import SegmentationSplit
 from npidbench.data.voc import read_voc_mask
 from npidbench.errors import BadInput
-from npidbench.pretrain.data import mix_seed, seed_cpu_rng
+from npidbench.pretrain.data import mix_seed, seeded_cpu_rng
 
 PRELOAD_LIMIT = 5_000
 
@@ -99,8 +99,7 @@ class SegTrainImages(Dataset):
         except (RuntimeError, OSError, ValueError) as exc:
             return None, None, None, f"{self.split.pairs[index][0]}: {decode_error_reason(exc)}"
         rng = np.random.default_rng(mix_seed(self.seed, pass_number, index))
-        with torch.random.fork_rng(devices=[]):
-            seed_cpu_rng(mix_seed(self.seed, pass_number, index, 1))
+        with seeded_cpu_rng(mix_seed(self.seed, pass_number, index, 1)):
             image, mask, valid = augment_pair(
                 image, torch.from_numpy(mask.astype(np.int64)), self.augment, rng
             )
