@@ -270,7 +270,7 @@ def test_old_entry_without_dtype_is_listed_as_float32(tmp_path):
 @pytest.mark.slow
 def test_embedded_cached_avgpool_probe_hardly_moves_with_float16_caches(random_checkpoint, tmp_path):
     """Issue 18: on the embedded data, `mode=cached` runs [synthetic_protocol.cached], whose
-    AvgPool head settles; float16 caches then move it by an image or so of 400 (the augmented
+    AvgPool head settles (lr 0.03); float16 caches then move it by an image or so of 400 (the augmented
     profile's 4 epochs at lr 30 had moved it by up to 7 points). Measured over seeds and heads by
     benchmarks/cache_precision.py; here two seeds, with a two-image tolerance across CPUs."""
     moved = {}
