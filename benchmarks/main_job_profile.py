@@ -1,7 +1,8 @@
 """The README's main job, stage by stage, in machine-independent units (issue 20): per stage its
 wall seconds and process CPU seconds (user + system, its DataLoader workers included), the
 ratio to the bare compute it needs where that floor is well defined, and (``--profile``) the
-top costs under cProfile.
+top costs, sampled by py-spy (``pip install py-spy``) at 20 Hz from outside the process, so that
+the CPU seconds stay the stage's own (cProfile's per-call hooks run inside it and add to them).
 
 The stages are the main job's commands, with `run all` split into its tasks (one `npidbench
 run TASK` each, the same presets in the same order) so that each task's CPU seconds are its own:
@@ -35,7 +36,6 @@ import datetime as dt
 import json
 import os
 import platform
-import pstats
 import resource
 import subprocess
 import sys
@@ -48,21 +48,7 @@ HERE = Path(__file__).resolve().parent
 STAGE_GROUPS = ("pretrain", "random-init", "run-npid", "run-random", "report")
 
 
-# The CLI under cProfile, its exit status kept: python -c PROFILED PROFILE_PATH ARGS...
-PROFILED = """
-import cProfile, runpy, sys
-path, sys.argv = sys.argv[1], ["npidbench", *sys.argv[2:]]
-profile, status = cProfile.Profile(), 0
-profile.enable()
-try:
-    runpy.run_module("npidbench.cli", run_name="__main__", alter_sys=True)
-except SystemExit as exc:
-    status = exc.code
-finally:
-    profile.disable()
-    profile.dump_stats(path)
-sys.exit(status)
-"""
+SAMPLE_HZ = 20
 
 
 def cpu_children() -> float:
@@ -71,34 +57,59 @@ def cpu_children() -> float:
 
 
 def run_stage(name: str, args: list[str], work: Path, env: dict[str, str], profile: bool) -> dict[str, Any]:
-    """One npidbench command in its own process: wall and CPU seconds (and its cProfile top)."""
-    prof = work / "profiles" / f"{name}.prof"
-    prof.parent.mkdir(parents=True, exist_ok=True)
-    # `python -m cProfile` drops the program's exit status: a failed stage would pass for done
-    command = [sys.executable, "-c", PROFILED, str(prof), *args] if profile else [sys.executable, "-m", "npidbench.cli", *args]
+    """One npidbench command in its own process: wall and CPU seconds (and its sampled top costs)."""
+    command = [sys.executable, "-m", "npidbench.cli", *args]
     print(f"[{name}] npidbench {' '.join(args)}", file=sys.stderr, flush=True)
     cpu_before, started = cpu_children(), time.perf_counter()
-    proc = subprocess.run(command, cwd=work, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, text=True)
+    spy, raw = None, work / "profiles" / f"{name.replace('/', '_')}.raw"
+    if profile:
+        # attached by pid: `py-spy record -- CMD` would drop the command's exit status
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(proc.pid), "-r", str(SAMPLE_HZ), "-f", "raw", "-o", str(raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    proc.communicate()
+    if spy is not None:
+        spy.wait()
     wall, cpu = time.perf_counter() - started, cpu_children() - cpu_before
     if proc.returncode != 0:
         raise SystemExit(f"stage {name} failed (exit {proc.returncode}); its messages are above")
     out: dict[str, Any] = {"stage": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-    if profile:
-        out["top"] = top_costs(prof)
+    if profile and raw.exists():
+        out["top"] = top_costs(raw)
     print(f"[{name}] {wall:.1f} s wall, {cpu:.1f} CPU s", file=sys.stderr, flush=True)
     return out
 
 
-def top_costs(path: Path, count: int = 12) -> list[dict[str, Any]]:
-    """The functions with the most time spent in themselves (cProfile's tottime): the torch
-    kernels show up as the builtin calls that run them."""
-    stats = pstats.Stats(str(path))
-    rows = []
-    for (file, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
-        where = func if file == "~" else f"{Path(file).name}:{line} {func}"
-        rows.append({"function": where, "calls": calls, "self_s": round(tottime, 2), "cum_s": round(cumtime, 2)})
-    rows.sort(key=lambda r: -r["self_s"])
-    return rows[:count]
+def top_costs(raw: Path, count: int = 12) -> dict[str, list[dict[str, Any]]]:
+    """From py-spy's raw output (one ``frame;frame;... count`` line per distinct stack): the
+    leaf functions with the most samples ("self": a torch kernel shows up as the Python function
+    that called it, Conv2d._conv_forward, the autograd engine's run_backward), and npidbench's own
+    functions by the share of stacks they are on ("inclusive": where in the product that goes)."""
+    leaf: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack or not samples.isdigit():
+            continue
+        n = int(samples)
+        total += n
+        # "func (path/to/file.py:LINE)": the line is where the frame was, so drop it to merge
+        frames = [f.rsplit(":", 1)[0] + ")" for f in stack.split(";")]
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for frame in set(frames):
+            if "npidbench/" in frame and "npidbench/cli.py" not in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + n
+
+    def top(counts: dict[str, int]) -> list[dict[str, Any]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:count]
+        return [{"function": f, "share": round(n / max(total, 1), 3)} for f, n in ranked]
+
+    return {"self": top(leaf), "inclusive": top(inclusive)}
 
 
 def pretrain_floor(run_dir: Path, batch: int, size: int, threads: int) -> dict[str, Any]:
@@ -133,6 +144,25 @@ def pretrain_floor(run_dir: Path, batch: int, size: int, threads: int) -> dict[s
         "cpu_s_per_image": round(per_image, 6),
         "floor_cpu_s": round(images * per_image, 1),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (machines of one class differ up to 3x)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def source_commit() -> str:
+    """The commit the stages ran (``+changes`` when the work tree differs from it)."""
+    git = ["git", "-C", str(HERE.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 def matmul_gflops(threads: int) -> float:
@@ -179,7 +209,7 @@ def svm_floor(record: dict[str, Any], cache: Path, gflops_per_cpu_s: float) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", action="store_true", help="run each stage under cProfile")
+    parser.add_argument("--profile", action="store_true", help="sample each stage with py-spy (its top costs)")
     parser.add_argument("--work", type=Path, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "main-job-profile.json")
     parser.add_argument("--tasks", nargs="+", help="only these tasks of `run all` (a quick check of this script)")
@@ -187,6 +217,7 @@ def main() -> None:
         "--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE", help="--set for the NPID pretraining"
     )
     args = parser.parse_args()
+    commit = source_commit()  # before the stages: the code they ran
 
     sys.path.insert(0, str(HERE.parent))
     from npidbench.suite import suite_presets
@@ -264,6 +295,8 @@ def main() -> None:
         "report_md": report_md,
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}",
+        "cpu": cpu_model(),
+        "commit": commit,
         "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     text = json.dumps(result, indent=1)
