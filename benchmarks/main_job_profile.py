@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,8 @@ def run_stage(name: str, args: list[str], work: Path, env: dict[str, str], profi
     out: dict[str, Any] = {"stage": name, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
     if profile and raw.exists():
         out["top"] = top_costs(raw)
+    elif profile:
+        print(f"[{name}] py-spy wrote no samples (could it attach? see `py-spy record --help`)", file=sys.stderr)
     print(f"[{name}] {wall:.1f} s wall, {cpu:.1f} CPU s", file=sys.stderr, flush=True)
     return out
 
@@ -223,6 +226,8 @@ def main() -> None:
         "--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE", help="--set for the NPID pretraining"
     )
     args = parser.parse_args()
+    if args.profile and shutil.which("py-spy") is None:
+        raise SystemExit("--profile samples the stages with py-spy: pip install py-spy")
     commit = source_commit()  # before the stages: the code they ran
 
     sys.path.insert(0, str(HERE.parent))
