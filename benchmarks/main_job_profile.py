@@ -47,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from scaling import cpu_model  # noqa: E402  (the benchmarks' CPU name, as scaling.json records it)
+
 STAGE_GROUPS = ("pretrain", "random-init", "run-npid", "run-random", "report")
 
 
@@ -153,15 +156,6 @@ def pretrain_floor(run_dir: Path, batch: int, size: int, threads: int) -> dict[s
         "cpu_s_per_image": round(per_image, 6),
         "floor_cpu_s": round(images * per_image, 1),
     }
-
-
-def cpu_model() -> str:
-    """The CPU's name as /proc/cpuinfo gives it (machines of one class differ up to 3x)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def source_commit() -> str:

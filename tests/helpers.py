@@ -103,3 +103,19 @@ def interrupt_extraction_at_third_write(monkeypatch):
 
     monkeypatch.setattr(ExtractionJob, "write", crash_on_third_batch)
     return lambda: monkeypatch.setattr(ExtractionJob, "write", original)
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package; they import each other
+    by name, so their folder goes on sys.path)."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

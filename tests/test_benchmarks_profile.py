@@ -3,22 +3,11 @@ summary of py-spy's raw samples ranks the right functions."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("main_job_profile", REPO / "benchmarks" / "main_job_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_top_costs_from_raw_samples(tmp_path):
@@ -32,7 +21,7 @@ def test_top_costs_from_raw_samples(tmp_path):
         "_write_dataset (npidbench/data/synthetic/__init__.py:99) 10\n"
         "\n"
     )
-    top = _module().top_costs(raw)
+    top = load_benchmark("main_job_profile").top_costs(raw)
     # leaves: the line numbers are dropped so that one function's samples add up
     assert top["self"][0] == {"function": "_engine_run_backward (torch/autograd/graph.py)", "share": 0.6}
     assert [r["function"] for r in top["self"]][1:] == [
@@ -49,6 +38,6 @@ def test_top_costs_from_raw_samples(tmp_path):
 
 
 def test_a_failed_stage_stops_the_script_with_its_exit_status(tmp_path):
-    module = _module()
+    module = load_benchmark("main_job_profile")
     with pytest.raises(SystemExit, match=r"stage bad failed \(exit 2\)"):
         module.run_stage("bad", ["run", "no-such-task", "missing.pth"], tmp_path, dict(os.environ), profile=False)

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("regenerate", REPO / "benchmarks" / "regenerate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("regenerate")
 
 
 def test_table_from_kept_outputs_and_marked_hand_measured_rows(tmp_path, monkeypatch):
@@ -52,11 +50,7 @@ def test_table_from_kept_outputs_and_marked_hand_measured_rows(tmp_path, monkeyp
 
 
 def _scaling():
-    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scaling")
 
 
 def test_scaling_points_exponents_and_their_table(tmp_path, monkeypatch):
